@@ -1,0 +1,227 @@
+"""covedit command line: parses, calls the pipeline, prints, maps errors to exit codes.
+
+``python cli.py ...`` and the installed ``covedit ...`` are the same typer app.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipeline.errors import EXIT_CODES, CoveditError, UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Edit facts inside language models with covariance-normalised updates (ROME, MEMIT, AlphaEdit).\n\n"
+                       "Exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()))
+stats_app = typer.Typer(no_args_is_help=True, help="Inspect, export and import statistics stores.")
+app.add_typer(stats_app, name="stats")
+
+
+def user_errors(fn):
+    """Turn a CoveditError into one line on stderr and its exit code; other errors keep their traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CoveditError as e:
+            typer.echo(f"covedit: error: {e}", err=True)
+            raise typer.Exit(e.exit_code) from None
+    return wrapper
+
+
+def parse_layers(text: str | None) -> list[int] | None:
+    """'3,4,5', '3-7' or '2,4-6' -> sorted unique layer numbers."""
+    if text is None or text == "":
+        return None
+    layers: set[int] = set()
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m:
+            raise UsageError(f"--layers: cannot read {part!r}; use e.g. 3,4,5 or 3-7.")
+        lo, hi = int(m[1]), int(m[2] or m[1])
+        if hi < lo:
+            raise UsageError(f"--layers: range {part!r} runs backwards.")
+        layers.update(range(lo, hi + 1))
+    return sorted(layers)
+
+
+def parse_checkpoint_every(text: str) -> tuple[int | None, float | None]:
+    """'200000' (tokens), '10m' / '300s' / '1h' (time)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", text)
+    if not m:
+        raise UsageError(f"--checkpoint-every: cannot read {text!r}; use a token count (200000) or a time (300s, 10m).")
+    value, unit = float(m[1]), m[2]
+    if value <= 0:
+        raise UsageError("--checkpoint-every must be positive.")
+    if not unit:
+        return int(value), None
+    return None, value * {"s": 1, "m": 60, "h": 3600}[unit]
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    m = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not m or not 0 <= int(m[1]) < int(m[2]):
+        raise UsageError(f"--shard must be I/N with 0 <= I < N, got {text!r}.")
+    return int(m[1]), int(m[2])
+
+
+def setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("distributed", "transformers", "urllib3", "httpx", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+Model = Annotated[str, typer.Option(help="Embedded 'smollm2-135m' (default) or 'gemma3-270m', a local folder, or a Hugging Face id.")]
+Dtype = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+Template = Annotated[Optional[str], typer.Option(help="Down-projection path with {} for the layer, for architectures the registry does not know.")]
+StatsDir = Annotated[Optional[Path], typer.Option(help="Where statistics stores live (default: $COVEDIT_STATS_DIR or ~/.cache/covedit/stats).")]
+
+
+@app.command("build-stats")
+@user_errors
+def build_stats_cmd(
+    model: Model = "smollm2-135m",
+    layers: Annotated[Optional[str], typer.Option(help="Layers to collect, e.g. 4,5,6 or 4-8 (default: the layers batch-edit uses).")] = None,
+    corpus: Annotated[str, typer.Option(help="'wiki-embedded' (default), a Hugging Face dataset name, or local parquet/jsonl/txt files or folders.")] = "wiki-embedded",
+    corpus_config: Annotated[Optional[str], typer.Option(help="Dataset config, e.g. 20231101.en.")] = None,
+    corpus_split: Annotated[str, typer.Option(help="Dataset split.")] = "train",
+    corpus_revision: Annotated[Optional[str], typer.Option(help="Dataset revision (pin it for reproducible statistics).")] = None,
+    text_field: Annotated[str, typer.Option(help="Field holding the text in jsonl/parquet/datasets.")] = "text",
+    seed: Annotated[int, typer.Option(help="Seed of the document order.")] = 0,
+    tokens: Annotated[Optional[int], typer.Option(help="Token budget (real, non-padding tokens); default: the whole corpus.")] = None,
+    max_length: Annotated[int, typer.Option(help="Tokens per sequence; longer documents are split.")] = 1024,
+    batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward pass (bounds memory).")] = 8192,
+    bos: Annotated[str, typer.Option(help="'skip' leaves the BOS position out of the sums, 'keep' counts it.")] = "skip",
+    accumulate: Annotated[str, typer.Option(help="float64 (default), mixed (float32 products, float64 sums) or float32.")] = "float64",
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+    module_template: Template = None,
+    stats_dir: StatsDir = None,
+    checkpoint_every: Annotated[str, typer.Option(help="Checkpoint every N tokens (200000) or every T (300s, 10m).")] = "200000",
+    workers: Annotated[int, typer.Option(help="Parallel workers (a dask LocalCluster when > 1).")] = 1,
+    scheduler: Annotated[Optional[str], typer.Option(help="Join an existing dask cluster at this address instead.")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="Compute only shard I of N (I/N) and exit; see --reduce.")] = None,
+    reduce: Annotated[bool, typer.Option("--reduce", help="Add up finished shards and mark the store complete.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or info logs.")] = False,
+):
+    """Stream text through the model once and store Σ k kᵀ and the token count for every requested layer."""
+    setup_logging(quiet or as_json)
+    from pipeline.models import default_layers, load_model  # noqa: PLC0415 (slow imports after parsing)
+    from stats.corpus import CorpusSpec  # noqa: PLC0415
+    from stats.distributed import StatsJob, build_stats  # noqa: PLC0415
+    from stats.store import default_stats_dir  # noqa: PLC0415
+
+    if tokens is not None and tokens <= 0:
+        raise UsageError("--tokens must be a positive number of tokens.")
+    if max_length <= 1:
+        raise UsageError("--max-length must be at least 2.")
+    if bos not in ("skip", "keep"):
+        raise UsageError("--bos must be 'skip' or 'keep'.")
+    if accumulate not in ("float64", "mixed", "float32"):
+        raise UsageError("--accumulate must be float64, mixed or float32.")
+    if workers < 1:
+        raise UsageError("--workers must be at least 1.")
+    ck_tokens, ck_seconds = parse_checkpoint_every(checkpoint_every)
+    layer_list = parse_layers(layers)
+    if layer_list is None:
+        layer_list = default_layers(load_model(model, dtype, "cpu", module_template).num_layers)
+    job = StatsJob(model=model, layers=tuple(layer_list),
+                   corpus=CorpusSpec(corpus, corpus_config, corpus_split, text_field, corpus_revision, seed),
+                   tokens=tokens, max_length=max_length, batch_tokens=batch_tokens, bos=bos, accumulate=accumulate,
+                   dtype=dtype, device=device, module_template=module_template,
+                   checkpoint_tokens=ck_tokens, checkpoint_seconds=ck_seconds,
+                   stats_dir=str(stats_dir or default_stats_dir()))
+    result = build_stats(job, workers=workers, scheduler=scheduler, shard=parse_shard(shard), reduce_only=reduce,
+                         show_progress=not (quiet or as_json))
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    said = {"cached": "already complete, nothing to do", "built": "built", "resumed": "resumed and completed",
+            "shard-done": "shard finished (run --reduce once all shards are done)", "reduced": "shards added up"}
+    typer.echo(f"statistics {said[result.status]}: layers {','.join(map(str, result.layers))}, "
+               f"{result.tokens:,} tokens{' (corpus ran out before the budget)' if result.exhausted else ''}, "
+               f"{result.wall_seconds:.1f} s" + (f", {result.tokens_per_second:,.0f} tokens/s" if result.tokens_per_second else ""))
+    typer.echo(f"store: {result.path}")
+
+
+@stats_app.command("info")
+@user_errors
+def stats_info(stats_dir: StatsDir = None, as_json: Annotated[bool, typer.Option("--json")] = False):
+    """List statistics stores with their keys and sizes."""
+    from stats.store import default_stats_dir, list_stores  # noqa: PLC0415
+
+    stores = list_stores(stats_dir or default_stats_dir())
+    if as_json:
+        typer.echo(json.dumps(stores, indent=2, default=str))
+        return
+    if not stores:
+        typer.echo(f"no statistics stores in {stats_dir or default_stats_dir()}")
+    for s in stores:
+        key = s.get("key", {})
+        state = "complete" if s.get("complete") else "partial"
+        typer.echo(f"{s['path']}\n  {state}, layers {key.get('layers')}, {s.get('tokens') or 0:,} tokens, "
+                   f"{s.get('size_bytes', 0) / 2**20:.1f} MiB\n  model {key.get('model_id')}, corpus "
+                   f"{json.dumps(key.get('corpus'), default=str)[:120]}, max_length {key.get('max_length')}, "
+                   f"accumulate {key.get('accumulate')}")
+
+
+@stats_app.command("export")
+@user_errors
+def stats_export(store: Annotated[Path, typer.Argument(help="A complete store (.zarr folder).")],
+                 out_dir: Annotated[Path, typer.Option(help="Folder for the .npz files.")] = Path("."),
+                 fmt: Annotated[str, typer.Option("--format", help="Only rome-npz for now.")] = "rome-npz",
+                 layer: Annotated[Optional[str], typer.Option(help="Layers to export (default all).")] = None):
+    """Write one ROME/MEMIT-layout .npz per layer (mom2.mom2 = raw sum, mom2.count)."""
+    from stats.store import StatsStore, export_npz  # noqa: PLC0415
+
+    if fmt != "rome-npz":
+        raise UsageError("--format: only rome-npz is supported.")
+    st = StatsStore.open(store)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for L in parse_layers(layer) or st.layers:
+        path = out_dir / f"layer_{L}_mom2_{st.key_hash}.npz"
+        export_npz(st, L, path)
+        typer.echo(str(path))
+
+
+@stats_app.command("import")
+@user_errors
+def stats_import(npz: Annotated[Path, typer.Argument(help="A ROME/MEMIT/EasyEdit/AlphaEdit stats .npz file.")],
+                 layer: Annotated[int, typer.Option(help="The layer the file holds.")],
+                 model: Model = "smollm2-135m",
+                 dtype: Dtype = "float32",
+                 module_template: Template = None,
+                 corpus_name: Annotated[str, typer.Option(help="What the file was computed on (recorded in the key).")] = "imported",
+                 stats_dir: StatsDir = None):
+    """Turn a ROME-layout .npz into a complete covedit store the edit stage can use."""
+    from pipeline.models import load_model  # noqa: PLC0415
+    from stats.store import canonical_key, default_stats_dir, import_npz  # noqa: PLC0415
+
+    if not npz.exists():
+        from pipeline.errors import MissingInput  # noqa: PLC0415
+        raise MissingInput(f"No such file: {npz}.")
+    loaded = load_model(model, dtype, "cpu", module_template)
+    key = canonical_key(model_id=loaded.model_id, dtype=dtype, module=loaded.arch.template(), layers=[layer],
+                        corpus={"kind": "imported", "name": corpus_name, "file": npz.name}, tokens=None,
+                        max_length=None, bos=None, accumulate="float32", seed=None)
+    st = import_npz(npz, stats_dir or default_stats_dir(), key, layer)
+    typer.echo(f"imported layer {layer} into {st.path}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

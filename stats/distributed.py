@@ -1,0 +1,298 @@
+"""Running the statistics stage: plan, shards, workers, checkpoints, reduce.
+
+The corpus prefix that the token budget selects is cut into N contiguous shards. Each shard is one task:
+it loads its own model copy, streams its documents, checkpoints its partial sums into its own node of the
+store, and marks itself done. The coordinator then adds the finished shards up (``finalize``).
+
+Shards are independent of workers: one process can run all of them in turn (``--workers 1``, no dask), a
+dask ``LocalCluster`` can run them in parallel (``--workers N``), or an existing cluster can
+(``--scheduler tcp://...``). A failed task is retried by dask and resumes from its own last checkpoint, so
+nothing is counted twice. A store's shard count is fixed when it is created, so a partial run can be resumed
+with any number of workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline.errors import Interrupted, UsageError
+from pipeline.models import load_model
+from stats.collect import SecondMoment, accumulate_batches
+from stats.corpus import CorpusSpec, Plan, iter_batches, make_plan, open_corpus, shard_ranges
+from stats.store import StatsStore, StoreLock, canonical_key, store_path
+
+log = logging.getLogger(__name__)
+
+STOP = threading.Event()  # set by a signal: checkpoint at the next resumable batch, then exit 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+@dataclass(frozen=True)
+class StatsJob:
+    """Everything that determines the statistics, plus how to run (which does not)."""
+
+    model: str
+    layers: tuple[int, ...]
+    corpus: CorpusSpec = field(default_factory=CorpusSpec)
+    tokens: int | None = None
+    max_length: int = 1024
+    batch_tokens: int = 8192
+    bos: str = "skip"
+    accumulate: str = "float64"
+    dtype: str = "float32"
+    device: str = "cpu"
+    module_template: str | None = None
+    checkpoint_tokens: int | None = 200_000
+    checkpoint_seconds: float | None = 600.0
+    stats_dir: str = ""
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM, SIGINT and SIGUSR1 ask for a checkpoint and a clean exit 75 (Slurm sends USR1 before the end)."""
+    def request_stop(signum, _frame):
+        log.warning("signal %s: checkpointing, then exiting 75 (rerun the same command to resume)", signum)
+        STOP.set()
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, request_stop)
+
+
+def job_key(job: StatsJob, loaded, corpus) -> dict:
+    return canonical_key(model_id=loaded.model_id, dtype=job.dtype, module=loaded.arch.template(),
+                         layers=sorted(job.layers), corpus=corpus.identity(), tokens=job.tokens,
+                         max_length=job.max_length, bos=job.bos, accumulate=job.accumulate,
+                         seed=job.corpus.seed)
+
+
+def provenance() -> dict:
+    import transformers  # noqa: PLC0415
+
+    return {"host": platform.node(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def _fault_injection(shard: int) -> None:
+    """Test aid: COVEDIT_FAULT_SHARD='I:MARKER' makes shard I fail once (after a checkpoint) to test retries."""
+    spec = os.environ.get("COVEDIT_FAULT_SHARD")
+    if not spec:
+        return
+    target, marker = spec.split(":", 1)
+    if int(target) == shard and not Path(marker).exists():
+        Path(marker).write_text(str(os.getpid()))
+        raise RuntimeError(f"injected fault in shard {shard}")
+
+
+def run_shard(job: StatsJob, path: str, shard: int, n_shards: int, progress=None, threads: int | None = None) -> dict:
+    """Collect one shard into the store at ``path``, resuming from its last checkpoint. Returns its totals."""
+    if threads:
+        torch.set_num_threads(threads)
+    store = StatsStore.open(path, verify=False)
+    plan_info = store.get_plan()
+    plan = Plan.from_dict(plan_info["plan"])
+    start, stop = plan_info["ranges"][shard]
+    loaded = load_model(job.model, job.dtype, job.device, job.module_template)
+    layers = sorted(job.layers)
+    moments = {layer: SecondMoment(loaded.d_ff, job.accumulate, loaded.device) for layer in layers}
+
+    saved = store.load_checkpoint(shard, n_shards)
+    next_doc, tokens = start, 0
+    if saved is not None:
+        sums, counts, position = saved
+        if position.get("done"):
+            return {"shard": shard, "tokens": position["tokens"], "resumed": True}
+        for layer in layers:
+            moments[layer].load(sums[layer], counts[layer])
+        next_doc, tokens = position["next_doc"], position["tokens"]
+        log.info("shard %d/%d: resuming at document %d after %d tokens", shard, n_shards, next_doc, tokens)
+
+    def checkpoint(done: bool) -> None:
+        states = {layer: m.state() for layer, m in moments.items()}
+        store.save_checkpoint(shard, n_shards, {k: v[0] for k, v in states.items()},
+                              {k: v[1] for k, v in states.items()},
+                              {"next_doc": next_doc, "tokens": tokens, "done": done})
+
+    corpus = open_corpus(job.corpus)
+    batches = iter_batches(corpus, loaded.tokenizer, next_doc, stop, plan, job.max_length, job.batch_tokens, job.bos)
+    last_tokens, last_time = tokens, time.monotonic()
+    for batch in accumulate_batches(loaded, layers, batches, moments):
+        tokens += batch.n_tokens
+        if progress is not None:
+            progress(batch.n_tokens)
+        if batch.resume_doc is None:
+            continue
+        next_doc = batch.resume_doc
+        due = ((job.checkpoint_tokens and tokens - last_tokens >= job.checkpoint_tokens)
+               or (job.checkpoint_seconds and time.monotonic() - last_time >= job.checkpoint_seconds))
+        if due or STOP.is_set():
+            checkpoint(done=False)
+            last_tokens, last_time = tokens, time.monotonic()
+            _fault_injection(shard)
+        if STOP.is_set():
+            raise Interrupted(f"Interrupted after a checkpoint at {tokens:,} tokens of shard {shard}: "
+                              "rerun the same command to resume.")
+    next_doc = stop
+    checkpoint(done=True)
+    return {"shard": shard, "tokens": tokens, "resumed": saved is not None}
+
+
+@dataclass
+class BuildResult:
+    path: str
+    status: str  # "cached", "built", "resumed", "shard-done", "reduced"
+    layers: list[int]
+    tokens: int
+    wall_seconds: float
+    tokens_per_second: float
+    exhausted: bool
+    key: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def prepare(job: StatsJob, n_shards: int):
+    """Load the model and corpus, compute the key and plan, open (or create) the store."""
+    loaded = load_model(job.model, job.dtype, job.device, job.module_template)
+    loaded.check_layers(list(job.layers))
+    if job.batch_tokens < job.max_length:
+        raise UsageError(f"--batch-tokens ({job.batch_tokens}) must be at least --max-length ({job.max_length}).")
+    corpus = open_corpus(job.corpus)
+    key = job_key(job, loaded, corpus)
+    path = store_path(Path(job.stats_dir), key)
+    store = StatsStore.open_or_create(path, key, provenance(), sorted(job.layers), loaded.d_ff,
+                                      "float32" if job.accumulate == "float32" else "float64")
+    if store.get_plan() is None:
+        plan = make_plan(corpus, loaded.tokenizer, job.tokens, job.max_length, job.bos)
+        store.set_plan({"plan": plan.to_dict(), "n_shards": n_shards,
+                        "ranges": [list(r) for r in shard_ranges(plan, n_shards)]})
+    return loaded, store
+
+
+def build_stats(job: StatsJob, workers: int = 1, scheduler: str | None = None, shard: tuple[int, int] | None = None,
+                reduce_only: bool = False, show_progress: bool = True) -> BuildResult:
+    """The whole statistics stage; returns at once if the store for this key is already complete."""
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    t0 = time.monotonic()
+    n_shards = shard[1] if shard else max(1, workers)
+    loaded, store = prepare(job, n_shards)
+    plan_info = store.get_plan()
+    plan = Plan.from_dict(plan_info["plan"])
+    n_shards = plan_info["n_shards"]
+    if shard and shard[1] != n_shards:
+        raise UsageError(f"--shard {shard[0]}/{shard[1]}: this store was planned with {n_shards} shards.")
+
+    def result(status: str) -> BuildResult:
+        wall = time.monotonic() - t0
+        tokens = plan.tokens
+        return BuildResult(str(store.path), status, sorted(job.layers), tokens, wall,
+                           tokens / wall if wall > 0 and status not in ("cached",) else 0.0, plan.exhausted, store.key)
+
+    if store.is_complete():
+        return result("cached")
+    with StoreLock(store.path, ranks=shard[0] if shard else None):
+        if reduce_only:
+            store.finalize(n_shards)
+            return result("reduced")
+        todo = [shard[0]] if shard else [i for i in range(n_shards) if i not in store.finished_shards(n_shards)]
+        resumed = any(store.load_checkpoint(i, n_shards) is not None for i in todo)
+        bar = tqdm(total=plan.tokens, unit="tok", unit_scale=True, desc="build-stats", disable=not show_progress,
+                   smoothing=0.1)
+        done_tokens = sum(_shard_tokens(store, i, n_shards) for i in range(n_shards) if i not in todo)
+        bar.update(done_tokens)
+        if scheduler or workers > 1:
+            _run_dask(job, store, todo, n_shards, workers, scheduler, bar)
+        else:
+            install_signal_handlers()
+            for i in todo:
+                saved = store.load_checkpoint(i, n_shards)
+                if saved is not None:
+                    bar.update(saved[2]["tokens"])
+                run_shard(job, str(store.path), i, n_shards, progress=bar.update)
+        bar.close()
+        if shard:
+            return result("shard-done")
+        store.finalize(n_shards)
+    return result("resumed" if resumed else "built")
+
+
+def _shard_tokens(store: StatsStore, shard: int, n_shards: int) -> int:
+    saved = store.load_checkpoint(shard, n_shards)
+    return saved[2]["tokens"] if saved else 0
+
+
+def _run_dask(job: StatsJob, store: StatsStore, todo: list[int], n_shards: int, workers: int,
+              scheduler: str | None, bar) -> None:
+    """Run the shards as dask tasks; SIGUSR1/SIGTERM on the coordinator cancels them after a checkpoint."""
+    from distributed import Client, Event, LocalCluster, wait  # noqa: PLC0415
+
+    if scheduler:
+        client, cluster = Client(scheduler), None
+    else:
+        cores = os.cpu_count() or 1
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        client = Client(cluster)
+    threads = max(1, (os.cpu_count() or 1) // max(1, workers)) if not scheduler else None
+    install_signal_handlers()
+    try:
+        stop_event = Event(f"covedit-stop-{store.key_hash}", client=client)
+        stop_event.clear()
+        futures = [client.submit(_dask_shard, job, str(store.path), i, n_shards, threads, stop_event.name,
+                                 key=f"covedit-shard-{store.key_hash}-{i}-of-{n_shards}", retries=3, pure=False)
+                   for i in todo]
+        seen = 0
+        while True:
+            done, pending = wait(futures, timeout=1.0, return_when="ALL_COMPLETED")
+            now = sum(_shard_tokens_light(store, i, n_shards) for i in todo)
+            if now > seen:
+                bar.update(now - seen)
+                seen = now
+            if STOP.is_set():
+                stop_event.set()
+                wait(futures)
+                raise Interrupted("Interrupted after the shards checkpointed: rerun the same command to resume.")
+            if not pending:
+                break
+        for f in futures:
+            f.result()  # re-raise the first failure after retries
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _shard_tokens_light(store: StatsStore, shard: int, n_shards: int) -> int:
+    info = store.checkpoint_position(shard, n_shards)
+    return info["tokens"] if info else 0
+
+
+def _dask_shard(job: StatsJob, path: str, shard: int, n_shards: int, threads: int | None, stop_name: str) -> dict:
+    """A dask task: run one shard, polling the coordinator's stop event at each resumable batch."""
+    from distributed import Event, get_client  # noqa: PLC0415
+
+    event = Event(stop_name, client=get_client())
+    watcher_done = threading.Event()
+
+    def watch() -> None:
+        while not watcher_done.is_set():
+            if event.is_set():
+                STOP.set()
+                return
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        return run_shard(job, path, shard, n_shards, threads=threads)
+    except Interrupted:
+        return {"shard": shard, "interrupted": True}
+    finally:
+        watcher_done.set()
