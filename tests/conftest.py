@@ -25,9 +25,11 @@ def tiny_config(model_type: str, vocab_size: int):
     if model_type in {"qwen3", "gemma", "gemma2", "gemma3_text"}:
         return transformers.CONFIG_MAPPING[model_type](num_key_value_heads=1, head_dim=8, **common)
     if model_type == "gpt2":
-        return transformers.GPT2Config(vocab_size=vocab_size, n_embd=16, n_layer=4, n_head=2, n_inner=64, n_positions=512)
+        return transformers.GPT2Config(vocab_size=vocab_size, n_embd=16, n_layer=4, n_head=2, n_inner=64, n_positions=512,
+                                       bos_token_id=None, eos_token_id=None)
     if model_type == "gptj":
-        return transformers.GPTJConfig(vocab_size=vocab_size, n_embd=16, n_layer=4, n_head=2, n_inner=64, rotary_dim=4, n_positions=512)
+        return transformers.GPTJConfig(vocab_size=vocab_size, n_embd=16, n_layer=4, n_head=2, n_inner=64, rotary_dim=4,
+                                       n_positions=512, bos_token_id=None, eos_token_id=None)
     if model_type == "gpt_neox":
         return transformers.GPTNeoXConfig(**common)
     raise ValueError(model_type)
@@ -40,8 +42,6 @@ def build_tiny(model_type: str, tokenizer, seed: int = 0) -> LoadedModel:
     torch.manual_seed(seed)
     config = tiny_config(model_type, len(tokenizer))
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if model_type == "gpt2":  # bias-free init leaves the Conv1D transposed layout untested otherwise
-        pass
     return wrap_model(model, tokenizer, model_id=f"tiny-{model_type}-{seed}")
 
 
