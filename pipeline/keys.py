@@ -1,0 +1,206 @@
+"""Key vectors k: where the subject's last token is, the context templates, and the MLP inputs there.
+
+A fact's key at layer L is the input of that layer's MLP down-projection at the subject's last token,
+averaged over the rewrite prompt placed after a few short context prefixes (MEMIT's ``compute_ks``)::
+
+    templates = context_templates(loaded)                  # ["{}", "The first thing. {}", ...]
+    keys = compute_keys(loaded, [4, 5], ["The {} is in"], ["Eiffel Tower"], templates)
+    keys[4].shape                                          # (1, d_ff)
+
+Quirks:
+
+* The subject is located on characters, not by re-tokenising pieces: the whole text is tokenised once
+  with an offset mapping and the subject's last token is the last token whose character span overlaps
+  the subject's (surrounding spaces ignored). Special tokens (BOS) have empty spans and never match, so
+  this works for tokenizers that add BOS, with left or right padding. If the subject ends inside a
+  token (``"Canada"`` in ``"Canadan"``), that token is used and a warning is logged.
+* Left padding shifts positions; ``Encoded.model_inputs()`` passes position ids counted over real
+  tokens only, so keys do not depend on the padding side (GPT-2 has absolute position embeddings).
+* Context templates are deterministic: sampled like MEMIT's (top 5 tokens) but from a seeded CPU
+  generator, so a model gets the same templates on every run (up to the logits' own rounding on a
+  different device). They are cached per model id in this process.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.errors import DataError
+from pipeline.hooks import capture_inputs, run_until
+from pipeline.models import LoadedModel, ModelError
+
+log = logging.getLogger(__name__)
+
+STARTERS = ("The", "Therefore", "Because", "I", "You")
+_TEMPLATE_CACHE: dict[tuple[str, int, int, int], list[str]] = {}
+
+
+@dataclass
+class Encoded:
+    """A padded batch of prompts with the position of each row's subject."""
+
+    input_ids: torch.LongTensor  # (B, T)
+    attention_mask: torch.LongTensor  # (B, T)
+    subject_last: torch.LongTensor  # (B,) index of the subject's last token in each row
+    last: torch.LongTensor  # (B,) index of the last real token of each row
+
+    @property
+    def position_ids(self) -> torch.LongTensor:
+        """Positions counted over real tokens, so left padding does not shift them."""
+        return (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """Keyword arguments for the model's forward."""
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
+                "position_ids": self.position_ids, "use_cache": False}
+
+    def to(self, device: torch.device | str) -> Encoded:
+        return Encoded(self.input_ids.to(device), self.attention_mask.to(device),
+                       self.subject_last.to(device), self.last.to(device))
+
+
+def _fill(prompt: str, subject: str) -> tuple[str, int, int]:
+    """The prompt with the subject put in, and the character span of the subject without its outer spaces."""
+    if prompt.count("{}") != 1:
+        raise DataError(f"Prompt {prompt!r} must contain exactly one '{{}}' where the subject goes.")
+    before, after = prompt.split("{}")
+    start = len(before) + len(subject) - len(subject.lstrip())
+    end = len(before) + len(subject.rstrip())
+    return before + subject + after, start, end
+
+
+def _pad_id(tokenizer) -> int:
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    return 0  # padding is masked out; any id will do
+
+
+def encode_with_subject(tokenizer, prompts: list[str], subjects: list[str], padding_side: str = "right") -> Encoded:
+    """Put each subject into its prompt's ``{}``, tokenise once, and find the subject's last token.
+
+    Raises DataError when a prompt lacks exactly one ``{}`` or a subject covers no token.
+    """
+    if len(prompts) != len(subjects):
+        raise ValueError(f"{len(prompts)} prompts but {len(subjects)} subjects")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError("This model's tokenizer has no fast (Rust) version, which covedit needs for offsets.")
+    filled = [_fill(p, s) for p, s in zip(prompts, subjects)]
+    enc = tokenizer([text for text, _, _ in filled], add_special_tokens=True, return_offsets_mapping=True)
+    rows, subject_last = [], []
+    for (text, start, end), subject, ids, offsets in zip(filled, subjects, enc["input_ids"], enc["offset_mapping"]):
+        hits = [j for j, (a, b) in enumerate(offsets) if a < b and a < end and b > start]
+        if start >= end or not hits:
+            raise DataError(f"Subject {subject!r} covers no token of {text!r}.")
+        j = hits[-1]
+        if offsets[j][1] > end:
+            log.warning("subject %r ends inside the token %r of %r; using that token",
+                        subject, text[offsets[j][0]:offsets[j][1]], text)
+        rows.append(list(ids))
+        subject_last.append(j)
+    width = max(len(r) for r in rows)
+    pad = _pad_id(tokenizer)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    shift = torch.zeros(len(rows), dtype=torch.long)
+    for i, r in enumerate(rows):
+        lo = width - len(r) if padding_side == "left" else 0
+        input_ids[i, lo:lo + len(r)] = torch.tensor(r, dtype=torch.long)
+        attention_mask[i, lo:lo + len(r)] = 1
+        shift[i] = lo
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    return Encoded(input_ids, attention_mask, torch.tensor(subject_last, dtype=torch.long) + shift,
+                   shift + lengths - 1)
+
+
+def target_token_ids(tokenizer, target: str) -> list[int]:
+    """Tokens of ``" " + target`` as it follows a prompt; never special tokens (no BOS inside a target)."""
+    ids = tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]
+    if not target.strip() or not ids:
+        raise DataError(f"Target {target!r} has no tokens.")
+    return list(ids)
+
+
+@torch.no_grad()
+def _generate_prefixes(loaded: LoadedModel, starter: str, n: int, length: int, generator: torch.Generator,
+                       top_k: int = 5) -> list[str]:
+    """n continuations of ``starter``, sampled from the top ``top_k`` tokens with a seeded CPU generator."""
+    tok, model = loaded.tokenizer, loaded.model
+    start = tok(starter, add_special_tokens=True)["input_ids"]
+    n_words = len(tok(starter, add_special_tokens=False)["input_ids"])
+    ids = torch.tensor([start] * n, dtype=torch.long, device=loaded.device)
+    generated = []
+    past, step_input = None, ids
+    for _ in range(max(1, length - n_words)):
+        out = model(input_ids=step_input, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        top = out.logits[:, -1, :].float().topk(top_k, dim=-1)
+        pick = torch.multinomial(top.values.softmax(-1).cpu(), 1, generator=generator).to(top.indices.device)
+        step_input = top.indices.gather(1, pick)
+        generated.append(step_input)
+    texts = []
+    for row in torch.cat(generated, dim=1).tolist():
+        if tok.eos_token_id is not None and tok.eos_token_id in row:
+            row = row[:row.index(tok.eos_token_id)]
+        words = starter + tok.decode(row, skip_special_tokens=True)
+        texts.append(" ".join(words.replace("{", " ").replace("}", " ").split()))
+    return texts
+
+
+def context_templates(loaded: LoadedModel, n_per_starter: int = 2, length: int = 10, seed: int = 0) -> list[str]:
+    """``["{}"]`` plus short generated prefixes ending in ``". {}"``; deterministic, cached per model id.
+
+    As MEMIT's ``generate_fast``: top-5 sampling, ``length`` tokens per prefix with the starter word
+    (``max_out_len``), but from a seeded generator so the same model always gets the same templates.
+    """
+    key = (loaded.model_id, n_per_starter, length, seed)
+    if key not in _TEMPLATE_CACHE:
+        templates = ["{}"]
+        generator = torch.Generator().manual_seed(seed)
+        for starter in STARTERS:
+            for prefix in _generate_prefixes(loaded, starter, n_per_starter, length, generator):
+                template = f"{prefix}. {{}}"
+                if template not in templates:
+                    templates.append(template)
+        log.debug("context templates for %s: %s", loaded.model_id, templates)
+        _TEMPLATE_CACHE[key] = templates
+    return list(_TEMPLATE_CACHE[key])
+
+
+@torch.no_grad()
+def compute_keys(loaded: LoadedModel, layers: list[int], prompts: list[str], subjects: list[str],
+                 templates: list[str], batch_size: int = 64, padding_side: str = "right") -> dict[int, torch.Tensor]:
+    """For each fact and layer, the down-projection input at the subject's last token, averaged over templates.
+
+    One forward per batch serves every layer and stops after the deepest one. Returns
+    ``{layer: (n_facts, d_ff) float32}`` on the model's device.
+    """
+    if len(prompts) != len(subjects):
+        raise ValueError(f"{len(prompts)} prompts but {len(subjects)} subjects")
+    if not templates:
+        raise ValueError("at least one context template is needed ('{}' alone means no context)")
+    for t in templates:
+        if t.count("{}") != 1:
+            raise DataError(f"Context template {t!r} must contain exactly one '{{}}'.")
+    layers = sorted(set(layers))
+    loaded.check_layers(layers)
+    device = loaded.device
+    modules = [loaded.down_proj(layer) for layer in layers]
+    sums = {layer: torch.zeros(len(prompts), loaded.d_ff, dtype=torch.float32, device=device) for layer in layers}
+    rows = [(i, t.replace("{}", prompts[i]), subjects[i]) for i in range(len(prompts)) for t in templates]
+    for lo in range(0, len(rows), batch_size):
+        chunk = rows[lo:lo + batch_size]
+        enc = encode_with_subject(loaded.tokenizer, [r[1] for r in chunk], [r[2] for r in chunk], padding_side)
+        enc = enc.to(device)
+        fact_index = torch.tensor([r[0] for r in chunk], dtype=torch.long, device=device)
+        with capture_inputs(modules, stop_after=modules[-1]) as seen:
+            run_until(loaded.model, **enc.model_inputs())
+        batch = torch.arange(len(chunk), device=device)
+        for layer, k in zip(layers, seen):
+            sums[layer].index_add_(0, fact_index, k[batch, enc.subject_last].float())
+    return {layer: s / len(templates) for layer, s in sums.items()}

@@ -1,0 +1,161 @@
+"""Keys: the subject's last token is found exactly (BOS or not, left or right padding), keys equal a
+hand-hooked per-prompt computation, and context templates are deterministic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import build_tiny
+from pipeline import keys as keys_module
+from pipeline.errors import DataError
+from pipeline.keys import compute_keys, context_templates, encode_with_subject, target_token_ids
+
+CASES = [  # prompts of different lengths; subjects mid-prompt, at the start, with a leading space, with punctuation
+    ("The {} is located in the city of", "Eiffel Tower"),
+    ("{} was born in", "Danielle Darrieux"),
+    ("Where is{}? It is in", " St. Peter's Basilica"),
+    ("The pope says Mass at {}, which is in", "St. Peter's Basilica"),
+    ("{}", "Rome"),
+    ("I visited {}'s gardens", "Versailles"),
+    ("{}is a city", "Paris "),
+]
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("tok_name", ["tokenizer", "bos_tokenizer"])
+def test_subject_last_points_at_the_subjects_last_token(request, tok_name, padding_side):
+    tok = request.getfixturevalue(tok_name)
+    prompts, subjects = [c[0] for c in CASES], [c[1] for c in CASES]
+    enc = encode_with_subject(tok, prompts, subjects, padding_side=padding_side)
+    width = enc.input_ids.shape[1]
+    for i, (prompt, subject) in enumerate(CASES):
+        text = prompt.replace("{}", subject)
+        expected_ids = tok(text).input_ids
+        real = enc.attention_mask[i].bool()
+        assert enc.input_ids[i, real].tolist() == expected_ids  # tokenised once, as the tokenizer does
+        assert (enc.input_ids[i, ~real] == tok.pad_token_id).all()
+        n = len(expected_ids)
+        first = width - n if padding_side == "left" else 0
+        assert real.nonzero().flatten().tolist() == list(range(first, first + n))
+        assert enc.last[i].item() == first + n - 1
+        if tok_name == "bos_tokenizer":
+            assert enc.input_ids[i, first].item() == tok.bos_token_id
+
+        j = enc.subject_last[i].item()
+        upto = tok.decode(enc.input_ids[i, first:j + 1], skip_special_tokens=True)
+        assert upto.endswith(subject.strip()), (upto, subject)
+        before = tok.decode(enc.input_ids[i, first:j], skip_special_tokens=True)
+        assert not before.endswith(subject.strip())  # the token at j belongs to the subject
+        if j < first + n - 1:  # the next token is not part of the subject
+            assert text.startswith(upto) and len(tok.decode(enc.input_ids[i, first:j + 2])) > len(upto)
+            assert text.index(subject.strip()) + len(subject.strip()) == len(upto)
+
+
+def test_subject_last_exact_positions(tokenizer, bos_tokenizer):
+    # "The" "ĠE" "iffel" "ĠTower" "Ġis": the subject ends at token 3 (4 with a BOS in front)
+    enc = encode_with_subject(tokenizer, ["The {} is"], ["Eiffel Tower"])
+    assert tokenizer.convert_ids_to_tokens(enc.input_ids[0].tolist()) == ["The", "ĠE", "iffel", "ĠTower", "Ġis"]
+    assert enc.subject_last.tolist() == [3]
+    assert encode_with_subject(bos_tokenizer, ["The {} is"], ["Eiffel Tower"]).subject_last.tolist() == [4]
+    # a subject whose last word is followed by "'s" (a separate token)
+    enc = encode_with_subject(tokenizer, ["{}'s dome"], ["St. Peter's Basilica"])
+    assert tokenizer.convert_ids_to_tokens(enc.input_ids[0, :enc.subject_last[0] + 2].tolist())[-2:] == ["ĠBasilica", "'s"]
+
+
+def test_subject_without_tokens_is_a_data_error(tokenizer):
+    for prompt, subject in [("The {} is", ""), ("The {} is", "   "), ("The is", "X"), ("{} {}", "X")]:
+        with pytest.raises(DataError):
+            encode_with_subject(tokenizer, [prompt], [subject])
+
+
+def test_target_tokens_have_a_leading_space_and_no_bos(tokenizer, bos_tokenizer):
+    rome = tokenizer(" Rome", add_special_tokens=False).input_ids
+    assert target_token_ids(tokenizer, "Rome") == rome == target_token_ids(tokenizer, "  Rome ")
+    assert target_token_ids(bos_tokenizer, "Rome") == rome
+    assert tokenizer.convert_ids_to_tokens(target_token_ids(tokenizer, "Vatican City")) == ["ĠVatican", "ĠCity"]
+    with pytest.raises(DataError):
+        target_token_ids(tokenizer, " ")
+
+
+def manual_keys(loaded, layer: int, prompt: str, subject: str, templates: list[str]) -> torch.Tensor:
+    """The reference: one unpadded prompt at a time, the subject's last token found by growing the
+    decoded prefix, the down-projection input read by a hook registered by hand."""
+    tok = loaded.tokenizer
+    found = []
+    for template in templates:
+        text = template.replace("{}", prompt.replace("{}", subject))
+        ids = tok(text, return_tensors="pt").input_ids
+        end = text.index(prompt.replace("{}", subject)) + prompt.index("{}") + len(subject)
+        j = next(j for j in range(ids.shape[1]) if len(tok.decode(ids[0, :j + 1])) >= end)
+        seen = []
+        handle = loaded.down_proj(layer).register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        try:
+            loaded.model(input_ids=ids)
+        finally:
+            handle.remove()
+        found.append(seen[0][0, j])
+    return torch.stack(found).mean(0)
+
+
+TEMPLATES = ["{}", "Because of the rain. {}", "I think. {}"]
+FACTS = [("The {} is located in the city of", "Eiffel Tower"), ("{} was born in", "Danielle Darrieux"),
+         ("Pilgrims travel to {}", "St. Peter's Basilica")]
+
+
+def test_keys_equal_a_hand_hooked_computation(tiny):
+    prompts, subjects = [f[0] for f in FACTS], [f[1] for f in FACTS]
+    got = compute_keys(tiny, [1, 3], prompts, subjects, TEMPLATES, batch_size=4)
+    assert sorted(got) == [1, 3]
+    for layer in (1, 3):
+        assert got[layer].shape == (3, tiny.d_ff) and got[layer].dtype == torch.float32
+        for i, (prompt, subject) in enumerate(FACTS):
+            torch.testing.assert_close(got[layer][i], manual_keys(tiny, layer, prompt, subject, TEMPLATES),
+                                       rtol=0, atol=1e-6)
+
+
+def test_left_and_right_padding_give_the_same_keys(tiny):
+    prompts, subjects = [f[0] for f in FACTS], [f[1] for f in FACTS]
+    right = compute_keys(tiny, [0, 2], prompts, subjects, TEMPLATES, padding_side="right")
+    left = compute_keys(tiny, [0, 2], prompts, subjects, TEMPLATES, padding_side="left")
+    for layer in (0, 2):
+        torch.testing.assert_close(left[layer], right[layer], rtol=0, atol=1e-5)
+
+
+def test_one_forward_per_batch_that_stops_after_the_deepest_layer(tokenizer):
+    loaded = build_tiny("llama", tokenizer)
+    calls = {"first": 0, "after": 0}
+    h1 = loaded.block(0).register_forward_hook(lambda *_: calls.__setitem__("first", calls["first"] + 1))
+    h2 = loaded.block(3).register_forward_hook(lambda *_: calls.__setitem__("after", calls["after"] + 1))
+    try:
+        compute_keys(loaded, [2, 1], [f[0] for f in FACTS], [f[1] for f in FACTS], TEMPLATES, batch_size=4)
+    finally:
+        h1.remove()
+        h2.remove()
+    assert calls == {"first": 3, "after": 0}  # 9 rows in batches of 4; block 3 never runs
+
+
+def test_context_templates_are_deterministic(tokenizer):
+    loaded = build_tiny("llama", tokenizer)
+    first = context_templates(loaded, n_per_starter=2, length=6)
+    keys_module._TEMPLATE_CACHE.clear()  # generate again, not from the cache
+    second = context_templates(loaded, n_per_starter=2, length=6)
+    assert first == second
+    assert first[0] == "{}" and 1 < len(first) <= 11
+    for template in first:
+        assert template.count("{}") == 1 and "\n" not in template
+        assert template.count("{") == template.count("}") == 1
+    assert all(t.endswith(". {}") and t.startswith(keys_module.STARTERS) for t in first[1:])
+    calls = []
+    handle = loaded.block(0).register_forward_hook(lambda *_: calls.append(1))
+    try:
+        assert context_templates(loaded, n_per_starter=2, length=6) == first  # cached: no forward
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_context_templates_on_the_real_model(smol):
+    templates = context_templates(smol, n_per_starter=1, length=4)  # short: the KV-cached path on a real model
+    assert templates[0] == "{}" and len(templates) == 1 + len(keys_module.STARTERS)
+    assert all(t.count("{}") == 1 and t.startswith(keys_module.STARTERS) for t in templates[1:])
