@@ -78,6 +78,10 @@ def setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("distributed", "transformers", "urllib3", "httpx", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    import transformers  # noqa: PLC0415
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
 
 
 Model = Annotated[str, typer.Option(help="Embedded 'smollm2-135m' (default) or 'gemma3-270m', a local folder, or a Hugging Face id.")]
@@ -108,7 +112,9 @@ def build_stats_cmd(
     module_template: Template = None,
     stats_dir: StatsDir = None,
     checkpoint_every: Annotated[str, typer.Option(help="Checkpoint every N tokens (200000) or every T (300s, 10m).")] = "200000",
+    window_docs: Annotated[int, typer.Option(help="Documents sorted by length together (less padding); resume points fall between windows.")] = 512,
     workers: Annotated[int, typer.Option(help="Parallel workers (a dask LocalCluster when > 1).")] = 1,
+    threads: Annotated[Optional[int], typer.Option(help="torch threads per worker (default: cores / workers). Results are bitwise reproducible for a fixed thread count.")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="Join an existing dask cluster at this address instead.")] = None,
     shard: Annotated[Optional[str], typer.Option(help="Compute only shard I of N (I/N) and exit; see --reduce.")] = None,
     reduce: Annotated[bool, typer.Option("--reduce", help="Add up finished shards and mark the store complete.")] = False,
@@ -130,6 +136,8 @@ def build_stats_cmd(
         raise UsageError("--bos must be 'skip' or 'keep'.")
     if accumulate not in ("float64", "mixed", "float32"):
         raise UsageError("--accumulate must be float64, mixed or float32.")
+    if window_docs < 1:
+        raise UsageError("--window-docs must be at least 1.")
     if workers < 1:
         raise UsageError("--workers must be at least 1.")
     ck_tokens, ck_seconds = parse_checkpoint_every(checkpoint_every)
@@ -140,7 +148,7 @@ def build_stats_cmd(
                    corpus=CorpusSpec(corpus, corpus_config, corpus_split, text_field, corpus_revision, seed),
                    tokens=tokens, max_length=max_length, batch_tokens=batch_tokens, bos=bos, accumulate=accumulate,
                    dtype=dtype, device=device, module_template=module_template,
-                   checkpoint_tokens=ck_tokens, checkpoint_seconds=ck_seconds,
+                   checkpoint_tokens=ck_tokens, checkpoint_seconds=ck_seconds, window_docs=window_docs, threads=threads,
                    stats_dir=str(stats_dir or default_stats_dir()))
     result = build_stats(job, workers=workers, scheduler=scheduler, shard=parse_shard(shard), reduce_only=reduce,
                          show_progress=not (quiet or as_json))

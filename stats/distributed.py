@@ -54,6 +54,8 @@ class StatsJob:
     checkpoint_tokens: int | None = 200_000
     checkpoint_seconds: float | None = 600.0
     stats_dir: str = ""
+    threads: int | None = None  # torch threads per worker (default: all cores / workers)
+    window_docs: int = 512  # documents sorted by length together: less padding, coarser resume points
 
 
 def install_signal_handlers() -> None:
@@ -121,7 +123,8 @@ def run_shard(job: StatsJob, path: str, shard: int, n_shards: int, progress=None
                               {"next_doc": next_doc, "tokens": tokens, "done": done})
 
     corpus = open_corpus(job.corpus)
-    batches = iter_batches(corpus, loaded.tokenizer, next_doc, stop, plan, job.max_length, job.batch_tokens, job.bos)
+    batches = iter_batches(corpus, loaded.tokenizer, next_doc, stop, plan, job.max_length, job.batch_tokens, job.bos,
+                           plan_info.get("window_docs", job.window_docs))
     last_tokens, last_time = tokens, time.monotonic()
     for batch in accumulate_batches(loaded, layers, batches, moments):
         tokens += batch.n_tokens
@@ -172,9 +175,20 @@ def prepare(job: StatsJob, n_shards: int):
                                       "float32" if job.accumulate == "float32" else "float64")
     if store.get_plan() is None:
         plan = make_plan(corpus, loaded.tokenizer, job.tokens, job.max_length, job.bos)
-        store.set_plan({"plan": plan.to_dict(), "n_shards": n_shards,
-                        "ranges": [list(r) for r in shard_ranges(plan, n_shards)]})
+        store.set_plan({"plan": plan.to_dict(), "n_shards": n_shards, "window_docs": job.window_docs,
+                        "ranges": aligned_ranges(shard_ranges(plan, n_shards), job.window_docs, plan.n_docs)})
     return loaded, store
+
+
+def aligned_ranges(ranges: list[tuple[int, int]], window: int, n_docs: int) -> list[list[int]]:
+    """Move shard boundaries onto multiples of the window size.
+
+    Windows then start at the same documents whatever the number of shards, so every batch, and so every
+    key, is the same in a 1-shard and an N-shard run: only the order of the float64 additions differs.
+    """
+    bounds = [0] + [min(n_docs, round(stop / window) * window) for _, stop in ranges[:-1]] + [n_docs]
+    bounds = [max(b, bounds[i - 1] if i else 0) for i, b in enumerate(bounds)]
+    return [[bounds[i], bounds[i + 1]] for i in range(len(ranges))]
 
 
 def build_stats(job: StatsJob, workers: int = 1, scheduler: str | None = None, shard: tuple[int, int] | None = None,
@@ -183,6 +197,7 @@ def build_stats(job: StatsJob, workers: int = 1, scheduler: str | None = None, s
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     t0 = time.monotonic()
+    install_signal_handlers()
     n_shards = shard[1] if shard else max(1, workers)
     loaded, store = prepare(job, n_shards)
     plan_info = store.get_plan()
@@ -212,12 +227,11 @@ def build_stats(job: StatsJob, workers: int = 1, scheduler: str | None = None, s
         if scheduler or workers > 1:
             _run_dask(job, store, todo, n_shards, workers, scheduler, bar)
         else:
-            install_signal_handlers()
             for i in todo:
                 saved = store.load_checkpoint(i, n_shards)
                 if saved is not None:
                     bar.update(saved[2]["tokens"])
-                run_shard(job, str(store.path), i, n_shards, progress=bar.update)
+                run_shard(job, str(store.path), i, n_shards, progress=bar.update, threads=job.threads)
         bar.close()
         if shard:
             return result("shard-done")
@@ -241,8 +255,7 @@ def _run_dask(job: StatsJob, store: StatsStore, todo: list[int], n_shards: int, 
         cores = os.cpu_count() or 1
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
         client = Client(cluster)
-    threads = max(1, (os.cpu_count() or 1) // max(1, workers)) if not scheduler else None
-    install_signal_handlers()
+    threads = job.threads or (max(1, (os.cpu_count() or 1) // max(1, workers)) if not scheduler else None)
     try:
         stop_event = Event(f"covedit-stop-{store.key_hash}", client=client)
         stop_event.clear()
@@ -250,8 +263,8 @@ def _run_dask(job: StatsJob, store: StatsStore, todo: list[int], n_shards: int, 
                                  key=f"covedit-shard-{store.key_hash}-{i}-of-{n_shards}", retries=3, pure=False)
                    for i in todo]
         seen = 0
-        while True:
-            done, pending = wait(futures, timeout=1.0, return_when="ALL_COMPLETED")
+        while not all(f.done() for f in futures):
+            time.sleep(0.5)
             now = sum(_shard_tokens_light(store, i, n_shards) for i in todo)
             if now > seen:
                 bar.update(now - seen)
@@ -260,8 +273,6 @@ def _run_dask(job: StatsJob, store: StatsStore, todo: list[int], n_shards: int, 
                 stop_event.set()
                 wait(futures)
                 raise Interrupted("Interrupted after the shards checkpointed: rerun the same command to resume.")
-            if not pending:
-                break
         for f in futures:
             f.result()  # re-raise the first failure after retries
     finally:

@@ -1,0 +1,193 @@
+"""build-stats end to end through the real command line: exact sums, bitwise resume after kill -9,
+N workers equal to 1, retried shards counted once, and one clear sentence for every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import build_tiny
+from stats.collect import SecondMoment, accumulate_batches
+from stats.corpus import CorpusSpec, iter_batches, make_plan, open_corpus
+from stats.store import StatsStore
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer):
+    """A tiny llama saved as a Hugging Face folder, so worker processes can load it by path."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    m = build_tiny("llama", tokenizer)
+    m.model.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    """600 documents of real text taken from the embedded Wikipedia corpus, as a local jsonl file."""
+    corpus = open_corpus(CorpusSpec())
+    d = tmp_path_factory.mktemp("corpus")
+    with open(d / "docs.jsonl", "w") as f:
+        for _, text in corpus.documents(0, 600):
+            f.write(json.dumps({"text": text}) + "\n")
+    return d / "docs.jsonl"
+
+
+def cli(*args, env=None, stats_dir=None, check=False, **kw) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    if stats_dir is not None:
+        full_env["COVEDIT_STATS_DIR"] = str(stats_dir)
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True, text=True,
+                          env=full_env, check=check, cwd=ROOT, **kw)
+
+
+def common(tiny_dir, corpus_file, tokens=20000):
+    return ["build-stats", "--model", tiny_dir, "--corpus", corpus_file, "--layers", "1-2", "--tokens", tokens,
+            "--max-length", 64, "--batch-tokens", 256, "--window-docs", 8, "--quiet"]
+
+
+def run_json(args, stats_dir, **kw) -> dict:
+    out = cli(*args, "--json", stats_dir=stats_dir, **kw)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def read(path):
+    st = StatsStore.open(path)
+    return {L: st.read_layer(L) for L in st.layers}
+
+
+def test_store_equals_direct_accumulation(tiny_dir, corpus_file, tokenizer, tmp_path):
+    res = run_json(common(tiny_dir, corpus_file, 5000), tmp_path)
+    assert res["status"] == "built" and res["tokens"] == 5000
+    from pipeline.models import load_model
+    loaded = load_model(str(tiny_dir))
+    corpus = open_corpus(CorpusSpec(str(corpus_file)))
+    plan = make_plan(corpus, loaded.tokenizer, 5000, 64, "skip")
+    moments = {L: SecondMoment(loaded.d_ff) for L in (1, 2)}
+    for _ in accumulate_batches(loaded, [1, 2], iter_batches(corpus, loaded.tokenizer, 0, plan.n_docs, plan, 64, 256,
+                                                             "skip", 8), moments):
+        pass
+    for L, (total, count) in read(res["path"]).items():
+        expected, n = moments[L].state()
+        assert count == n == 5000
+        np.testing.assert_allclose(total, expected, rtol=1e-12)
+    again = run_json(common(tiny_dir, corpus_file, 5000), tmp_path)
+    assert again["status"] == "cached" and again["wall_seconds"] < 30
+
+
+def start_and_wait(args, stats_dir: Path, store: Path, min_tokens: int) -> subprocess.Popen:
+    """Start build-stats and return once its first shard has checkpointed at least ``min_tokens``."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *map(str, args)], cwd=ROOT,
+                            env={**os.environ, "COVEDIT_STATS_DIR": str(stats_dir)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if store.exists():
+            try:
+                position = StatsStore.open(store, verify=False).checkpoint_position(0, 1)
+            except Exception:  # noqa: BLE001 (store being created)
+                position = None
+            if position and position["tokens"] >= min_tokens:
+                break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be interrupted: make it longer"
+    return proc
+
+
+# Slow the tiny model's run down (small batches, frequent checkpoints) so it can be hit part way through.
+LONG = ["--checkpoint-every", 1000, "--batch-tokens", 64]
+
+
+def test_kill_minus_9_then_resume_is_bitwise_identical(tiny_dir, corpus_file, tmp_path):
+    args = common(tiny_dir, corpus_file, 30000) + LONG
+    clean = run_json(args, tmp_path / "clean")
+    store = Path(clean["path"].replace(str(tmp_path / "clean"), str(tmp_path / "killed")))
+    proc = start_and_wait(args, tmp_path / "killed", store, 3000)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert not StatsStore.open(store, verify=False).is_complete()
+    resumed = run_json(args, tmp_path / "killed")
+    assert resumed["status"] == "resumed" and resumed["tokens"] == 30000
+    a, b = read(clean["path"]), read(resumed["path"])
+    for L in a:
+        assert a[L][1] == b[L][1] == 30000
+        assert np.array_equal(a[L][0], b[L][0]), f"layer {L} differs after resume"
+
+
+def test_sigusr1_checkpoints_and_exits_75_then_resumes(tiny_dir, corpus_file, tmp_path):
+    args = common(tiny_dir, corpus_file, 30000) + LONG
+    fresh = run_json(args, tmp_path / "fresh")
+    store = Path(fresh["path"].replace(str(tmp_path / "fresh"), str(tmp_path / "stopped")))
+    proc = start_and_wait(args, tmp_path / "stopped", store, 2000)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    assert "rerun" in err and "Traceback" not in err
+    done = run_json(args, tmp_path / "stopped")
+    assert done["status"] == "resumed"
+    a, b = read(done["path"]), read(fresh["path"])
+    for L in a:
+        assert a[L][1] == b[L][1] and np.array_equal(a[L][0], b[L][0])
+
+
+def test_two_workers_equal_one_and_failed_shard_is_retried_once(tiny_dir, corpus_file, tmp_path):
+    # Same thread count in both runs: BLAS results depend on it, and the claim is "equal to float64 rounding".
+    args = common(tiny_dir, corpus_file, 12000) + ["--checkpoint-every", 1000, "--threads", 1]
+    one = run_json(args, tmp_path / "one")
+    marker = tmp_path / "fault-marker"
+    two = run_json(args + ["--workers", 2], tmp_path / "two",
+                   env={"COVEDIT_FAULT_SHARD": f"1:{marker}"})
+    assert marker.exists(), "the injected fault never fired"
+    a, b = read(one["path"]), read(two["path"])
+    for L in a:
+        assert a[L][1] == b[L][1] == 12000  # nothing counted twice or lost
+        np.testing.assert_allclose(b[L][0], a[L][0], rtol=1e-12, atol=1e-12 * np.abs(a[L][0]).max())
+
+
+@pytest.mark.parametrize("case,code,needle", [
+    ("unknown-model", 66, "does not exist"),
+    ("layer", 2, "out of range"),
+    ("no-corpus", 66, "does not exist"),
+    ("empty-corpus", 65, "no text"),
+    ("zero-tokens", 2, "--tokens"),
+    ("unwritable", 73, ""),
+])
+def test_bad_input_one_sentence_distinct_code(case, code, needle, tiny_dir, corpus_file, tmp_path):
+    stats_dir = tmp_path / "stats"
+    args = {"model": tiny_dir, "corpus": corpus_file, "layers": "1-2", "tokens": 1000}
+    if case == "unknown-model":
+        args["model"] = "./no-such-model"
+    elif case == "layer":
+        args["layers"] = "2,9"
+    elif case == "no-corpus":
+        args["corpus"] = tmp_path / "missing.jsonl"
+    elif case == "empty-corpus":
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        (empty / "a.txt").write_text("\n\n   \n")
+        args["corpus"] = empty
+    elif case == "zero-tokens":
+        args["tokens"] = 0
+    elif case == "unwritable":
+        (tmp_path / "afile").write_text("x")
+        stats_dir = tmp_path / "afile" / "stats"
+    out = cli("build-stats", *[x for k, v in args.items() for x in (f"--{k}", v)], "--quiet", stats_dir=stats_dir)
+    assert out.returncode == code, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip() and not line.startswith(("INFO", "WARNING"))]
+    assert len(lines) == 1 and lines[0].startswith("covedit: error:") and "Traceback" not in out.stderr, out.stderr
+    assert needle in lines[0]
+    if stats_dir.exists():
+        for store in stats_dir.glob("*.zarr"):
+            assert not StatsStore.open(store, verify=False).is_complete()
