@@ -1,0 +1,201 @@
+"""Target optimisation: batched equals one fact at a time, the loss is what the docstring says, the clamp
+and early stopping hold, no hook is left behind, and on the real model the Eiffel Tower moves to Rome."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import build_tiny
+from pipeline.errors import DataError
+from pipeline.facts import Fact
+from pipeline.hooks import capture_outputs, edit_output
+from pipeline.hparams import TargetHParams
+from pipeline.targets import compute_targets
+
+FACTS = [
+    Fact("f1", "Eiffel Tower", "The {} is located in the city of", "Rome"),
+    Fact("f2", "Danielle Darrieux", "The mother tongue of {} is", "English"),
+    Fact("f3", "Toko Yasuda", "{} plays the instrument called the", "electric bass guitar"),
+]
+TEMPLATES = ["{}", "Hello there. {}", "Because of this, {}"]
+# Tiny models have small residuals (‖h‖ ≈ 0.07 at layer 2 of the tiny llama): the published lr 0.5 and the
+# weight decay ‖δ‖/‖h‖² would swamp them, so the tests scale lr down and leave weight decay to one test.
+NO_STOP = TargetHParams(steps=6, lr=0.02, weight_decay=0.0, clamp_norm_factor=4.0, early_stop_loss=0.0)
+DECAY = TargetHParams(steps=6, lr=0.02, weight_decay=0.5, clamp_norm_factor=0.75, early_stop_loss=0.0)
+
+
+def _responsive(loaded):
+    """Scale the unembedding so the tiny model's next-token distributions are far from uniform."""
+    with torch.no_grad():
+        loaded.model.get_output_embeddings().weight.mul_(50)
+    return loaded
+
+
+def _logits(loaded, text):
+    ids = loaded.tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return loaded.model(input_ids=ids).logits
+
+
+def test_batched_equals_one_at_a_time(tiny):
+    """Also with GPT-2's absolute positions: left padding must not shift them."""
+    m = _responsive(tiny)
+    batched = compute_targets(m, FACTS, 2, DECAY, TEMPLATES)
+    chunked = compute_targets(m, FACTS, 2, DECAY, TEMPLATES, max_rows=1)  # one fact per forward
+    for i, fact in enumerate(FACTS):
+        alone = compute_targets(m, [fact], 2, DECAY, TEMPLATES)
+        torch.testing.assert_close(batched.z[i], alone.z[0], rtol=0, atol=1e-4)
+        torch.testing.assert_close(batched.nll_after[i], alone.nll_after[0], rtol=0, atol=1e-4)
+        assert batched.steps_taken[i] == alone.steps_taken[0] == DECAY.steps - 1
+    torch.testing.assert_close(chunked.z, batched.z, rtol=0, atol=1e-4)
+    assert batched.z.shape == (3, m.d_model) and batched.z.dtype == torch.float32
+
+
+def test_nll_before_is_the_teacher_forced_nll(bos_tokenizer):
+    """Mean over templates of the mean over target tokens, multi-token target, BOS tokenizer."""
+    m = build_tiny("llama", bos_tokenizer, seed=1)
+    fact = FACTS[2]
+    target = bos_tokenizer(" " + fact.target_new, add_special_tokens=False).input_ids
+    assert len(target) > 1
+    expected = []
+    for t in TEMPLATES:
+        prompt_ids = bos_tokenizer(t.replace("{}", fact.rewrite_prompt())).input_ids
+        ids = torch.tensor([prompt_ids + target[:-1]])
+        with torch.no_grad():
+            logp = m.model(input_ids=ids).logits[0].log_softmax(-1)
+        positions = range(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(target))
+        expected.append(-torch.stack([logp[p, tok] for p, tok in zip(positions, target)]).mean())
+    result = compute_targets(m, [FACTS[0], fact], 1, TargetHParams(steps=1), TEMPLATES)
+    torch.testing.assert_close(result.nll_before[1], torch.stack(expected).mean(), rtol=0, atol=1e-5)
+    assert result.steps_taken.tolist() == [0, 0]  # one pass measures only
+    torch.testing.assert_close(result.z, result.h)
+
+
+def test_h_is_the_block_output_at_the_subjects_last_token(tokenizer):
+    m = build_tiny("gpt2", tokenizer)
+    result = compute_targets(m, FACTS, 1, TargetHParams(steps=2), ["{}"])
+    for i, fact in enumerate(FACTS):
+        ids = tokenizer(fact.rewrite_prompt(), return_tensors="pt").input_ids
+        subject_end = len(tokenizer(fact.prompt.split("{}")[0] + fact.subject).input_ids) - 1
+        with torch.no_grad(), capture_outputs([m.block(1)]) as seen:
+            m.model(input_ids=ids)
+        torch.testing.assert_close(result.h[i], seen[0][0, subject_end], rtol=0, atol=1e-5)
+
+
+def test_nll_decreases_for_every_fact(tiny):
+    result = compute_targets(_responsive(tiny), FACTS, 2, NO_STOP, TEMPLATES)
+    assert (result.nll_after < result.nll_before).all()
+
+
+def test_delta_applied_reproduces_nll_after(tokenizer):
+    """z − h added at the subject's last token gives the reported nll_after (bare template)."""
+    m = _responsive(build_tiny("llama", tokenizer))
+    fact = FACTS[0]
+    result = compute_targets(m, [fact], 2, NO_STOP, ["{}"])
+    assert result.nll_after[0] < result.nll_before[0]
+    ids = tokenizer(fact.rewrite_prompt(), return_tensors="pt").input_ids
+    subject_end = len(tokenizer("The Eiffel Tower").input_ids) - 1
+    delta = result.delta[0]
+
+    def add(h):
+        h = h.clone()
+        h[0, subject_end] += delta
+        return h
+
+    with torch.no_grad(), edit_output(m.block(2), add):
+        logp = m.model(input_ids=ids).logits[0, -1].log_softmax(-1)
+    rome = tokenizer(" Rome", add_special_tokens=False).input_ids
+    assert len(rome) == 1
+    torch.testing.assert_close(-logp[rome[0]], result.nll_after[0], rtol=0, atol=1e-5)
+
+
+def test_norm_clamp_binds(tokenizer):
+    m = _responsive(build_tiny("llama", tokenizer))
+    hp = dataclasses.replace(NO_STOP, lr=1.0, clamp_norm_factor=0.1)
+    result = compute_targets(m, FACTS, 2, hp, TEMPLATES)
+    ratio = result.delta.norm(dim=1) / result.h.norm(dim=1)
+    torch.testing.assert_close(ratio, torch.full((3,), 0.1), rtol=1e-5, atol=0)
+
+
+def test_early_stopping_freezes_a_fact(tokenizer):
+    """The fact whose target is likeliest stops once below the threshold; its δ then never moves again."""
+    m = _responsive(build_tiny("llama", tokenizer))
+    hp = dataclasses.replace(NO_STOP, steps=3)
+    two = compute_targets(m, FACTS, 2, hp, TEMPLATES)  # 2 updates
+    three = compute_targets(m, FACTS, 2, dataclasses.replace(hp, steps=4), TEMPLATES)  # 3 updates
+    likeliest = int(two.nll_before.argmin())
+    assert three.nll_after[likeliest] < two.nll_after[likeliest]
+    threshold = float(three.nll_after[likeliest] + two.nll_after[likeliest]) / 2
+    others = [i for i in range(3) if i != likeliest]
+    assert (two.nll_after[others] > threshold).all()  # only one fact can cross it early
+
+    stopped = compute_targets(m, FACTS, 2, dataclasses.replace(hp, steps=10, early_stop_loss=threshold), TEMPLATES)
+    assert stopped.steps_taken[likeliest] == 3
+    assert stopped.steps_taken[others].tolist() == [9, 9]
+    # frozen after 3 updates although Adam kept stepping the others with momentum
+    torch.testing.assert_close(stopped.z[likeliest], three.z[likeliest], rtol=0, atol=1e-5)
+    torch.testing.assert_close(stopped.nll_after[likeliest], three.nll_after[likeliest], rtol=0, atol=1e-5)
+
+
+def test_all_facts_already_likely_stop_at_once(tokenizer):
+    m = build_tiny("llama", tokenizer)
+    result = compute_targets(m, FACTS, 2, TargetHParams(steps=10, early_stop_loss=100.0), TEMPLATES)
+    assert result.steps_taken.tolist() == [0, 0, 0]
+    assert torch.equal(result.z, result.h)
+    assert torch.equal(result.nll_after, result.nll_before)
+
+
+def test_model_is_unchanged_and_hooks_removed(tiny):
+    text = "The Eiffel Tower is located in the city of"
+    before = _logits(tiny, text)
+    compute_targets(tiny, FACTS, 2, NO_STOP, TEMPLATES)
+    assert torch.equal(_logits(tiny, text), before)
+    assert all(not b._forward_hooks and not b._forward_pre_hooks for b in tiny.blocks)
+    assert not any(p.requires_grad for p in tiny.model.parameters())
+
+
+def test_bad_template_is_data_error(tokenizer):
+    m = build_tiny("llama", tokenizer)
+    with pytest.raises(DataError, match="exactly one"):
+        compute_targets(m, FACTS, 2, NO_STOP, ["{}", "no slot here"])
+
+
+def test_no_facts(tokenizer):
+    m = build_tiny("llama", tokenizer)
+    result = compute_targets(m, [], 2, NO_STOP, TEMPLATES)
+    assert result.z.shape == (0, m.d_model) and result.steps_taken.shape == (0,)
+
+
+@pytest.mark.slow
+def test_eiffel_tower_moves_to_rome(smol):
+    fact = FACTS[0]
+    tok = smol.tokenizer
+    text = fact.rewrite_prompt()
+    rome, paris = (tok(" " + w, add_special_tokens=False).input_ids[0] for w in ("Rome", "Paris"))
+    assert int(_logits(smol, text)[0, -1].argmax()) == paris
+
+    result = compute_targets(smol, [fact], 8, TargetHParams(steps=25), ["{}"])
+    assert result.nll_after[0] < 0.05 < result.nll_before[0]
+    assert 0 < result.steps_taken[0] < 24  # stopped early
+    subject_end = len(tok("The Eiffel Tower").input_ids) - 1
+
+    def add(h):
+        h = h.clone()
+        h[0, subject_end] += result.delta[0].to(h.dtype)
+        return h
+
+    ids = tok(text, return_tensors="pt").input_ids
+    with torch.no_grad(), edit_output(smol.block(8), add):
+        logits = smol.model(input_ids=ids).logits[0, -1]
+    assert int(logits.argmax()) == rome
+    assert float(F.softmax(logits.float(), -1)[rome]) > 0.9
+
+
+def test_half_precision_model_gives_float32_targets(tokenizer):
+    m = _responsive(build_tiny("llama", tokenizer))
+    m.model.to(torch.bfloat16)
+    result = compute_targets(m, FACTS, 2, NO_STOP, TEMPLATES)
+    assert result.z.dtype == result.h.dtype == result.nll_after.dtype == torch.float32
+    assert torch.isfinite(result.z).all() and (result.nll_after < result.nll_before).all()
