@@ -227,6 +227,127 @@ def stats_import(npz: Annotated[Path, typer.Argument(help="A ROME/MEMIT/EasyEdit
     typer.echo(f"imported layer {layer} into {st.path}")
 
 
+def quick_look(summary: dict, n: int = 5) -> str:
+    """A small before/after table: P(new target) on the rewrite prompt and paraphrases, P(own target) nearby."""
+    ev = summary.get("evaluation")
+    if not ev:
+        return ""
+
+    def pct(x):
+        return "  -  " if x is None else f"{100 * x:5.1f}"
+
+    lines = ["", "fact                       P(new) rewrite    P(new) paraphrase   P(true) neighbourhood",
+             "                           before  after     before  after       before  after"]
+    for row in ev["per_fact"][:n]:
+        b, a = row["before"], row["after"]
+        lines.append(f"{row['id'][:26]:<26} {pct(b['p_new_rewrite'])}  {pct(a['p_new_rewrite'])}     "
+                     f"{pct(b['p_new_paraphrase'])}  {pct(a['p_new_paraphrase'])}       "
+                     f"{pct(b['p_own_neighborhood'])}  {pct(a['p_own_neighborhood'])}")
+    if len(ev["per_fact"]) > n:
+        lines.append(f"... and {len(ev['per_fact']) - n} more facts (manifest.json has them all)")
+    lines.append("")
+    lines.append("aggregate (%)              " + "  ".join(f"{k}" for k in ("efficacy", "generalization", "specificity")))
+    for fam in ("success", "acc"):
+        for when in ("before", "after"):
+            vals = [ev[when].get(f"{m}_{fam}") for m in ("efficacy", "generalization", "specificity")]
+            label = {"success": "success P(new)>P(true)", "acc": "top-1 token accuracy"}[fam]
+            lines.append(f"{label:<22} {when:<6} " + "  ".join("   -   " if v is None else f"{v:7.1f}" for v in vals))
+    return "\n".join(lines)
+
+
+@app.command("batch-edit")
+@user_errors
+def batch_edit_cmd(
+    facts: Annotated[Path, typer.Argument(help="Facts JSONL (our schema, CounterFact or zsRE records).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the edited model, delta.safetensors and manifest.json.")] = Path("edited"),
+    method: Annotated[str, typer.Option(help="memit (default), rome or alphaedit.")] = "memit",
+    covariance: Annotated[Optional[str], typer.Option(help="C (statistics, default) or identity (the plain rank-one baseline).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="auto, covedit, counterfact or zsre.")] = "auto",
+    model: Model = "smollm2-135m",
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+    module_template: Template = None,
+    hparams: Annotated[Optional[str], typer.Option(help="JSON/YAML file of hyperparameters.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override one hyperparameter, e.g. --set lam=1500 --set target.lr=0.1.")] = None,
+    stats_dir: StatsDir = None,
+    stats: Annotated[Optional[Path], typer.Option(help="Use this statistics store.")] = None,
+    build_stats: Annotated[bool, typer.Option("--build-stats", help="Build missing statistics first (embedded corpus).")] = False,
+    stats_tokens: Annotated[Optional[int], typer.Option(help="Token budget for --build-stats.")] = None,
+    base: Annotated[Optional[Path], typer.Option(help="Continue from an earlier batch-edit output (sequential edits).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --output.")] = False,
+    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the before/after evaluation.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+):
+    """Apply MEMIT / ROME / AlphaEdit edits of many facts at once and write a revertible edited model."""
+    setup_logging(quiet or as_json)
+    from pipeline.batch_edit import BatchEditConfig, run_batch_edit  # noqa: PLC0415
+
+    if method not in ("memit", "rome", "alphaedit"):
+        raise UsageError("--method must be memit, rome or alphaedit.")
+    if covariance not in (None, "C", "identity"):
+        raise UsageError("--covariance must be C or identity.")
+    summary = run_batch_edit(BatchEditConfig(
+        facts=facts, output=output, method=method, covariance=covariance, fmt=fmt, model=model, dtype=dtype,
+        device=device, module_template=module_template, hparams_file=hparams, overrides=list(set_ or []),
+        stats_dir=stats_dir, stats=stats, build_stats=build_stats, stats_tokens=stats_tokens, base=base,
+        overwrite=overwrite, evaluate=not no_eval))
+    if as_json:
+        typer.echo(json.dumps({k: v for k, v in summary.items() if k != "evaluation"} |
+                              {"evaluation": {k: v for k, v in (summary["evaluation"] or {}).items() if k != "per_fact"}},
+                              indent=2, default=str))
+        return
+    t = summary["timings"]
+    typer.echo(f"edited {summary['n_facts']} facts with {method} at layers {summary['layers']} in {t['edit_s']:.1f} s "
+               f"({t['seconds_per_fact']:.2f} s per fact; targets {t.get('targets_s', 0):.1f} s, solve {t.get('solve_s', 0):.1f} s)")
+    typer.echo(quick_look(summary))
+    typer.echo(f"\nwrote {output}/ (model, delta.safetensors, manifest.json)")
+
+
+def _delta_cmd(model: str, delta_path: Path, output: Path, dtype: str, device: str, module_template: str | None,
+               overwrite: bool, revert: bool) -> None:
+    from pipeline.delta import Delta, apply_delta, load_delta, revert_delta, write_edited_model  # noqa: PLC0415
+    from pipeline.models import load_model  # noqa: PLC0415
+
+    delta = load_delta(delta_path)
+    loaded = load_model(model, dtype, device, module_template)
+    if revert:
+        revert_delta(loaded, delta, check_model_id=False)
+        flipped = Delta(delta.layers, loaded.model_id, delta.base_hashes, delta.base_hashes, delta.meta)
+        write_edited_model(loaded, output, flipped, {"reverted": str(delta_path), "delta_meta": delta.meta},
+                           overwrite=overwrite)
+    else:
+        delta.edited_hashes = apply_delta(loaded, delta, check_model_id=loaded.model_id == delta.base_model_id)
+        write_edited_model(loaded, output, delta, {"applied": str(delta_path), "delta_meta": delta.meta},
+                           overwrite=overwrite)
+
+
+@app.command("apply-delta")
+@user_errors
+def apply_delta_cmd(delta: Annotated[Path, typer.Argument(help="delta.safetensors from batch-edit.")],
+                    output: Annotated[Path, typer.Option("--output", "-o")],
+                    model: Model = "smollm2-135m", dtype: Dtype = "float32", device: Device = "cpu",
+                    module_template: Template = None,
+                    overwrite: Annotated[bool, typer.Option("--overwrite")] = False):
+    """Apply a delta to its base model (refused if the weights are not the ones it was made for)."""
+    setup_logging(False)
+    _delta_cmd(model, delta, output, dtype, device, module_template, overwrite, revert=False)
+    typer.echo(f"applied {delta} -> {output}")
+
+
+@app.command("revert-delta")
+@user_errors
+def revert_delta_cmd(delta: Annotated[Path, typer.Argument(help="delta.safetensors from batch-edit.")],
+                     output: Annotated[Path, typer.Option("--output", "-o")],
+                     model: Annotated[str, typer.Option(help="The edited model folder.")] = ".",
+                     dtype: Dtype = "float32", device: Device = "cpu", module_template: Template = None,
+                     overwrite: Annotated[bool, typer.Option("--overwrite")] = False):
+    """Take a delta back off an edited model (refused unless the weights are exactly the edited ones)."""
+    setup_logging(False)
+    _delta_cmd(model, delta, output, dtype, device, module_template, overwrite, revert=True)
+    typer.echo(f"reverted {delta} -> {output}")
+
+
 def main() -> None:
     app()
 

@@ -269,12 +269,13 @@ def _input_folders(loaded: LoadedModel) -> list[Path]:
 
 
 def write_edited_model(loaded: LoadedModel, out_dir: Path | str, delta: Delta, manifest: dict,
-                       overwrite: bool = False) -> None:
+                       overwrite: bool = False, extra_files: dict | None = None) -> None:
     """Write the edited model, its tokenizer, the delta and the manifest as one Hugging Face folder.
 
     The model must hold exactly the delta's edited weights. Everything is written to a temporary folder next
     to ``out_dir`` and renamed into place, so a crash leaves either the old ``out_dir`` or the new one, and
     no temporary folder. With ``overwrite`` the old folder is moved aside and deleted after the rename.
+    ``extra_files`` maps a file name to a function that writes that file at the path it is given.
     """
     out_dir = Path(out_dir).expanduser()
     check_finite(delta)
@@ -305,6 +306,8 @@ def write_edited_model(loaded: LoadedModel, out_dir: Path | str, delta: Delta, m
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
         save_delta(delta, tmp / DELTA_FILE)
+        for name, write in (extra_files or {}).items():
+            write(tmp / name)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         if existed:
             aside = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))

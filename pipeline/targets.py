@@ -174,7 +174,7 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _block_outputs(loaded: LoadedModel, facts: list, layer: int, batch_rows: int) -> torch.Tensor:
+def block_outputs(loaded: LoadedModel, facts: list, layer: int, batch_rows: int) -> torch.Tensor:
     """h: output of block ``layer`` at the subject's last token of each bare rewrite prompt, float32."""
     out = []
     for lo in range(0, len(facts), batch_rows):
@@ -219,7 +219,7 @@ def compute_targets(loaded: LoadedModel, facts: list, layer: int, hp: TargetHPar
     per_fact = len(templates) + 1
     facts_per_chunk = max(1, max_rows // per_fact)
     pad_id = _pad_id(loaded.tokenizer)
-    h = _block_outputs(loaded, facts, layer, max_rows)
+    h = block_outputs(loaded, facts, layer, max_rows)
     h_norm = h.norm(dim=1)
     max_norm = hp.clamp_norm_factor * h_norm
 

@@ -1,0 +1,199 @@
+"""``batch-edit``: facts file in, edited model + revertible delta + manifest out.
+
+Order matters and is the point of this file: everything that can fail on the user's input (facts,
+hyperparameters, output folder, statistics) is checked before anything is computed, the edit runs on an
+in-memory copy, NaN/Inf abort before anything is written, and the output appears atomically.
+
+Sequential editing: ``--base previous-output/`` loads the edited model of an earlier run, keeps using the
+statistics of the original model, and (for AlphaEdit) carries the keys of all earlier batches forward.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline import hparams as hparams_mod
+from pipeline.delta import make_and_apply_delta, write_edited_model
+from pipeline.edit import alphaedit_projectors, run_memit, run_rome, templates_for
+from pipeline.errors import CannotWrite, MissingInput, UsageError
+from pipeline.evaluate import aggregate, fact_metrics
+from pipeline.facts import facts_sha256, read_facts
+from pipeline.models import load_model
+from stats.store import StatsStore, default_stats_dir, find_store
+
+log = logging.getLogger(__name__)
+
+ALPHAEDIT_KEYS = "alphaedit_keys.safetensors"
+
+
+@dataclass
+class BatchEditConfig:
+    facts: Path
+    output: Path
+    method: str = "memit"
+    covariance: str | None = None  # None: the method's hyperparameter (C), or "identity"
+    fmt: str = "auto"
+    model: str = "smollm2-135m"
+    dtype: str = "float32"
+    device: str = "cpu"
+    module_template: str | None = None
+    hparams_file: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    stats_dir: Path | None = None
+    stats: Path | None = None  # an explicit store
+    build_stats: bool = False
+    stats_tokens: int | None = None
+    base: Path | None = None
+    overwrite: bool = False
+    evaluate: bool = True
+
+
+def _check_output(cfg: BatchEditConfig) -> None:
+    out = cfg.output
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
+        raise CannotWrite(f"Output folder {out} exists and is not empty: choose another --output or pass --overwrite.")
+    parent = out.resolve().parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CannotWrite(f"Cannot create {out}: {probe} is not a folder.")
+
+
+def _base_manifest(base: Path) -> dict:
+    path = base / "manifest.json"
+    if not path.exists():
+        raise MissingInput(f"--base {base} holds no manifest.json: it is not a covedit output folder.")
+    return json.loads(path.read_text())
+
+
+def stats_command(model: str, layers: list[int]) -> str:
+    return f"covedit build-stats --model {model} --layers {','.join(map(str, layers))}"
+
+
+def load_covariances(cfg: BatchEditConfig, model_id: str, module: str, layers: list[int], model_arg: str
+                     ) -> tuple[dict[int, torch.Tensor], dict]:
+    """C = sum / count per layer from a complete store; a clear MissingInput naming the command if none."""
+    stats_dir = cfg.stats_dir or default_stats_dir()
+    if cfg.stats is not None:
+        store = StatsStore.open(cfg.stats)
+        if store.key.get("model_id") != model_id:
+            raise UsageError(f"--stats {cfg.stats} was built for {store.key.get('model_id')}, not {model_id}.")
+    else:
+        store = _find_any(stats_dir, model_id, module, layers)
+        if store is None and cfg.build_stats:
+            from stats.corpus import CorpusSpec  # noqa: PLC0415
+            from stats.distributed import StatsJob, build_stats  # noqa: PLC0415
+
+            log.info("no statistics for layers %s yet: building them (--build-stats)", layers)
+            build_stats(StatsJob(model=model_arg, layers=tuple(layers), corpus=CorpusSpec(), tokens=cfg.stats_tokens,
+                                 dtype="float32", device=cfg.device, module_template=cfg.module_template,
+                                 stats_dir=str(stats_dir)), show_progress=True)
+            store = _find_any(stats_dir, model_id, module, layers)
+        if store is None:
+            raise MissingInput(f"No statistics for {model_id} layers {layers} in {stats_dir}: run "
+                               f"`{stats_command(model_arg, layers)}` first, or pass --build-stats.")
+    missing = [layer for layer in layers if layer not in store.layers]
+    if missing:
+        raise UsageError(f"The statistics store {store.path} has no layers {missing}.")
+    covs = {layer: torch.from_numpy(store.covariance(layer)) for layer in layers}
+    return covs, {"path": str(store.path), "key": store.key}
+
+
+def _find_any(stats_dir: Path, model_id: str, module: str, layers: list[int]) -> StatsStore | None:
+    """The complete store with the most tokens for this model and module covering ``layers``."""
+    from stats.store import list_stores  # noqa: PLC0415
+
+    best = None
+    for info in list_stores(stats_dir):
+        key = info.get("key") or {}
+        if (info.get("complete") and key.get("model_id") == model_id and key.get("module") == module
+                and set(layers) <= set(key.get("layers", []))):
+            if best is None or (info.get("tokens") or 0) > (best.get("tokens") or 0):
+                best = info
+    return StatsStore.open(best["path"]) if best else None
+
+
+def run_batch_edit(cfg: BatchEditConfig) -> dict:
+    """The whole edit stage; returns the summary that also goes into manifest.json."""
+    clock = time.perf_counter
+    t_start = clock()
+    if not cfg.facts.exists():
+        raise MissingInput(f"Facts file {cfg.facts} does not exist.")
+    _check_output(cfg)
+    base_manifest = _base_manifest(cfg.base) if cfg.base else None
+    loaded = load_model(str(cfg.base) if cfg.base else cfg.model, cfg.dtype, cfg.device, cfg.module_template)
+    original_model_id = base_manifest["original_model_id"] if base_manifest else loaded.model_id
+    model_arg = base_manifest["original_model"] if base_manifest else cfg.model
+    facts = read_facts(cfg.facts, cfg.fmt, loaded.tokenizer)
+    hp = hparams_mod.load_hparams(cfg.method, loaded.model.config.model_type, loaded.num_layers,
+                                  cfg.hparams_file, list(cfg.overrides))
+    if cfg.covariance is not None:
+        if cfg.method == "alphaedit":
+            raise UsageError("--covariance does not apply to alphaedit, which needs C for its null space.")
+        hp.covariance = cfg.covariance
+    layers = [hp.layer] if cfg.method == "rome" else list(hp.layers)
+    loaded.check_layers(layers)
+    use_c = cfg.method == "alphaedit" or hp.covariance == "C"
+    covs, stats_info = (load_covariances(cfg, original_model_id, loaded.arch.template(), layers, model_arg)
+                        if use_c else (None, None))
+    prev_keys: dict[int, torch.Tensor] = {}
+    if cfg.method == "alphaedit" and cfg.base and (cfg.base / ALPHAEDIT_KEYS).exists():
+        prev_keys = {int(k.split(".")[1]): v for k, v in load_file(str(cfg.base / ALPHAEDIT_KEYS)).items()}
+
+    before = fact_metrics(loaded, facts) if cfg.evaluate else None
+    t_eval = clock() - t_start
+    originals = {layer: loaded.down_weight(layer).detach().clone() for layer in layers}
+    templates = templates_for(loaded, hp)
+    t0 = clock()
+    if cfg.method == "rome":
+        outcome = run_rome(loaded, facts, hp.layer, covs[hp.layer] if covs else None, hp.target, templates, clock)
+    elif cfg.method == "memit":
+        outcome = run_memit(loaded, facts, layers, covs, hp.lam, hp.target, templates, clock)
+    else:
+        projectors = alphaedit_projectors(covs, hp.null_space_threshold)
+        outcome = run_memit(loaded, facts, layers, None, 0.0, hp.target, templates, clock,
+                            alphaedit={"P": projectors, "prev_keys": prev_keys, "alpha": hp.alpha})
+    edit_seconds = clock() - t0
+    # Put the weights back and apply the delta exactly as `apply-delta` would, so the written model, the
+    # delta and its hashes agree bit for bit (the in-loop sums differ from it only in rounding).
+    with torch.no_grad():
+        for layer, W in originals.items():
+            loaded.down_weight(layer).copy_(W)
+    meta = {"method": cfg.method, "facts_sha256": facts_sha256(cfg.facts), "n_facts": len(facts)}
+    delta = make_and_apply_delta(loaded, outcome.factors, meta)
+    t1 = clock()
+    after = fact_metrics(loaded, facts) if cfg.evaluate else None
+    eval_seconds = t_eval + (clock() - t1)
+
+    summary = {
+        "method": cfg.method, "facts_file": str(cfg.facts), "facts_sha256": meta["facts_sha256"], "n_facts": len(facts),
+        "model": loaded.model_id, "original_model": model_arg, "original_model_id": original_model_id,
+        "base": str(cfg.base) if cfg.base else None, "hparams": hparams_mod.to_dict(hp), "stats": stats_info,
+        "layers": layers, "original_weight_hashes": delta.base_hashes, "edited_weight_hashes": delta.edited_hashes,
+        "timings": {"edit_s": edit_seconds, "seconds_per_fact": edit_seconds / max(1, len(facts)),
+                    "eval_s": eval_seconds, "total_s": clock() - t_start, **outcome.timings},
+        "targets": outcome.target_info,
+        "evaluation": ({"before": aggregate(before), "after": aggregate(after),
+                        "per_fact": [{"id": b["id"], "before": b, "after": a} for b, a in zip(before, after)]}
+                       if cfg.evaluate else None),
+        "update_norms": {str(layer): float((u.double() @ d.double()).norm()) for layer, (u, d) in outcome.factors.items()},
+    }
+    extra = {}
+    if cfg.method == "alphaedit":
+        carried = {layer: torch.cat([prev_keys[layer], outcome.keys[layer]]) if layer in prev_keys else outcome.keys[layer]
+                   for layer in layers}
+        extra[ALPHAEDIT_KEYS] = carried
+        summary["alphaedit_carried_keys"] = {str(k): int(v.shape[0]) for k, v in carried.items()}
+    write_edited_model(loaded, cfg.output, delta, summary, overwrite=cfg.overwrite,
+                       extra_files={name: (lambda path, t=tensors: save_file(
+                           {f"layer.{k}.keys": v.contiguous() for k, v in t.items()}, str(path)))
+                           for name, tensors in extra.items()})
+    return summary

@@ -1,0 +1,141 @@
+"""The edit methods end to end on a loaded model: targets, keys, residuals, layer by layer.
+
+The closed-form solves live in ``memit.py`` (MEMIT, AlphaEdit) and ``rome.py``; this file is the loop
+around them that the papers describe:
+
+* MEMIT: targets z at the top edited layer for all facts at once; then for layers l₁ < … < l_L bottom-up,
+  keys K at lᵢ, residual R = z − h (h recomputed after each layer's update, so later layers only fix what
+  earlier ones left), Δᵢ = (R / (L − i)) Kᵀ (λC + K Kᵀ)⁻¹.
+* AlphaEdit: the same loop, with the update projected onto the null space of C and the keys of earlier
+  batches (``prev_keys``) kept fixed, so sequential batches do not undo each other.
+* ROME: one fact, one layer: u = C⁻¹k*, ΔW = (v* − W k*) uᵀ / (uᵀ k*) with the same averaged k* in both
+  places, v* = W k_bare + δ.
+
+Every update is applied to the model in place as it is computed (later layers must see it) and returned as
+low-rank factors, so the caller can write a revertible delta or take it back off.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.delta import add_low_rank
+from pipeline.errors import DataError
+from pipeline.keys import compute_keys, context_templates
+from pipeline.memit import alphaedit_solve, memit_solve, null_space_projector
+from pipeline.models import LoadedModel
+from pipeline.rome import rome_update
+from pipeline.targets import block_outputs, compute_targets
+
+log = logging.getLogger(__name__)
+
+Factors = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (up (d_model, r), down (r, d_ff))
+
+
+@dataclass
+class EditOutcome:
+    factors: Factors
+    keys: dict[int, torch.Tensor]  # layer -> (n, d_ff) keys of these facts (AlphaEdit carries them forward)
+    timings: dict[str, float] = field(default_factory=dict)
+    target_info: dict = field(default_factory=dict)
+
+
+def _apply(loaded: LoadedModel, layer: int, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add up @ down to layer's W in place (later layers must see it); return the float32 CPU factors."""
+    up32, down32 = up.float().cpu(), down.float().cpu()
+    if not (torch.isfinite(up32).all() and torch.isfinite(down32).all()):
+        raise DataError(f"The update of layer {layer} has NaN or Inf entries: nothing was written. "
+                        "Try a larger λ, fewer facts per batch, or check the statistics.")
+    add_low_rank(loaded.down_weight(layer), up32, down32)
+    return up32, down32
+
+
+def _keys(loaded, layer, facts, templates) -> torch.Tensor:
+    return compute_keys(loaded, [layer], [f.prompt for f in facts], [f.subject for f in facts], templates)[layer]
+
+
+def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: dict[int, torch.Tensor] | None,
+              lam: float, target_hp, templates: list[str], clock: Callable[[], float],
+              alphaedit: dict | None = None) -> EditOutcome:
+    """MEMIT (or AlphaEdit when ``alphaedit`` = {"P": {layer: P}, "prev_keys": {layer: K}, "alpha": a})."""
+    layers = sorted(layers)
+    t0 = clock()
+    result = compute_targets(loaded, facts, layers[-1], target_hp, templates)
+    timings = {"targets_s": clock() - t0}
+    z = result.z.double()
+    factors: Factors = {}
+    keys_out: dict[int, torch.Tensor] = {}
+    t1 = clock()
+    for i, layer in enumerate(layers):
+        K = _keys(loaded, layer, facts, templates).double().T  # (d_ff, n)
+        keys_out[layer] = K.T.float().cpu()
+        h = block_outputs(loaded, facts, layers[-1], 64).double()
+        R = ((z.to(h.device) - h) / (len(layers) - i)).T  # (d_model, n)
+        K, R = K.to(loaded.device), R.to(loaded.device)
+        if alphaedit is None:
+            C = covariances[layer].to(loaded.device) if covariances is not None else torch.eye(K.shape[0], dtype=torch.float64, device=K.device)
+            up, down = memit_solve(K, R, C, lam)
+        else:
+            prev = alphaedit["prev_keys"].get(layer)
+            C_prev = (prev.double().T @ prev.double()).to(loaded.device) if prev is not None and len(prev) else None
+            up, down = alphaedit_solve(K, R, alphaedit["P"][layer].to(loaded.device), C_prev, alphaedit["alpha"])
+        factors[layer] = _apply(loaded, layer, up, down)
+        log.info("layer %d: update norm %.3g, mean residual norm %.3g", layer,
+                 float((up.double() @ down.double()).norm()), float(R.norm(dim=0).mean()))
+    timings["solve_s"] = clock() - t1
+    info = {"nll_before": result.nll_before.tolist(), "nll_after": result.nll_after.tolist(),
+            "steps": result.steps_taken.tolist()}
+    return EditOutcome(factors, keys_out, timings, info)
+
+
+def alphaedit_projectors(covariances: dict[int, torch.Tensor], threshold: float) -> dict[int, torch.Tensor]:
+    return {layer: null_space_projector(C, threshold) for layer, C in covariances.items()}
+
+
+def run_rome(loaded: LoadedModel, facts: list, layer: int, covariance: torch.Tensor | None, target_hp,
+             templates: list[str], clock: Callable[[], float]) -> EditOutcome:
+    """ROME, one fact after another (each sees the previous edits), rank one each."""
+    factors: Factors = {}
+    keys_out = []
+    timings = {"targets_s": 0.0, "solve_s": 0.0}
+    infos = []
+    for fact in facts:
+        t0 = clock()
+        result = compute_targets(loaded, [fact], layer, target_hp, templates)
+        timings["targets_s"] += clock() - t0
+        t1 = clock()
+        k_star = _keys(loaded, layer, [fact], templates)[0].double()
+        k_bare = _keys(loaded, layer, [fact], ["{}"])[0].double()
+        W = loaded.down_weight(layer).double()
+        delta = (result.z - result.h)[0].double().to(W.device)
+        v_star = W @ k_bare.to(W.device) + delta
+        C = covariance.to(W.device) if covariance is not None else None
+        up, down = rome_update(W, k_star.to(W.device), v_star, C)
+        up, down = _apply(loaded, layer, up, down)
+        if layer in factors:
+            old_up, old_down = factors[layer]
+            factors[layer] = (torch.cat([old_up, up], 1), torch.cat([old_down, down], 0))
+        else:
+            factors[layer] = (up, down)
+        keys_out.append(k_star.float().cpu())
+        timings["solve_s"] += clock() - t1
+        infos.append({"nll_before": result.nll_before.tolist()[0], "nll_after": result.nll_after.tolist()[0]})
+    return EditOutcome(factors, {layer: torch.stack(keys_out)}, timings,
+                       {"nll_before": [i["nll_before"] for i in infos], "nll_after": [i["nll_after"] for i in infos]})
+
+
+def templates_for(loaded: LoadedModel, hp) -> list[str]:
+    """The context templates of a method's hyperparameters: "{}" plus generated prefixes of each length.
+
+    As MEMIT: ``n_templates`` prefixes per length in all, spread over the five starter words.
+    """
+    out = ["{}"]
+    for length in hp.template_lengths:
+        for t in context_templates(loaded, max(1, hp.n_templates // 5), length):
+            if t not in out:
+                out.append(t)
+    return out
