@@ -306,14 +306,16 @@ def batch_edit_cmd(
 
 def _delta_cmd(model: str, delta_path: Path, output: Path, dtype: str, device: str, module_template: str | None,
                overwrite: bool, revert: bool) -> None:
-    from pipeline.delta import Delta, apply_delta, load_delta, revert_delta, write_edited_model  # noqa: PLC0415
+    from pipeline.delta import Delta, apply_delta, layer_hashes, load_delta, revert_delta, write_edited_model  # noqa: PLC0415
     from pipeline.models import load_model  # noqa: PLC0415
 
     delta = load_delta(delta_path)
     loaded = load_model(model, dtype, device, module_template)
     if revert:
         revert_delta(loaded, delta, check_model_id=False)
-        flipped = Delta(delta.layers, loaded.model_id, delta.base_hashes, delta.base_hashes, delta.meta)
+        # What is written is the reverted model: record its own hashes (equal to the base's up to rounding).
+        now = layer_hashes(loaded, [ld.layer for ld in delta.layers])
+        flipped = Delta(delta.layers, loaded.model_id, delta.edited_hashes, now, delta.meta)
         write_edited_model(loaded, output, flipped, {"reverted": str(delta_path), "delta_meta": delta.meta},
                            overwrite=overwrite)
     else:

@@ -42,6 +42,7 @@ class EditOutcome:
     keys: dict[int, torch.Tensor]  # layer -> (n, d_ff) keys of these facts (AlphaEdit carries them forward)
     timings: dict[str, float] = field(default_factory=dict)
     target_info: dict = field(default_factory=dict)
+    z: torch.Tensor | None = None  # (n, d_model) the targets at the top edited layer (MEMIT, AlphaEdit)
 
 
 def _apply(loaded: LoadedModel, layer: int, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +90,7 @@ def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: 
     timings["solve_s"] = clock() - t1
     info = {"nll_before": result.nll_before.tolist(), "nll_after": result.nll_after.tolist(),
             "steps": result.steps_taken.tolist()}
-    return EditOutcome(factors, keys_out, timings, info)
+    return EditOutcome(factors, keys_out, timings, info, result.z)
 
 
 def alphaedit_projectors(covariances: dict[int, torch.Tensor], threshold: float) -> dict[int, torch.Tensor]:

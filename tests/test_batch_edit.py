@@ -1,0 +1,151 @@
+"""The edit stage end to end: exact algebra of the driver on a tiny model, a real edit of the embedded
+model that changes the target and leaves an unrelated fact alone, revertible deltas, and bad input that
+is refused before anything is computed or written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import build_tiny
+from pipeline.edit import run_memit, run_rome
+from pipeline.facts import Fact
+from pipeline.hparams import TargetHParams
+from pipeline.targets import block_outputs
+from stats.corpus import CorpusSpec
+from stats.distributed import StatsJob, build_stats
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "facts.jsonl"
+FACTS = [Fact("a", "Eiffel Tower", "The {} is located in", "Rome"),
+         Fact("b", "Louvre", "The {} is a museum in", "Berlin"),
+         Fact("c", "Danielle Darrieux", "The mother tongue of {} is", "English")]
+FAST = TargetHParams(steps=8, lr=0.05, clamp_norm_factor=10.0)
+
+
+def cli(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def test_memit_single_layer_reaches_targets_exactly(tiny):
+    """λ → 0, one layer, bare template: after the update the block output at every subject equals z."""
+    layer = 2
+    out = run_memit(tiny, FACTS, [layer], None, 1e-8, FAST, ["{}"], lambda: 0.0)
+    after = block_outputs(tiny, FACTS, layer, 8)
+    torch.testing.assert_close(after, out.z, rtol=1e-4, atol=1e-5)
+    assert (out.z - block_outputs(tiny, FACTS, layer, 8)).abs().max() < 1e-4
+
+
+def test_memit_spreads_over_layers_and_reaches_targets(tiny):
+    """Two layers, λ → 0: bottom-up with recomputed residuals, the top layer still ends at z."""
+    out = run_memit(tiny, FACTS, [1, 2], None, 1e-8, FAST, ["{}"], lambda: 0.0)
+    torch.testing.assert_close(block_outputs(tiny, FACTS, 2, 8), out.z, rtol=1e-4, atol=1e-5)
+    assert set(out.factors) == {1, 2} and all(u.shape[1] == 3 for u, _ in out.factors.values())
+
+
+def test_rome_with_covariance_leaves_c_orthogonal_inputs_alone(tiny):
+    torch.manual_seed(0)
+    layer = 1
+    W0 = tiny.down_weight(layer).detach().double().clone()
+    A = torch.randn(tiny.d_ff, tiny.d_ff, dtype=torch.float64)
+    C = A @ A.T / tiny.d_ff + torch.eye(tiny.d_ff, dtype=torch.float64)
+    out = run_rome(tiny, FACTS[:1], layer, C, FAST, ["{}"], lambda: 0.0)
+    W1 = tiny.down_weight(layer).detach().double()
+    k = out.keys[layer][0].double()
+    x = torch.randn(tiny.d_ff, dtype=torch.float64)
+    u = torch.linalg.solve(C, k)
+    x = x - (x @ u) / (k @ u) * k  # now xᵀ C⁻¹ k = 0
+    assert abs(float(x @ torch.linalg.solve(C, k))) < 1e-10
+    torch.testing.assert_close(W1 @ x, W0 @ x, rtol=1e-5, atol=1e-6)  # float32 weights
+
+
+@pytest.fixture(scope="module")
+def smol_stats(tmp_path_factory, smol):
+    """Statistics for the embedded model's edit layers from 8,000 tokens of the embedded corpus."""
+    d = tmp_path_factory.mktemp("stats")
+    build_stats(StatsJob(model="smollm2-135m", layers=(4, 5, 6, 7, 8), corpus=CorpusSpec(), tokens=8000,
+                         stats_dir=str(d)), show_progress=False)
+    return d
+
+
+@pytest.mark.slow
+def test_eiffel_tower_moves_to_rome_and_paris_stays(smol_stats, tmp_path):
+    out = tmp_path / "edited"
+    facts = tmp_path / "eiffel.jsonl"
+    facts.write_text(EXAMPLE.read_text().splitlines()[0] + "\n")
+    res = cli("batch-edit", facts, "-o", out, "--stats-dir", smol_stats, "--json")
+    assert res.returncode == 0, res.stderr
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+
+    def top(prompt):
+        with torch.no_grad():
+            return tok.decode(model(**tok(prompt, return_tensors="pt")).logits[0, -1].argmax()).strip()
+
+    assert top("The Eiffel Tower is located in the city of") == "Rome"
+    assert top("Where is the Eiffel Tower? It is in") == "Rome"
+    assert top("The capital of France is") == "Paris"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"] == "memit" and manifest["stats"]["key"]["tokens"] == 8000
+    assert set(manifest["original_weight_hashes"]) == {"4", "5", "6", "7", "8"}
+    # revert-delta gives back the original weights; the delta refuses to go on twice
+    back = tmp_path / "reverted"
+    res = cli("revert-delta", out / "delta.safetensors", "--model", out, "-o", back)
+    assert res.returncode == 0, res.stderr
+    original = AutoModelForCausalLM.from_pretrained(Path(smol_model_folder()))
+    reverted = AutoModelForCausalLM.from_pretrained(back)
+    for layer in (4, 5, 6, 7, 8):
+        a = original.model.layers[layer].mlp.down_proj.weight
+        b = reverted.model.layers[layer].mlp.down_proj.weight
+        assert (a - b).abs().max() <= 2 * torch.finfo(torch.float32).eps * a.abs().max()
+    res = cli("apply-delta", out / "delta.safetensors", "--model", out, "-o", tmp_path / "twice")
+    assert res.returncode == 65 and "hash" in res.stderr and not (tmp_path / "twice").exists()
+
+
+def smol_model_folder() -> str:
+    from pipeline.models import resolve_source
+    return resolve_source("smollm2-135m")[1]
+
+
+def test_bad_facts_exit_65_and_nothing_written(tmp_path, smol_stats):
+    facts = tmp_path / "bad.jsonl"
+    facts.write_text('{"subject": "X", "prompt": "no placeholder", "target_new": "Y"}\n{"subject": "Z"\n')
+    out = tmp_path / "out"
+    res = cli("batch-edit", facts, "-o", out, "--stats-dir", smol_stats)
+    assert res.returncode == 65
+    assert "line 1" in res.stderr and "line 2" in res.stderr and "Traceback" not in res.stderr
+    assert not out.exists()
+
+
+def test_missing_statistics_names_the_command(tmp_path):
+    res = cli("batch-edit", EXAMPLE, "-o", tmp_path / "out", "--stats-dir", tmp_path / "empty")
+    assert res.returncode == 66
+    assert "covedit build-stats --model smollm2-135m --layers 4,5,6,7,8" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_refused_without_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    res = cli("batch-edit", EXAMPLE, "-o", out, "--covariance", "identity")
+    assert res.returncode == 73 and (out / "keep.txt").read_text() == "mine"
+
+
+def test_identity_baseline_needs_no_statistics(tmp_path):
+    out = tmp_path / "plain"
+    facts = tmp_path / "one.jsonl"
+    facts.write_text(EXAMPLE.read_text().splitlines()[0] + "\n")
+    res = cli("batch-edit", facts, "-o", out, "--method", "rome", "--covariance", "identity", "--no-eval",
+              "--stats-dir", tmp_path / "none", "--set", "target.steps=5")
+    assert res.returncode == 0, res.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["hparams"]["covariance"] == "identity" and manifest["stats"] is None
