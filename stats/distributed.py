@@ -206,11 +206,12 @@ def build_stats(job: StatsJob, workers: int = 1, scheduler: str | None = None, s
     if shard and shard[1] != n_shards:
         raise UsageError(f"--shard {shard[0]}/{shard[1]}: this store was planned with {n_shards} shards.")
 
+    processed = [0]  # tokens counted by this invocation, for an honest tokens/s
+
     def result(status: str) -> BuildResult:
         wall = time.monotonic() - t0
-        tokens = plan.tokens
-        return BuildResult(str(store.path), status, sorted(job.layers), tokens, wall,
-                           tokens / wall if wall > 0 and status not in ("cached",) else 0.0, plan.exhausted, store.key)
+        return BuildResult(str(store.path), status, sorted(job.layers), plan.tokens, wall,
+                           processed[0] / wall if wall > 0 else 0.0, plan.exhausted, store.key)
 
     if store.is_complete():
         return result("cached")
@@ -219,19 +220,21 @@ def build_stats(job: StatsJob, workers: int = 1, scheduler: str | None = None, s
             store.finalize(n_shards)
             return result("reduced")
         todo = [shard[0]] if shard else [i for i in range(n_shards) if i not in store.finished_shards(n_shards)]
-        resumed = any(store.load_checkpoint(i, n_shards) is not None for i in todo)
+        already = {i: _shard_tokens(store, i, n_shards) for i in range(n_shards)}
+        resumed = any(already[i] for i in todo)
         bar = tqdm(total=plan.tokens, unit="tok", unit_scale=True, desc="build-stats", disable=not show_progress,
                    smoothing=0.1)
-        done_tokens = sum(_shard_tokens(store, i, n_shards) for i in range(n_shards) if i not in todo)
-        bar.update(done_tokens)
+        bar.update(sum(already.values()))
+
+        def progress(n: int) -> None:
+            processed[0] += n
+            bar.update(n)
+
         if scheduler or workers > 1:
-            _run_dask(job, store, todo, n_shards, workers, scheduler, bar)
+            _run_dask(job, store, todo, n_shards, workers, scheduler, progress)
         else:
             for i in todo:
-                saved = store.load_checkpoint(i, n_shards)
-                if saved is not None:
-                    bar.update(saved[2]["tokens"])
-                run_shard(job, str(store.path), i, n_shards, progress=bar.update, threads=job.threads)
+                run_shard(job, str(store.path), i, n_shards, progress=progress, threads=job.threads)
         bar.close()
         if shard:
             return result("shard-done")
@@ -240,19 +243,19 @@ def build_stats(job: StatsJob, workers: int = 1, scheduler: str | None = None, s
 
 
 def _shard_tokens(store: StatsStore, shard: int, n_shards: int) -> int:
-    saved = store.load_checkpoint(shard, n_shards)
-    return saved[2]["tokens"] if saved else 0
+    """Tokens a shard has checkpointed (its record only; the arrays are not read)."""
+    info = store.checkpoint_position(shard, n_shards)
+    return info["tokens"] if info else 0
 
 
 def _run_dask(job: StatsJob, store: StatsStore, todo: list[int], n_shards: int, workers: int,
-              scheduler: str | None, bar) -> None:
+              scheduler: str | None, progress) -> None:
     """Run the shards as dask tasks; SIGUSR1/SIGTERM on the coordinator cancels them after a checkpoint."""
     from distributed import Client, Event, LocalCluster, wait  # noqa: PLC0415
 
     if scheduler:
         client, cluster = Client(scheduler), None
     else:
-        cores = os.cpu_count() or 1
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
         client = Client(cluster)
     threads = job.threads or (max(1, (os.cpu_count() or 1) // max(1, workers)) if not scheduler else None)
@@ -262,12 +265,12 @@ def _run_dask(job: StatsJob, store: StatsStore, todo: list[int], n_shards: int, 
         futures = [client.submit(_dask_shard, job, str(store.path), i, n_shards, threads, stop_event.name,
                                  key=f"covedit-shard-{store.key_hash}-{i}-of-{n_shards}", retries=3, pure=False)
                    for i in todo]
-        seen = 0
+        seen = sum(_shard_tokens(store, i, n_shards) for i in todo)
         while not all(f.done() for f in futures):
             time.sleep(0.5)
-            now = sum(_shard_tokens_light(store, i, n_shards) for i in todo)
+            now = sum(_shard_tokens(store, i, n_shards) for i in todo)
             if now > seen:
-                bar.update(now - seen)
+                progress(now - seen)
                 seen = now
             if STOP.is_set():
                 stop_event.set()
@@ -275,15 +278,11 @@ def _run_dask(job: StatsJob, store: StatsStore, todo: list[int], n_shards: int, 
                 raise Interrupted("Interrupted after the shards checkpointed: rerun the same command to resume.")
         for f in futures:
             f.result()  # re-raise the first failure after retries
+        progress(sum(_shard_tokens(store, i, n_shards) for i in todo) - seen)
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
-
-
-def _shard_tokens_light(store: StatsStore, shard: int, n_shards: int) -> int:
-    info = store.checkpoint_position(shard, n_shards)
-    return info["tokens"] if info else 0
 
 
 def _dask_shard(job: StatsJob, path: str, shard: int, n_shards: int, threads: int | None, stop_name: str) -> dict:

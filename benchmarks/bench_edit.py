@@ -1,0 +1,146 @@
+"""Speed and quality of the edit stage on the embedded model with real zsRE facts.
+
+Measured in one run:
+
+1. Target optimisation for the same facts, batched (all facts share each forward pass) against one fact
+   at a time (the reference code's way): wall time and how well the targets are reached.
+2. MEMIT in one batch at several sizes (default 10, 100, 1000): seconds per edit, and the zsRE metrics
+   (teacher-forced top-1 token accuracy) before and after: efficacy on the question, generalisation on
+   its paraphrase, specificity on an unrelated Natural Questions prompt (protocol: one batch, then
+   measure; the model is reloaded for every size).
+
+    python benchmarks/bench_edit.py --stats-dir ~/.cache/covedit/stats --sizes 10,100 --compare 100
+    python benchmarks/bench_edit.py --set lam=150 --sizes 1000      # a hyperparameter variant
+
+Statistics must exist (``covedit build-stats``) or pass ``--build-stats-tokens N``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.batch_edit import BatchEditConfig, run_batch_edit  # noqa: E402
+from pipeline.edit import templates_for  # noqa: E402
+from pipeline.facts import from_zsre  # noqa: E402
+from pipeline.hparams import load_hparams  # noqa: E402
+from pipeline.models import load_model  # noqa: E402
+from pipeline.targets import compute_targets  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "zsre_eval_sample.jsonl"
+
+
+def zsre_facts(path: Path, n: int) -> list:
+    """The first n zsRE records with distinct (subject, question), in file order."""
+    facts, seen = [], set()
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        rec = json.loads(line)
+        fact = from_zsre(rec, line_no)
+        key = (fact.subject, fact.prompt)
+        if key in seen:
+            continue
+        seen.add(key)
+        facts.append(fact)
+        if len(facts) == n:
+            break
+    if len(facts) < n:
+        raise SystemExit(f"{path} has only {len(facts)} distinct facts, {n} asked for")
+    return facts
+
+
+def write_facts(facts: list, path: Path) -> None:
+    with open(path, "w") as f:
+        for fact in facts:
+            d = dataclasses.asdict(fact)
+            d.pop("line")
+            d["neighborhood"] = [dict(n) for n in d["neighborhood"]]
+            f.write(json.dumps(d) + "\n")
+
+
+def compare_target_optimisation(model: str, facts: list, overrides: list[str]) -> dict:
+    loaded = load_model(model)
+    hp = load_hparams("memit", loaded.model.config.model_type, loaded.num_layers, None, overrides)
+    templates = templates_for(loaded, hp)
+    layer = hp.layers[-1]
+    t = time.perf_counter()
+    batched = compute_targets(loaded, facts, layer, hp.target, templates)
+    t_batched = time.perf_counter() - t
+    t = time.perf_counter()
+    singles = [compute_targets(loaded, [f], layer, hp.target, templates) for f in facts]
+    t_single = time.perf_counter() - t
+    nll_single = torch.cat([s.nll_after for s in singles])
+    z_single = torch.cat([s.z for s in singles])
+
+    def reached(nll):  # share of facts whose target the optimised δ makes likely (P > 0.5 per token)
+        return 100 * float((nll < 0.693).float().mean())
+
+    return {"facts": len(facts), "layer": layer, "batched_s": t_batched, "one_at_a_time_s": t_single,
+            "speedup": t_single / t_batched,
+            "batched_mean_p_target": float(torch.exp(-batched.nll_after).mean()),
+            "one_at_a_time_mean_p_target": float(torch.exp(-nll_single).mean()),
+            "batched_reached_pct": reached(batched.nll_after), "one_at_a_time_reached_pct": reached(nll_single),
+            "max_z_difference_rel": float(((batched.z - z_single).norm(dim=1) / z_single.norm(dim=1)).max())}
+
+
+def edit_at_size(model: str, facts: list, stats_dir: Path | None, overrides: list[str], tokens: int | None) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "facts.jsonl"
+        write_facts(facts, path)
+        summary = run_batch_edit(BatchEditConfig(facts=path, output=Path(d) / "out", model=model, stats_dir=stats_dir,
+                                                 overrides=overrides, build_stats=tokens is not None,
+                                                 stats_tokens=tokens))
+    ev = summary["evaluation"]
+    return {"facts": len(facts), "seconds_per_edit": summary["timings"]["seconds_per_fact"],
+            "edit_s": summary["timings"]["edit_s"], "targets_s": summary["timings"].get("targets_s"),
+            "solve_s": summary["timings"].get("solve_s"), "eval_s": summary["timings"]["eval_s"],
+            "before": ev["before"], "after": ev["after"], "hparams": summary["hparams"],
+            "stats_tokens": (summary["stats"] or {}).get("key", {}).get("tokens")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--stats-dir", type=Path)
+    ap.add_argument("--build-stats-tokens", type=int)
+    ap.add_argument("--sizes", default="10,100,1000")
+    ap.add_argument("--compare", type=int, default=100, help="facts for batched vs one-at-a-time (0 to skip)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    results: dict = {"model": args.model, "overrides": args.overrides, "threads": torch.get_num_threads()}
+    if args.compare:
+        c = compare_target_optimisation(args.model, zsre_facts(args.data, args.compare), args.overrides)
+        results["targets"] = c
+        print(f"target optimisation, {c['facts']} facts at layer {c['layer']}: batched {c['batched_s']:.1f} s, "
+              f"one at a time {c['one_at_a_time_s']:.1f} s ({c['speedup']:.1f}x); mean P(target) "
+              f"{c['batched_mean_p_target']:.3f} vs {c['one_at_a_time_mean_p_target']:.3f}; reached "
+              f"{c['batched_reached_pct']:.1f} % vs {c['one_at_a_time_reached_pct']:.1f} %", flush=True)
+    results["sizes"] = []
+    for n in [int(x) for x in args.sizes.split(",") if x]:
+        r = edit_at_size(args.model, zsre_facts(args.data, n), args.stats_dir, args.overrides, args.build_stats_tokens)
+        results["sizes"].append(r)
+        b, a = r["before"], r["after"]
+        print(f"MEMIT {n} facts: {r['seconds_per_edit']:.2f} s/edit (targets {r['targets_s']:.0f} s, solve "
+              f"{r['solve_s']:.0f} s, eval {r['eval_s']:.0f} s); token accuracy before -> after: efficacy "
+              f"{b['efficacy_acc']:.1f} -> {a['efficacy_acc']:.1f}, paraphrase {b['generalization_acc']:.1f} -> "
+              f"{a['generalization_acc']:.1f}, neighbourhood {b['specificity_acc']:.1f} -> {a['specificity_acc']:.1f}",
+              flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
