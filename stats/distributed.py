@@ -9,22 +9,27 @@ dask ``LocalCluster`` can run them in parallel (``--workers N``), or an existing
 (``--scheduler tcp://...``). A failed task is retried by dask and resumes from its own last checkpoint, so
 nothing is counted twice. A store's shard count is fixed when it is created, so a partial run can be resumed
 with any number of workers.
+
+With ``--device cuda`` and a ``LocalCluster`` of N workers, worker i (dask names them 0..N-1) loads its model
+on ``cuda:(i % GPUs)`` (``assign_devices``). Workers of an external cluster keep the device they are given:
+start one worker per GPU there with ``CUDA_VISIBLE_DEVICES`` set (see examples/slurm).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import platform
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from pipeline.errors import Interrupted, UsageError
+from pipeline.errors import CannotWrite, Interrupted, UsageError
 from pipeline.models import load_model
 from stats.collect import SecondMoment, accumulate_batches
 from stats.corpus import CorpusSpec, Plan, iter_batches, make_plan, open_corpus, shard_ranges
@@ -83,14 +88,29 @@ def provenance() -> dict:
 
 
 def _fault_injection(shard: int) -> None:
-    """Test aid: COVEDIT_FAULT_SHARD='I:MARKER' makes shard I fail once (after a checkpoint) to test retries."""
-    spec = os.environ.get("COVEDIT_FAULT_SHARD")
-    if not spec:
-        return
-    target, marker = spec.split(":", 1)
-    if int(target) == shard and not Path(marker).exists():
-        Path(marker).write_text(str(os.getpid()))
-        raise RuntimeError(f"injected fault in shard {shard}")
+    """Test aids, each firing once per MARKER file, right after a checkpoint of shard I.
+
+    COVEDIT_FAULT_SHARD='I:MARKER' raises (a failed task that dask retries); COVEDIT_FAULT_KILL='I:MARKER'
+    SIGKILLs the process running the shard (a lost worker that dask's nanny restarts).
+    """
+    for name in ("COVEDIT_FAULT_SHARD", "COVEDIT_FAULT_KILL"):
+        spec = os.environ.get(name)
+        if not spec:
+            continue
+        target, marker = spec.split(":", 1)
+        if int(target) == shard and not Path(marker).exists():
+            Path(marker).write_text(str(os.getpid()))
+            if name == "COVEDIT_FAULT_KILL":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"injected fault in shard {shard}")
+
+
+def assign_devices(device: str, workers: int, n_visible: int) -> list[str]:
+    """The device of each of ``workers`` local workers: bare ``cuda`` (or ``auto`` with a GPU) becomes
+    ``cuda:(i % n_visible)`` for worker i; anything else (``cpu``, an explicit ``cuda:N``) is kept for all."""
+    if device in ("cuda", "auto") and n_visible > 0:
+        return [f"cuda:{i % n_visible}" for i in range(workers)]
+    return [device] * workers
 
 
 def run_shard(job: StatsJob, path: str, shard: int, n_shards: int, progress=None, threads: int | None = None) -> dict:
@@ -118,9 +138,17 @@ def run_shard(job: StatsJob, path: str, shard: int, n_shards: int, progress=None
 
     def checkpoint(done: bool) -> None:
         states = {layer: m.state() for layer, m in moments.items()}
-        store.save_checkpoint(shard, n_shards, {k: v[0] for k, v in states.items()},
-                              {k: v[1] for k, v in states.items()},
-                              {"next_doc": next_doc, "tokens": tokens, "done": done})
+        try:
+            store.save_checkpoint(shard, n_shards, {k: v[0] for k, v in states.items()},
+                                  {k: v[1] for k, v in states.items()},
+                                  {"next_doc": next_doc, "tokens": tokens, "done": done})
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # The slot being written stays marked invalid until it is whole: the previous checkpoint survives.
+            raise CannotWrite(f"{os.strerror(exc.errno)} while checkpointing shard {shard} into {path}: "
+                              "free some space and rerun the same command to resume from the last checkpoint."
+                              ) from exc
 
     corpus = open_corpus(job.corpus)
     batches = iter_batches(corpus, loaded.tokenizer, next_doc, stop, plan, job.max_length, job.batch_tokens, job.bos,
@@ -254,15 +282,19 @@ def _run_dask(job: StatsJob, store: StatsStore, todo: list[int], n_shards: int, 
     from distributed import Client, Event, LocalCluster, wait  # noqa: PLC0415
 
     if scheduler:
-        client, cluster = Client(scheduler), None
+        client, cluster, devices = Client(scheduler), None, None
     else:
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
         client = Client(cluster)
+        n_visible = torch.cuda.device_count() if job.device in ("cuda", "auto") else 0
+        devices = assign_devices(job.device, workers, n_visible)
+        if n_visible:
+            log.info("workers' devices: %s", ", ".join(f"{i}: {d}" for i, d in enumerate(devices)))
     threads = job.threads or (max(1, (os.cpu_count() or 1) // max(1, workers)) if not scheduler else None)
     try:
         stop_event = Event(f"covedit-stop-{store.key_hash}", client=client)
         stop_event.clear()
-        futures = [client.submit(_dask_shard, job, str(store.path), i, n_shards, threads, stop_event.name,
+        futures = [client.submit(_dask_shard, job, str(store.path), i, n_shards, threads, stop_event.name, devices,
                                  key=f"covedit-shard-{store.key_hash}-{i}-of-{n_shards}", retries=3, pure=False)
                    for i in todo]
         seen = sum(_shard_tokens(store, i, n_shards) for i in todo)
@@ -285,10 +317,17 @@ def _run_dask(job: StatsJob, store: StatsStore, todo: list[int], n_shards: int, 
             cluster.close()
 
 
-def _dask_shard(job: StatsJob, path: str, shard: int, n_shards: int, threads: int | None, stop_name: str) -> dict:
-    """A dask task: run one shard, polling the coordinator's stop event at each resumable batch."""
-    from distributed import Event, get_client  # noqa: PLC0415
+def _dask_shard(job: StatsJob, path: str, shard: int, n_shards: int, threads: int | None, stop_name: str,
+                devices: list[str] | None = None) -> dict:
+    """A dask task: run one shard, polling the coordinator's stop event at each resumable batch.
 
+    ``devices`` (LocalCluster only) maps the worker's name 0..N-1 to its device; a restarted worker keeps
+    its name, so it keeps its GPU.
+    """
+    from distributed import Event, get_client, get_worker  # noqa: PLC0415
+
+    if devices:
+        job = replace(job, device=devices[int(get_worker().name) % len(devices)])
     event = Event(stop_name, client=get_client())
     watcher_done = threading.Event()
 
