@@ -151,7 +151,7 @@ def build_stats_cmd(
                    checkpoint_tokens=ck_tokens, checkpoint_seconds=ck_seconds, window_docs=window_docs, threads=threads,
                    stats_dir=str(stats_dir or default_stats_dir()))
     result = build_stats(job, workers=workers, scheduler=scheduler, shard=parse_shard(shard), reduce_only=reduce,
-                         show_progress=not (quiet or as_json))
+                         show_progress=not quiet)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
         return
@@ -276,22 +276,30 @@ def batch_edit_cmd(
     base: Annotated[Optional[Path], typer.Option(help="Continue from an earlier batch-edit output (sequential edits).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --output.")] = False,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the before/after evaluation.")] = False,
+    report: Annotated[Optional[Path], typer.Option(help="Also write a report (json, markdown, plots) of the before/after evaluation here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ):
     """Apply MEMIT / ROME / AlphaEdit edits of many facts at once and write a revertible edited model."""
     setup_logging(quiet or as_json)
     from pipeline.batch_edit import BatchEditConfig, run_batch_edit  # noqa: PLC0415
+    from pipeline.report import check_report_dir, report_from_summary, write_report  # noqa: PLC0415
 
     if method not in ("memit", "rome", "alphaedit"):
         raise UsageError("--method must be memit, rome or alphaedit.")
     if covariance not in (None, "C", "identity"):
         raise UsageError("--covariance must be C or identity.")
+    if report is not None:
+        if no_eval:
+            raise UsageError("--report needs the before/after evaluation: drop --no-eval.")
+        check_report_dir(report)
     summary = run_batch_edit(BatchEditConfig(
         facts=facts, output=output, method=method, covariance=covariance, fmt=fmt, model=model, dtype=dtype,
         device=device, module_template=module_template, hparams_file=hparams, overrides=list(set_ or []),
         stats_dir=stats_dir, stats=stats, build_stats=build_stats, stats_tokens=stats_tokens, base=base,
         overwrite=overwrite, evaluate=not no_eval))
+    if report is not None:
+        write_report(report, report_from_summary(summary))
     if as_json:
         typer.echo(json.dumps({k: v for k, v in summary.items() if k != "evaluation"} |
                               {"evaluation": {k: v for k, v in (summary["evaluation"] or {}).items() if k != "per_fact"}},
@@ -302,6 +310,104 @@ def batch_edit_cmd(
                f"({t['seconds_per_fact']:.2f} s per fact; targets {t.get('targets_s', 0):.1f} s, solve {t.get('solve_s', 0):.1f} s)")
     typer.echo(quick_look(summary))
     typer.echo(f"\nwrote {output}/ (model, delta.safetensors, manifest.json)")
+    if report is not None:
+        typer.echo(f"wrote {report}/ (report.md, report.json, plots)")
+
+
+@app.command("evaluate")
+@user_errors
+def evaluate_cmd(
+    model: Model = "smollm2-135m",
+    facts: Annotated[Optional[Path], typer.Option(help="Facts JSONL to score (our schema, CounterFact or zsRE); without it only drift and fluency.")] = None,
+    base_model: Annotated[Optional[str], typer.Option(help="A second model (e.g. the unedited one) evaluated side by side, with the drift between them.")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="Write report.json, report.md and plots into this folder.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="auto, covedit, counterfact or zsre.")] = "auto",
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+    module_template: Template = None,
+    fluency_tokens: Annotated[int, typer.Option(help="New tokens per fluency generation.")] = 50,
+    no_fluency: Annotated[bool, typer.Option("--no-fluency", help="Skip the generations for fluency.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 32,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole evaluation as JSON.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+):
+    """Score a model on facts (both metric families), drift on unrelated prompts and fluency; optionally against a base model."""
+    setup_logging(quiet or as_json)
+    from pipeline.errors import MissingInput  # noqa: PLC0415
+    from pipeline.evaluate import evaluate_model  # noqa: PLC0415
+    from pipeline.facts import read_facts  # noqa: PLC0415
+    from pipeline.models import load_model  # noqa: PLC0415
+    from pipeline.report import build_report, check_report_dir, render_text, write_report  # noqa: PLC0415
+
+    if batch_size < 1 or fluency_tokens < 1:
+        raise UsageError("--batch-size and --fluency-tokens must be at least 1.")
+    if facts is not None and not facts.is_file():
+        raise MissingInput(f"Facts file {facts} does not exist.")
+    if report is not None:
+        check_report_dir(report)
+    loaded = load_model(model, dtype, device, module_template)
+    fact_list = read_facts(facts, fmt, loaded.tokenizer) if facts is not None else []
+    opts = dict(batch_size=batch_size, with_fluency=not no_fluency, max_new_tokens=fluency_tokens)
+    after = evaluate_model(loaded, fact_list, **opts)
+    before = None
+    if base_model is not None:
+        del loaded  # one model in memory at a time
+        before = evaluate_model(load_model(base_model, dtype, device, module_template), fact_list, **opts)
+    data = build_report(after, before, title=f"covedit evaluate: {model}" + (f" against {base_model}" if base_model else ""),
+                        labels=("base", "model"),
+                        meta={"facts_file": str(facts) if facts else None, "n_facts": len(fact_list)})
+    if report is not None:
+        write_report(report, data)
+    if as_json:
+        typer.echo(json.dumps(data, indent=2, default=str))
+        return
+    typer.echo(render_text(data))
+    if report is not None:
+        typer.echo(f"\nwrote {report}/ (report.md, report.json, plots)")
+
+
+@app.command("probe")
+@user_errors
+def probe_cmd(
+    facts: Annotated[Path, typer.Argument(help="Facts JSONL (our schema, CounterFact or zsRE records).")],
+    model: Model = "smollm2-135m",
+    fmt: Annotated[str, typer.Option("--format", help="auto, covedit, counterfact or zsre.")] = "auto",
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+    module_template: Template = None,
+    tokens: Annotated[int, typer.Option(help="Greedy tokens to show after each rewrite prompt.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per fact.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+):
+    """What the model says now for each fact: its continuation, P(true), P(new), and whether it already knows the answer."""
+    setup_logging(quiet or as_json)
+    from pipeline.evaluate import probe  # noqa: PLC0415
+    from pipeline.facts import read_facts  # noqa: PLC0415
+    from pipeline.models import load_model  # noqa: PLC0415
+
+    if tokens < 1:
+        raise UsageError("--tokens must be at least 1.")
+    if not facts.is_file():
+        from pipeline.errors import MissingInput  # noqa: PLC0415
+        raise MissingInput(f"Facts file {facts} does not exist.")
+    loaded = load_model(model, dtype, device, module_template)
+    rows = probe(loaded, read_facts(facts, fmt, loaded.tokenizer), n_tokens=tokens)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+
+    def pct(p):
+        return "-" if p is None else f"{100 * p:.3g}%"
+
+    typer.echo(f"{'fact':<20} {'knows':<6} {'P(true)':>8} {'P(new)':>8}  prompt -> greedy continuation")
+    for r in rows:
+        knows = ("yes" if r["knows"] else "no") + ("*" if r["checked"] == "target_new" else "")
+        typer.echo(f"{r['id'][:20]:<20} {knows:<6} {pct(r['p_true']):>8} {pct(r['p_new']):>8}  "
+                   f"{r['prompt']} -> {repr(r['continuation']) if r['continuation'] else '(end of text)'}")
+    typer.echo("\nknows: the model's top-1 prediction is every token of target_true (teacher-forced).")
+    if any(r["checked"] == "target_new" for r in rows):
+        typer.echo("*: no target_true, so target_new was checked; for zsRE records target_new is the true answer "
+                   "(the edit then asks for what the model may already know).")
 
 
 def _delta_cmd(model: str, delta_path: Path, output: Path, dtype: str, device: str, module_template: str | None,

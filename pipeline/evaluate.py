@@ -1,23 +1,42 @@
-"""Metrics of an edit, batched: both metric families of the literature, side by side.
+"""Metrics of an edit, batched: both metric families of the literature side by side, drift and fluency.
 
 * "success" (ROME/MEMIT papers): the edited target is more likely than the true one, comparing the mean
   per-token negative log-likelihood of each continuation. Efficacy and generalisation ask P(new) > P(true);
   specificity asks the neighbourhood prompt to still prefer its own target over the new one.
 * "token accuracy" (zsRE / EasyEdit): with teacher forcing, the share of target tokens that are the
   model's top-1 prediction.
+* drift: KL(before ‖ after) of the next-token distribution after a fixed set of unrelated prompts shipped
+  in ``pipeline/data/unrelated_prompts.txt``, and the share of them whose top-1 token changed.
+* fluency: ROME/MEMIT's "GE", the weighted 2- and 3-gram entropy (bits; weights 2/3 and 4/3, arithmetic
+  mean) of each greedy generation from ``pipeline/data/fluency_prompts.txt``, averaged over prompts. As in
+  ROME the text scored is prompt plus continuation. Quirk: ROME splits words with ``nltk.word_tokenize``;
+  we use a regular expression (runs of word characters, and each other non-space character alone), which
+  agrees with it on ordinary prose without pulling in nltk and its downloaded tokenizer data. Papers print
+  GE × 100 (about 620 for an unedited GPT-2 XL with 100-token generations); ``ge`` is that figure.
 
 A metric that a fact cannot have (no paraphrases, no true target) is absent (None), never 0 or 100.
+Every model call works on padded batches: one forward per batch of prompts, never one per prompt.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
+from importlib import resources
 
 import torch
 
+from pipeline.errors import UsageError
 from pipeline.keys import target_token_ids
 from pipeline.models import LoadedModel
+
+
+log = logging.getLogger(__name__)
+
+UNRELATED_PROMPTS = "unrelated_prompts.txt"
+FLUENCY_PROMPTS = "fluency_prompts.txt"
 
 
 @dataclass(frozen=True)
@@ -93,6 +112,7 @@ def fact_metrics(loaded: LoadedModel, facts: list, batch_size: int = 32) -> list
         rows.append({
             "id": f.id,
             "p_new_rewrite": _mean([math.exp(s.logprob) for s in new_r]),
+            "p_true_rewrite": _mean([math.exp(s.logprob) for s in true_r]),
             "p_new_paraphrase": _mean([math.exp(s.logprob) for s in new_p]),
             "p_own_neighborhood": _mean([math.exp(s.logprob) for s in own_n]),
             "efficacy_success": _mean([float(n.nll < t.nll) for n, t in zip(new_r, true_r)]) if true_r else None,
@@ -109,10 +129,218 @@ METRICS = ["efficacy_success", "generalization_success", "specificity_success",
            "efficacy_acc", "generalization_acc", "specificity_acc"]
 
 
-def aggregate(rows: list[dict]) -> dict[str, float | None]:
-    """Mean of each metric over the facts that have it, in percent; None where no fact has it."""
-    out = {}
+def aggregate(rows: list[dict]) -> dict[str, float | int | None]:
+    """Mean of each metric over the facts that have it, in percent; None where no fact has it.
+
+    ``n_<metric>`` says how many facts have the metric, and ``n_facts`` how many there are in all, so a
+    generalisation score over 3 of 100 facts is not read as one over 100.
+    """
+    out: dict[str, float | int | None] = {"n_facts": len(rows)}
     for m in METRICS:
         vals = [r[m] for r in rows if r[m] is not None]
         out[m] = 100 * sum(vals) / len(vals) if vals else None
+        out[f"n_{m}"] = len(vals)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ prompt sets
+
+def load_prompts(name: str) -> list[str]:
+    """A prompt set shipped in ``pipeline/data``: one prompt a line, blank and ``#`` lines skipped."""
+    text = resources.files("pipeline").joinpath("data", name).read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _pad(loaded: LoadedModel, rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded into (ids, mask) on the model's device."""
+    pad = loaded.tokenizer.pad_token_id
+    pad = pad if pad is not None else (loaded.tokenizer.eos_token_id or 0)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        lo = width - len(r) if side == "left" else 0
+        ids[i, lo:lo + len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, lo:lo + len(r)] = 1
+    return ids.to(loaded.device), mask.to(loaded.device)
+
+
+# ------------------------------------------------------------------------------------------ drift
+
+@dataclass
+class NextTokens:
+    """Next-token log-distributions of one model after a prompt set: the reference that drift compares."""
+
+    prompts: list[str]
+    logprobs: torch.Tensor  # (n_prompts, vocab) float32, log-softmax
+    top1: list[str]  # decoded top-1 token after each prompt
+
+    def to_dict(self) -> dict:
+        """JSON-safe summary (the full distributions are too big for a report)."""
+        return {"prompts": self.prompts, "top1": self.top1,
+                "top1_prob": [float(p) for p in self.logprobs.max(-1).values.exp()]}
+
+
+@torch.no_grad()
+def next_token_logprobs(loaded: LoadedModel, prompts: list[str] | None = None, batch_size: int = 64) -> NextTokens:
+    """log P(next token | prompt) for each prompt (default: the shipped unrelated prompts), batched."""
+    prompts = load_prompts(UNRELATED_PROMPTS) if prompts is None else list(prompts)
+    if not prompts:
+        raise UsageError("The prompt set for drift is empty.")
+    tok = loaded.tokenizer
+    rows = [tok(p).input_ids for p in prompts]
+    out = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        ids, mask = _pad(loaded, chunk, "right")
+        logits = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        last = torch.tensor([len(r) - 1 for r in chunk], device=logits.device)
+        out.append(torch.log_softmax(logits[torch.arange(len(chunk), device=logits.device), last].float(), -1).cpu())
+    logprobs = torch.cat(out)
+    top1 = [tok.decode([int(t)]) for t in logprobs.argmax(-1)]
+    return NextTokens(prompts, logprobs, top1)
+
+
+def drift(before: NextTokens, after: NextTokens) -> dict:
+    """How far ``after`` moved from ``before`` on the same prompts.
+
+    ``mean_kl``: mean over prompts of KL(before ‖ after) in nats, computed in float64 (exactly 0 for the
+    same model); ``top1_changed_pct``: share of prompts whose most likely next token changed, in percent.
+    """
+    if before.prompts != after.prompts:
+        raise UsageError("Drift compares the same prompts before and after; these prompt sets differ.")
+    if before.logprobs.shape != after.logprobs.shape:
+        raise UsageError(f"Cannot compare next-token distributions over vocabularies of {before.logprobs.shape[-1]} "
+                         f"and {after.logprobs.shape[-1]} tokens: the two models must share a tokenizer.")
+    lb, la = before.logprobs.double(), after.logprobs.double()
+    pb = lb.exp()
+    kl = torch.where(pb > 0, pb * (lb - la), torch.zeros_like(pb)).sum(-1)
+    changed = lb.argmax(-1) != la.argmax(-1)
+    return {
+        "n_prompts": len(before.prompts),
+        "mean_kl": float(kl.mean()),
+        "max_kl": float(kl.max()),
+        "top1_changed_pct": 100.0 * float(changed.double().mean()),
+        "per_prompt": [{"prompt": p, "kl": float(k), "top1_before": b, "top1_after": a}
+                       for p, k, b, a in zip(before.prompts, kl, before.top1, after.top1)],
+    }
+
+
+# ------------------------------------------------------------------------------------------ generation, fluency
+
+@torch.no_grad()
+def greedy_continuations(loaded: LoadedModel, prompts: list[str], max_new_tokens: int = 50,
+                         batch_size: int = 16) -> list[str]:
+    """The greedy continuation of each prompt (new text only, up to the first end-of-text), left-padded batches."""
+    tok = loaded.tokenizer
+    rows = [tok(p).input_ids for p in prompts]
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos if eos is not None else 0)
+    out: list[str] = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        ids, mask = _pad(loaded, chunk, "left")
+        gen = loaded.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                    do_sample=False, num_beams=1, pad_token_id=pad)
+        for row in gen[:, ids.shape[1]:].tolist():
+            if eos is not None and eos in row:
+                row = row[:row.index(eos)]
+            out.append(tok.decode(row, skip_special_tokens=True))
+    return out
+
+
+_WORDS = re.compile(r"\w+|[^\w\s]")
+
+
+def words(text: str) -> list[str]:
+    """Word tokens for n-gram entropy: runs of word characters, and every other non-space character alone."""
+    return _WORDS.findall(text)
+
+
+def n_gram_entropy(tokens: list[str], ns: tuple[int, ...] = (2, 3), weights: tuple[float, ...] = (2 / 3, 4 / 3)) -> float:
+    """ROME's ``compute_n_gram_entropy``: arithmetic mean over n of weight_n × entropy (bits) of the n-gram
+    frequencies. A text shorter than n has no n-grams and contributes entropy 0 for that n."""
+    ents = []
+    for n, w in zip(ns, weights, strict=True):
+        counts: dict[tuple[str, ...], int] = {}
+        for i in range(len(tokens) - n + 1):
+            gram = tuple(tokens[i:i + n])
+            counts[gram] = counts.get(gram, 0) + 1
+        total = sum(counts.values())
+        ents.append(w * -sum(c / total * math.log2(c / total) for c in counts.values()))
+    return sum(ents) / len(ents)
+
+
+def fluency(loaded: LoadedModel, prompts: list[str] | None = None, max_new_tokens: int = 50,
+            batch_size: int = 16) -> dict:
+    """Mean n-gram entropy of greedy generations (prompt + continuation, as ROME scores them)."""
+    prompts = load_prompts(FLUENCY_PROMPTS) if prompts is None else list(prompts)
+    conts = greedy_continuations(loaded, prompts, max_new_tokens, batch_size)
+    ents = [n_gram_entropy(words(p + c)) for p, c in zip(prompts, conts)]
+    mean = sum(ents) / len(ents)
+    return {"n_prompts": len(prompts), "max_new_tokens": max_new_tokens, "ngram_entropy": mean, "ge": 100 * mean,
+            "generations": [{"prompt": p, "continuation": c, "ngram_entropy": e}
+                            for p, c, e in zip(prompts, conts, ents)]}
+
+
+# ------------------------------------------------------------------------------------------ whole evaluation
+
+@dataclass
+class Evaluation:
+    """Everything measured on one model: per-fact metrics, their aggregate, drift reference, fluency."""
+
+    model_id: str
+    per_fact: list[dict]
+    aggregate: dict
+    next_tokens: NextTokens | None = None  # reference for drift against another model
+    fluency: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-safe: the next-token distributions are summarised by their top-1 tokens."""
+        return {"model": self.model_id, "n_facts": len(self.per_fact), "aggregate": self.aggregate,
+                "per_fact": self.per_fact, "unrelated": self.next_tokens.to_dict() if self.next_tokens else None,
+                "fluency": self.fluency, **self.extra}
+
+
+def evaluate_model(loaded: LoadedModel, facts: list, batch_size: int = 32, unrelated: bool = True,
+                   unrelated_prompts: list[str] | None = None, with_fluency: bool = True,
+                   fluency_prompts: list[str] | None = None, max_new_tokens: int = 50) -> Evaluation:
+    """Per-fact metrics and their aggregate, plus the unrelated-prompt distributions and fluency."""
+    log.info("evaluating %s on %d facts%s", loaded.model_id, len(facts), ", with fluency" if with_fluency else "")
+    rows = fact_metrics(loaded, facts, batch_size) if facts else []
+    return Evaluation(
+        model_id=loaded.model_id, per_fact=rows, aggregate=aggregate(rows),
+        next_tokens=next_token_logprobs(loaded, unrelated_prompts) if unrelated else None,
+        fluency=fluency(loaded, fluency_prompts, max_new_tokens) if with_fluency else None)
+
+
+# ------------------------------------------------------------------------------------------ probe
+
+def probe(loaded: LoadedModel, facts: list, n_tokens: int = 5, batch_size: int = 32) -> list[dict]:
+    """What the model says now, per fact: greedy continuation of the rewrite prompt, P(true), P(new), and
+    whether it already knows the true answer (teacher-forced top-1 accuracy of it is 1).
+
+    Without ``target_true`` (zsRE records) the check is made on ``target_new``: in zsRE the "answer" the
+    edit asks for is the true answer, so knowing it means the edit has nothing to do.
+    """
+    prompts = [f.rewrite_prompt() for f in facts]
+    conts = greedy_continuations(loaded, prompts, n_tokens, batch_size)
+    s_prompts, s_targets = [], []
+    for f, p in zip(facts, prompts):
+        s_prompts.append(p), s_targets.append(f.target_new)
+        if f.target_true:
+            s_prompts.append(p), s_targets.append(f.target_true)
+    scores = iter(score(loaded, s_prompts, s_targets, batch_size))
+    out = []
+    for f, p, c in zip(facts, prompts, conts):
+        new = next(scores)
+        true = next(scores) if f.target_true else None
+        known_by = true if true is not None else new
+        out.append({"id": f.id, "prompt": p, "continuation": c,
+                    "target_true": f.target_true, "target_new": f.target_new,
+                    "p_true": math.exp(true.logprob) if true is not None else None,
+                    "p_new": math.exp(new.logprob),
+                    "checked": "target_true" if true is not None else "target_new",
+                    "knows": known_by.token_acc == 1.0})
     return out
