@@ -26,7 +26,7 @@ from pipeline.errors import CannotWrite, MissingInput, UsageError
 from pipeline.evaluate import aggregate, fact_metrics
 from pipeline.facts import facts_sha256, read_facts
 from pipeline.models import load_model
-from stats.store import StatsStore, default_stats_dir, find_store
+from stats.store import StatsStore, default_stats_dir
 
 log = logging.getLogger(__name__)
 

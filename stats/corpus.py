@@ -37,6 +37,8 @@ length never comes from the model's ``max_position_embeddings``.
 
 from __future__ import annotations
 
+import abc
+
 import bisect
 import hashlib
 import importlib.metadata
@@ -81,18 +83,18 @@ class CorpusSpec:
     seed: int = 0  # document order
 
 
-class Corpus:
+class Corpus(abc.ABC):
     """Documents in a fixed order; subclasses say where they come from."""
 
     spec: CorpusSpec
 
+    @abc.abstractmethod
     def identity(self) -> dict:
         """JSON-serialisable description that changes whenever the documents or their order could."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def documents(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, str]]:
         """``(index, text)`` for the non-empty documents ``start .. stop-1`` (fewer if the corpus ends)."""
-        raise NotImplementedError
 
     @property
     def n_documents(self) -> int | None:

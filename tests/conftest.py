@@ -7,6 +7,7 @@ Tiny models are seeded, so every test sees the same weights.
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -75,3 +76,26 @@ def bos_tokenizer(smol):
 def tiny(request, tokenizer) -> LoadedModel:
     """A tiny Linear (llama) and a tiny Conv1D (gpt2) model."""
     return build_tiny(request.param, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tokenizer):
+    """A tiny llama saved as a Hugging Face folder, so other processes (CLI runs, dask workers) can load it."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    m = build_tiny("llama", tokenizer)
+    m.model.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory):
+    """600 documents of real text taken from the embedded Wikipedia corpus, as a local jsonl file."""
+    from stats.corpus import CorpusSpec, open_corpus
+
+    corpus = open_corpus(CorpusSpec())
+    d = tmp_path_factory.mktemp("corpus")
+    with open(d / "docs.jsonl", "w") as f:
+        for _, text in corpus.documents(0, 600):
+            f.write(json.dumps({"text": text}) + "\n")
+    return d / "docs.jsonl"

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import build_tiny
 from pipeline.edit import run_memit, run_rome
 from pipeline.facts import Fact
 from pipeline.hparams import TargetHParams

@@ -13,35 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import build_tiny
 from stats.collect import SecondMoment, accumulate_batches
 from stats.corpus import CorpusSpec, iter_batches, make_plan, open_corpus
 from stats.store import StatsStore
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    """A tiny llama saved as a Hugging Face folder, so worker processes can load it by path."""
-    d = tmp_path_factory.mktemp("tiny-llama")
-    m = build_tiny("llama", tokenizer)
-    m.model.save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory):
-    """600 documents of real text taken from the embedded Wikipedia corpus, as a local jsonl file."""
-    corpus = open_corpus(CorpusSpec())
-    d = tmp_path_factory.mktemp("corpus")
-    with open(d / "docs.jsonl", "w") as f:
-        for _, text in corpus.documents(0, 600):
-            f.write(json.dumps({"text": text}) + "\n")
-    return d / "docs.jsonl"
 
 
 def cli(*args, env=None, stats_dir=None, check=False, **kw) -> subprocess.CompletedProcess:

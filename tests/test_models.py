@@ -3,7 +3,6 @@ orientation, and refuses what it cannot handle with a sentence that says what to
 
 import pytest
 import torch
-import transformers
 
 from conftest import ARCHS, build_tiny
 from pipeline.errors import UsageError

@@ -19,8 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import build_tiny
-from stats.corpus import CorpusSpec, open_corpus
 from stats.store import StatsStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,27 +28,6 @@ TOKENS = 12000
 SMALL = 4000  # for the runs that need not be hit part way through
 # Tiny batches and settings so that a tiny model's run takes seconds (and can be hit part way through).
 STATS_ARGS = "--max-length 64 --batch-tokens 256 --window-docs 8 --threads 1 --checkpoint-every 1000"
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    """A tiny llama saved as a Hugging Face folder, so the scripts' processes can load it by path."""
-    d = tmp_path_factory.mktemp("tiny-llama")
-    m = build_tiny("llama", tokenizer)
-    m.model.save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory):
-    """600 documents of real text taken from the embedded Wikipedia corpus, as a local jsonl file."""
-    corpus = open_corpus(CorpusSpec())
-    d = tmp_path_factory.mktemp("corpus")
-    with open(d / "docs.jsonl", "w") as f:
-        for _, text in corpus.documents(0, 600):
-            f.write(json.dumps({"text": text}) + "\n")
-    return d / "docs.jsonl"
 
 
 RECORD = f'{sys.executable} -c "import json, sys; print(json.dumps(sys.argv[1:]))" "$@" >> "$FAKE_SLURM_LOG/$(basename "$0").jsonl"'
