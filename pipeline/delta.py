@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from pipeline.atomic import replace_folder
 from pipeline.errors import CannotWrite, DataError, MissingInput
 from pipeline.models import LoadedModel
 
@@ -291,17 +291,10 @@ def write_edited_model(loaded: LoadedModel, out_dir: Path | str, delta: Delta, m
     for source in _input_folders(loaded):
         if source == resolved or resolved in source.parents:
             raise CannotWrite(f"Output {out_dir} would overwrite the input model at {source}; choose another folder.")
-    existed = out_dir.exists()
-    if existed and any(out_dir.iterdir()) and not overwrite:
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise CannotWrite(f"Output folder {out_dir} exists and is not empty; pass --overwrite to replace it.")
 
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    except OSError as e:
-        raise CannotWrite(f"Cannot create the output folder next to {out_dir}: {e.strerror or e}.") from e
-    aside: Path | None = None
-    try:
+    def fill(tmp: Path) -> None:
         loaded.model.save_pretrained(tmp)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
@@ -309,19 +302,6 @@ def write_edited_model(loaded: LoadedModel, out_dir: Path | str, delta: Delta, m
         for name, write in (extra_files or {}).items():
             write(tmp / name)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        if existed:
-            aside = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-            os.replace(out_dir, aside / "old")
-        os.replace(tmp, out_dir)
-    except BaseException as e:
-        if aside is not None and (aside / "old").exists() and not out_dir.exists():
-            os.replace(aside / "old", out_dir)  # put the previous output back
-        shutil.rmtree(tmp, ignore_errors=True)
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise CannotWrite(f"Cannot write the edited model to {out_dir}: {e.strerror or e}.") from e
-        raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+
+    replace_folder(out_dir, fill, "the edited model")
     log.info("wrote the edited model, delta and manifest to %s", out_dir)

@@ -22,14 +22,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from pipeline.atomic import replace_folder
 from pipeline.errors import CannotWrite
 from pipeline.evaluate import METRICS, Evaluation, drift
 
@@ -367,32 +365,6 @@ def write_report(report_dir: Path | str, data: dict) -> Path:
     """Write report.json, report.md and the plots into ``report_dir``, atomically (see the module docstring)."""
     report_dir = Path(report_dir).expanduser()
     check_report_dir(report_dir)
-    existed = report_dir.exists()
-    try:
-        report_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=report_dir.parent, prefix=f".{report_dir.name}.tmp-"))
-    except OSError as e:
-        raise CannotWrite(f"Cannot write the report to {report_dir}: {e.strerror or e}.") from e
-    aside: Path | None = None
-    try:
-        _write_files(tmp, data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a report is an ordinary folder
-        if existed:
-            aside = Path(tempfile.mkdtemp(dir=report_dir.parent, prefix=f".{report_dir.name}.old-"))
-            os.replace(report_dir, aside / "old")
-        os.replace(tmp, report_dir)
-    except BaseException as e:
-        if aside is not None and (aside / "old").exists() and not report_dir.exists():
-            os.replace(aside / "old", report_dir)  # put the previous report back
-        shutil.rmtree(tmp, ignore_errors=True)
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise CannotWrite(f"Cannot write the report to {report_dir}: {e.strerror or e}.") from e
-        raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+    replace_folder(report_dir, lambda tmp: _write_files(tmp, data), "the report")
     log.info("wrote the report to %s", report_dir)
     return report_dir
