@@ -148,3 +148,30 @@ def test_identity_baseline_needs_no_statistics(tmp_path):
     assert res.returncode == 0, res.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["hparams"]["covariance"] == "identity" and manifest["stats"] is None
+
+
+def test_alphaedit_sequence_carries_keys_forward(tiny_dir, corpus_file, tmp_path):
+    """batch-edit --base previous-output/ continues a sequence: AlphaEdit keeps every earlier batch's keys."""
+    stats = tmp_path / "stats"
+    res = cli("build-stats", "--model", tiny_dir, "--corpus", corpus_file, "--layers", "1-3", "--tokens", 3000,
+              "--max-length", 64, "--batch-tokens", 256, "--quiet", "--stats-dir", stats)
+    assert res.returncode == 0, res.stderr
+    first, second = tmp_path / "f1.jsonl", tmp_path / "f2.jsonl"
+    first.write_text("".join(json.dumps({"subject": f.subject, "prompt": f.prompt, "target_new": f.target_new}) + "\n"
+                             for f in FACTS[:2]))
+    second.write_text(json.dumps({"subject": FACTS[2].subject, "prompt": FACTS[2].prompt,
+                                  "target_new": FACTS[2].target_new}) + "\n")
+    common = ["--method", "alphaedit", "--stats-dir", stats, "--no-eval", "--set", "layers=1-3",
+              "--set", "target.steps=3", "--json"]
+    res = cli("batch-edit", first, "--model", tiny_dir, "-o", tmp_path / "e1", *common)
+    assert res.returncode == 0, res.stderr
+    res = cli("batch-edit", second, "--base", tmp_path / "e1", "-o", tmp_path / "e2", *common)
+    assert res.returncode == 0, res.stderr
+    m1 = json.loads((tmp_path / "e1" / "manifest.json").read_text())
+    m2 = json.loads((tmp_path / "e2" / "manifest.json").read_text())
+    assert m1["alphaedit_carried_keys"] == {"1": 2, "2": 2, "3": 2}
+    assert m2["alphaedit_carried_keys"] == {"1": 3, "2": 3, "3": 3}
+    assert m2["original_model_id"] == m1["original_model_id"] and m2["stats"]["path"] == m1["stats"]["path"]
+    from safetensors.torch import load_file
+    keys = load_file(str(tmp_path / "e2" / "alphaedit_keys.safetensors"))
+    assert keys["layer.2.keys"].shape == (3, 32)
