@@ -213,19 +213,16 @@ def test_probe_knows_the_capital_of_france(smol):
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory, tokenizer):
-    d = tmp_path_factory.mktemp("tiny-model")
-    m = build_tiny("llama", tokenizer)
-    m.model.save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    facts = d.parent / "facts.jsonl"
+def tiny_folder(tmp_path_factory, tiny_dir):
+    """The shared tiny llama folder (conftest) and a facts file mixing our schema and a zsRE record."""
+    facts = tmp_path_factory.mktemp("facts") / "facts.jsonl"
     facts.write_text("\n".join(json.dumps(r) for r in [
         {"id": "eiffel", "subject": "Eiffel Tower", "prompt": "The {} is located in", "target_new": "Rome",
          "target_true": "Paris", "paraphrases": ["The Eiffel Tower stands in"]},
         {"src": "What university did Watts Humphrey attend?", "subject": "Watts Humphrey",
          "answers": ["Illinois Institute of Technology"], "rephrase": "Where did Watts Humphrey study?",
          "loc": "nq question: who sings the song", "loc_ans": "Elvis"}]) + "\n")
-    return d, facts
+    return tiny_dir, facts
 
 
 def test_cli_evaluate_and_probe_on_a_saved_tiny_model(tiny_folder, tmp_path):
