@@ -113,15 +113,20 @@ def assign_devices(device: str, workers: int, n_visible: int) -> list[str]:
     return [device] * workers
 
 
-def run_shard(job: StatsJob, path: str, shard: int, n_shards: int, progress=None, threads: int | None = None) -> dict:
-    """Collect one shard into the store at ``path``, resuming from its last checkpoint. Returns its totals."""
+def run_shard(job: StatsJob, path: str, shard: int, n_shards: int, progress=None, threads: int | None = None,
+              loaded=None) -> dict:
+    """Collect one shard into the store at ``path``, resuming from its last checkpoint. Returns its totals.
+
+    ``loaded``: the job's model, already in memory (the in-process path); workers load their own copy.
+    """
     if threads:
         torch.set_num_threads(threads)
     store = StatsStore.open(path, verify=False)
     plan_info = store.get_plan()
     plan = Plan.from_dict(plan_info["plan"])
     start, stop = plan_info["ranges"][shard]
-    loaded = load_model(job.model, job.dtype, job.device, job.module_template)
+    if loaded is None:
+        loaded = load_model(job.model, job.dtype, job.device, job.module_template)
     layers = sorted(job.layers)
     moments = {layer: SecondMoment(loaded.d_ff, job.accumulate, loaded.device) for layer in layers}
 
@@ -262,7 +267,7 @@ def build_stats(job: StatsJob, workers: int = 1, scheduler: str | None = None, s
             _run_dask(job, store, todo, n_shards, workers, scheduler, progress)
         else:
             for i in todo:
-                run_shard(job, str(store.path), i, n_shards, progress=progress, threads=job.threads)
+                run_shard(job, str(store.path), i, n_shards, progress=progress, threads=job.threads, loaded=loaded)
         bar.close()
         if shard:
             return result("shard-done")
