@@ -252,7 +252,22 @@ def quick_look(summary: dict, n: int = 5) -> str:
             vals = [ev[when].get(f"{m}_{fam}") for m in ("efficacy", "generalization", "specificity")]
             label = {"success": "success P(new)>P(true)", "acc": "top-1 token accuracy"}[fam]
             lines.append(f"{label:<22} {when:<6} " + "  ".join("   -   " if v is None else f"{v:7.1f}" for v in vals))
+    d, flu = ev.get("drift"), ev.get("fluency") or {}
+    if d:
+        lines.append(f"drift on {d['n_prompts']} unrelated prompts: mean KL {d['mean_kl']:.4f} nats, "
+                     f"top-1 token changed on {d['top1_changed_pct']:.1f} %")
+    if flu.get("before") and flu.get("after"):
+        lines.append(f"fluency (GE, n-gram entropy x100): {flu['before']['ge']:.1f} -> {flu['after']['ge']:.1f}")
     return "\n".join(lines)
+
+
+def _evaluation_brief(ev: dict | None) -> dict | None:
+    """The evaluation without its per-fact, per-prompt and generated-text detail (manifest.json has it)."""
+    if not ev:
+        return None
+    drift = {k: v for k, v in (ev.get("drift") or {}).items() if k != "per_prompt"}
+    fluency = {w: {k: v for k, v in f.items() if k != "generations"} for w, f in (ev.get("fluency") or {}).items() if f}
+    return {"before": ev["before"], "after": ev["after"], "drift": drift, "fluency": fluency}
 
 
 @app.command("batch-edit")
@@ -302,7 +317,7 @@ def batch_edit_cmd(
         write_report(report, report_from_summary(summary))
     if as_json:
         typer.echo(json.dumps({k: v for k, v in summary.items() if k != "evaluation"} |
-                              {"evaluation": {k: v for k, v in (summary["evaluation"] or {}).items() if k != "per_fact"}},
+                              {"evaluation": _evaluation_brief(summary["evaluation"])},
                               indent=2, default=str))
         return
     t = summary["timings"]

@@ -18,7 +18,6 @@ Statistics must exist (``covedit build-stats``) or pass ``--build-stats-tokens N
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -31,40 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.batch_edit import BatchEditConfig, run_batch_edit  # noqa: E402
 from pipeline.edit import templates_for  # noqa: E402
-from pipeline.facts import from_zsre  # noqa: E402
 from pipeline.hparams import load_hparams  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 from pipeline.targets import compute_targets  # noqa: E402
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "zsre_eval_sample.jsonl"
-
-
-def zsre_facts(path: Path, n: int) -> list:
-    """The first n zsRE records with distinct (subject, question), in file order."""
-    facts, seen = [], set()
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
-        rec = json.loads(line)
-        fact = from_zsre(rec, line_no)
-        key = (fact.subject, fact.prompt)
-        if key in seen:
-            continue
-        seen.add(key)
-        facts.append(fact)
-        if len(facts) == n:
-            break
-    if len(facts) < n:
-        raise SystemExit(f"{path} has only {len(facts)} distinct facts, {n} asked for")
-    return facts
-
-
-def write_facts(facts: list, path: Path) -> None:
-    with open(path, "w") as f:
-        for fact in facts:
-            d = dataclasses.asdict(fact)
-            d.pop("line")
-            d["neighborhood"] = [dict(n) for n in d["neighborhood"]]
-            f.write(json.dumps(d) + "\n")
-
+from benchmarks.common import DEFAULT_DATA, TargetCache, write_facts, zsre_facts  # noqa: E402
 
 def compare_target_optimisation(model: str, facts: list, overrides: list[str]) -> dict:
     loaded = load_model(model)
@@ -74,6 +44,7 @@ def compare_target_optimisation(model: str, facts: list, overrides: list[str]) -
     t = time.perf_counter()
     batched = compute_targets(loaded, facts, layer, hp.target, templates)
     t_batched = time.perf_counter() - t
+    TargetCache(loaded, layer, hp.target, templates).put(facts, batched)  # the locality study reuses them
     t = time.perf_counter()
     singles = [compute_targets(loaded, [f], layer, hp.target, templates) for f in facts]
     t_single = time.perf_counter() - t
@@ -102,6 +73,9 @@ def edit_at_size(model: str, facts: list, stats_dir: Path | None, overrides: lis
     return {"facts": len(facts), "seconds_per_edit": summary["timings"]["seconds_per_fact"],
             "edit_s": summary["timings"]["edit_s"], "targets_s": summary["timings"].get("targets_s"),
             "solve_s": summary["timings"].get("solve_s"), "eval_s": summary["timings"]["eval_s"],
+            "eval_over_edit": summary["timings"]["eval_s"] / summary["timings"]["edit_s"],
+            "drift_mean_kl": ev["drift"]["mean_kl"], "drift_top1_changed_pct": ev["drift"]["top1_changed_pct"],
+            "ge_before": ev["fluency"]["before"]["ge"], "ge_after": ev["fluency"]["after"]["ge"],
             "before": ev["before"], "after": ev["after"], "hparams": summary["hparams"],
             "stats_tokens": (summary["stats"] or {}).get("key", {}).get("tokens")}
 
@@ -134,8 +108,9 @@ def main() -> None:
         print(f"MEMIT {n} facts: {r['seconds_per_edit']:.2f} s/edit (targets {r['targets_s']:.0f} s, solve "
               f"{r['solve_s']:.0f} s, eval {r['eval_s']:.0f} s); token accuracy before -> after: efficacy "
               f"{b['efficacy_acc']:.1f} -> {a['efficacy_acc']:.1f}, paraphrase {b['generalization_acc']:.1f} -> "
-              f"{a['generalization_acc']:.1f}, neighbourhood {b['specificity_acc']:.1f} -> {a['specificity_acc']:.1f}",
-              flush=True)
+              f"{a['generalization_acc']:.1f}, neighbourhood {b['specificity_acc']:.1f} -> {a['specificity_acc']:.1f}; "
+              f"evaluation costs {r['eval_over_edit']:.3f}x the edit; drift KL {r['drift_mean_kl']:.4f}, "
+              f"GE {r['ge_before']:.0f} -> {r['ge_after']:.0f}", flush=True)
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
     if args.json:

@@ -23,7 +23,7 @@ from pipeline import hparams as hparams_mod
 from pipeline.delta import make_and_apply_delta, write_edited_model
 from pipeline.edit import alphaedit_projectors, run_memit, run_rome, templates_for
 from pipeline.errors import CannotWrite, MissingInput, UsageError
-from pipeline.evaluate import aggregate, fact_metrics
+from pipeline.evaluate import drift, evaluate_model
 from pipeline.facts import facts_sha256, read_facts
 from pipeline.models import load_model
 from stats.store import StatsStore, default_stats_dir
@@ -121,6 +121,14 @@ def _find_any(stats_dir: Path, model_id: str, module: str, layers: list[int]) ->
     return StatsStore.open(best["path"]) if best else None
 
 
+def _evaluation_summary(before, after) -> dict:
+    """Both metric families per fact and in aggregate, drift on the unrelated prompts, fluency (GE)."""
+    return {"before": before.aggregate, "after": after.aggregate,
+            "drift": drift(before.next_tokens, after.next_tokens),
+            "fluency": {"before": before.fluency, "after": after.fluency},
+            "per_fact": [{"id": b["id"], "before": b, "after": a} for b, a in zip(before.per_fact, after.per_fact)]}
+
+
 def run_batch_edit(cfg: BatchEditConfig) -> dict:
     """The whole edit stage; returns the summary that also goes into manifest.json."""
     clock = time.perf_counter
@@ -148,7 +156,7 @@ def run_batch_edit(cfg: BatchEditConfig) -> dict:
     if cfg.method == "alphaedit" and cfg.base and (cfg.base / ALPHAEDIT_KEYS).exists():
         prev_keys = {int(k.split(".")[1]): v for k, v in load_file(str(cfg.base / ALPHAEDIT_KEYS)).items()}
 
-    before = fact_metrics(loaded, facts) if cfg.evaluate else None
+    before = evaluate_model(loaded, facts) if cfg.evaluate else None
     t_eval = clock() - t_start
     originals = {layer: loaded.down_weight(layer).detach().clone() for layer in layers}
     templates = templates_for(loaded, hp)
@@ -170,7 +178,7 @@ def run_batch_edit(cfg: BatchEditConfig) -> dict:
     meta = {"method": cfg.method, "facts_sha256": facts_sha256(cfg.facts), "n_facts": len(facts)}
     delta = make_and_apply_delta(loaded, outcome.factors, meta)
     t1 = clock()
-    after = fact_metrics(loaded, facts) if cfg.evaluate else None
+    after = evaluate_model(loaded, facts) if cfg.evaluate else None
     eval_seconds = t_eval + (clock() - t1)
 
     summary = {
@@ -181,9 +189,7 @@ def run_batch_edit(cfg: BatchEditConfig) -> dict:
         "timings": {"edit_s": edit_seconds, "seconds_per_fact": edit_seconds / max(1, len(facts)),
                     "eval_s": eval_seconds, "total_s": clock() - t_start, **outcome.timings},
         "targets": outcome.target_info,
-        "evaluation": ({"before": aggregate(before), "after": aggregate(after),
-                        "per_fact": [{"id": b["id"], "before": b, "after": a} for b, a in zip(before, after)]}
-                       if cfg.evaluate else None),
+        "evaluation": _evaluation_summary(before, after) if cfg.evaluate else None,
         "update_norms": {str(layer): float((u.double() @ d.double()).norm()) for layer, (u, d) in outcome.factors.items()},
     }
     extra = {}

@@ -13,6 +13,11 @@ around them that the papers describe:
 
 Every update is applied to the model in place as it is computed (later layers must see it) and returned as
 low-rank factors, so the caller can write a revertible delta or take it back off.
+
+Both drivers take ``targets`` computed elsewhere (a TargetResult of ``compute_targets`` on the unedited
+model at the method's top layer): the locality study gives every method the same targets, so it compares
+the update rules and not the optimisation. ROME then aims each fact at its target z from wherever the
+earlier edits left the block output.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from pipeline.keys import compute_keys, context_templates
 from pipeline.memit import alphaedit_solve, memit_solve, null_space_projector
 from pipeline.models import LoadedModel
 from pipeline.rome import rome_update
-from pipeline.targets import block_outputs, compute_targets
+from pipeline.targets import TargetResult, block_outputs, compute_targets
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +66,11 @@ def _keys(loaded, layer, facts, templates) -> torch.Tensor:
 
 def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: dict[int, torch.Tensor] | None,
               lam: float, target_hp, templates: list[str], clock: Callable[[], float],
-              alphaedit: dict | None = None) -> EditOutcome:
+              alphaedit: dict | None = None, targets: TargetResult | None = None) -> EditOutcome:
     """MEMIT (or AlphaEdit when ``alphaedit`` = {"P": {layer: P}, "prev_keys": {layer: K}, "alpha": a})."""
     layers = sorted(layers)
     t0 = clock()
-    result = compute_targets(loaded, facts, layers[-1], target_hp, templates)
+    result = targets if targets is not None else compute_targets(loaded, facts, layers[-1], target_hp, templates)
     timings = {"targets_s": clock() - t0}
     z = result.z.double()
     factors: Factors = {}
@@ -98,21 +103,26 @@ def alphaedit_projectors(covariances: dict[int, torch.Tensor], threshold: float)
 
 
 def run_rome(loaded: LoadedModel, facts: list, layer: int, covariance: torch.Tensor | None, target_hp,
-             templates: list[str], clock: Callable[[], float]) -> EditOutcome:
+             templates: list[str], clock: Callable[[], float], targets: TargetResult | None = None) -> EditOutcome:
     """ROME, one fact after another (each sees the previous edits), rank one each."""
     factors: Factors = {}
     keys_out = []
     timings = {"targets_s": 0.0, "solve_s": 0.0}
     infos = []
-    for fact in facts:
+    for i, fact in enumerate(facts):
         t0 = clock()
-        result = compute_targets(loaded, [fact], layer, target_hp, templates)
+        if targets is None:
+            result = compute_targets(loaded, [fact], layer, target_hp, templates)
+            delta = (result.z - result.h)[0]
+        else:
+            result = targets.select([i])
+            delta = result.z[0] - block_outputs(loaded, [fact], layer, 1)[0].to(result.z.device)
         timings["targets_s"] += clock() - t0
         t1 = clock()
         k_star = _keys(loaded, layer, [fact], templates)[0].double()
         k_bare = _keys(loaded, layer, [fact], ["{}"])[0].double()
         W = loaded.down_weight(layer).double()
-        delta = (result.z - result.h)[0].double().to(W.device)
+        delta = delta.double().to(W.device)
         v_star = W @ k_bare.to(W.device) + delta
         C = covariance.to(W.device) if covariance is not None else None
         up, down = rome_update(W, k_star.to(W.device), v_star, C)

@@ -82,14 +82,14 @@ def report_from_summary(summary: dict) -> dict:
             return None
         return {"model": model if when == "before" else f"{model} + {summary.get('method')} edit",
                 "n_facts": len(per), "aggregate": ev[when], "per_fact": [r[when] for r in per],
-                "unrelated": None, "fluency": None}
+                "unrelated": None, "fluency": (ev.get("fluency") or {}).get(when)}
 
     meta = {k: summary.get(k) for k in ("method", "layers", "n_facts", "facts_file", "facts_sha256", "hparams", "timings")}
     return {"title": f"covedit batch-edit: {summary.get('method')} on {summary.get('n_facts')} facts",
             "created": time.strftime("%Y-%m-%d %H:%M:%S %z"),
             "labels": {"before": "unedited", "after": "edited"},
             "before": side("before"), "after": side("after") or {"model": model, "per_fact": [], "aggregate": {}},
-            "drift": None, "update_norms": summary.get("update_norms"), "meta": meta}
+            "drift": ev.get("drift"), "update_norms": summary.get("update_norms"), "meta": meta}
 
 
 # ------------------------------------------------------------------------------------------ markdown

@@ -26,6 +26,7 @@ Quirks:
 * Rows are left-padded with position ids counted over real tokens, so every row ends at the same column
   and the model computes logits for the last few columns only (``logits_to_keep``): memory is
   rows × (longest target) × vocab, not rows × length × vocab.
+* Facts are chunked in order of their longest row, so rows of similar length share a forward.
 * ``max_rows`` bounds the rows of one forward; a fact's rows (templates + 1) always share a chunk, so one
   chunk can exceed it when a single fact has more rows.
 * The model runs in its own dtype; δ, the logits' softmax and the losses are float32.
@@ -64,6 +65,16 @@ class TargetResult:
     @property
     def delta(self) -> torch.Tensor:
         return self.z - self.h
+
+    def select(self, index: list[int]) -> TargetResult:
+        """The results of some facts (a fact's target does not depend on the others in its batch)."""
+        return TargetResult(self.z[index], self.h[index], self.nll_before[index], self.nll_after[index],
+                            self.steps_taken[index])
+
+    @staticmethod
+    def concat(parts: list[TargetResult]) -> TargetResult:
+        return TargetResult(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                              ("z", "h", "nll_before", "nll_after", "steps_taken")))
 
 
 @dataclass
@@ -231,9 +242,12 @@ def compute_targets(loaded: LoadedModel, facts: list, layer: int, hp: TargetHPar
     nll_now = torch.zeros(n, device=device)
     kl_start: torch.Tensor | None = None  # (n, vocab) log-probs with δ = 0
 
+    # Facts in order of their longest row, so a chunk holds rows of similar length (less left padding).
+    by_length = torch.tensor(sorted(range(n), key=lambda i: max(len(r) for r in fact_rows[i].rows)),
+                             dtype=torch.long, device=device)
     for it in range(hp.steps):
         measuring_only = it == hp.steps - 1
-        active = (~frozen).nonzero().flatten()
+        active = by_length[~frozen[by_length]]
         if len(active) == 0:
             break
         opt.zero_grad(set_to_none=False)

@@ -1,0 +1,80 @@
+"""What the benchmarks share: zsRE facts from the sample, writing them as our JSONL, and a per-fact cache of
+target vectors so that studies which compare update rules on the same facts optimise each target once.
+
+Why a per-fact cache is sound: a fact's δ does not depend on the other facts of its batch (the loss is a
+sum over facts and Adam is element-wise; pipeline.targets proves it and tests it to 1e-4), so the targets of
+the first 10 facts are the first 10 of the targets of 100. The cache key holds everything else that
+determines a target: the model's id, the layer, the target hyperparameters and the context templates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from pipeline.facts import from_zsre
+from pipeline.targets import TargetResult, compute_targets
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "zsre_eval_sample.jsonl"
+DEFAULT_CACHE = Path.home() / ".cache" / "covedit" / "bench-targets"
+
+
+def zsre_facts(path: Path, n: int, skip: int = 0) -> list:
+    """zsRE records with distinct (subject, question), in file order: the n after the first ``skip``."""
+    facts, seen = [], set()
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        fact = from_zsre(json.loads(line), line_no)
+        key = (fact.subject, fact.prompt)
+        if key in seen:
+            continue
+        seen.add(key)
+        facts.append(fact)
+        if len(facts) == skip + n:
+            return facts[skip:]
+    raise SystemExit(f"{path} has only {len(facts)} distinct facts, {skip + n} asked for")
+
+
+def write_facts(facts: list, path: Path) -> None:
+    with open(path, "w") as f:
+        for fact in facts:
+            d = dataclasses.asdict(fact)
+            d.pop("line")
+            d["neighborhood"] = [dict(n) for n in d["neighborhood"]]
+            f.write(json.dumps(d) + "\n")
+
+
+def _fact_key(fact) -> str:
+    return json.dumps([fact.subject, fact.prompt, fact.target_new])
+
+
+class TargetCache:
+    """Targets of single facts on disk for one (model, layer, hyperparameters, templates)."""
+
+    def __init__(self, loaded, layer: int, target_hp, templates: list[str], folder: Path = DEFAULT_CACHE) -> None:
+        self.loaded, self.layer, self.hp, self.templates = loaded, layer, target_hp, templates
+        key = json.dumps({"model": loaded.model_id, "layer": layer, "hp": dataclasses.asdict(target_hp),
+                          "templates": templates}, sort_keys=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"targets-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+        self.entries: dict[str, dict] = torch.load(self.path) if self.path.exists() else {}
+
+    def put(self, facts: list, result: TargetResult) -> None:
+        for i, fact in enumerate(facts):
+            one = result.select([i])
+            self.entries[_fact_key(fact)] = {f: getattr(one, f).cpu() for f in
+                                             ("z", "h", "nll_before", "nll_after", "steps_taken")}
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(self.entries, tmp)
+        tmp.replace(self.path)
+
+    def get(self, facts: list) -> TargetResult:
+        """Targets of ``facts`` in order; the missing ones are optimised together first and stored."""
+        missing = [f for f in facts if _fact_key(f) not in self.entries]
+        if missing:
+            self.put(missing, compute_targets(self.loaded, missing, self.layer, self.hp, self.templates))
+        return TargetResult.concat([TargetResult(**self.entries[_fact_key(f)]) for f in facts])
