@@ -276,7 +276,7 @@ def batch_edit_cmd(
     facts: Annotated[Path, typer.Argument(help="Facts JSONL (our schema, CounterFact or zsRE records).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the edited model, delta.safetensors and manifest.json.")] = Path("edited"),
     method: Annotated[str, typer.Option(help="memit (default), rome or alphaedit.")] = "memit",
-    covariance: Annotated[Optional[str], typer.Option(help="C (statistics, default) or identity (the plain rank-one baseline).")] = None,
+    covariance: Annotated[Optional[str], typer.Option(help="C (statistics, default) or identity: C = I, which with --method rome is the plain rank-one update (v − Wk)kᵀ/kᵀk and with memit the ridge λI + KKᵀ.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="auto, covedit, counterfact or zsre.")] = "auto",
     model: Model = "smollm2-135m",
     dtype: Dtype = "float32",
@@ -288,6 +288,7 @@ def batch_edit_cmd(
     stats: Annotated[Optional[Path], typer.Option(help="Use this statistics store.")] = None,
     build_stats: Annotated[bool, typer.Option("--build-stats", help="Build missing statistics first (embedded corpus).")] = False,
     stats_tokens: Annotated[Optional[int], typer.Option(help="Token budget for --build-stats.")] = None,
+    device_map: Annotated[Optional[str], typer.Option(help="Spread the model over the visible GPUs: auto, balanced or sequential (accelerate); each layer's update is computed on its own device. Replaces --device.")] = None,
     base: Annotated[Optional[Path], typer.Option(help="Continue from an earlier batch-edit output (sequential edits).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --output.")] = False,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the before/after evaluation.")] = False,
@@ -304,13 +305,16 @@ def batch_edit_cmd(
         raise UsageError("--method must be memit, rome or alphaedit.")
     if covariance not in (None, "C", "identity"):
         raise UsageError("--covariance must be C or identity.")
+    if device_map is not None and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        raise UsageError("--device-map must be auto, balanced, balanced_low_0 or sequential.")
     if report is not None:
         if no_eval:
             raise UsageError("--report needs the before/after evaluation: drop --no-eval.")
         check_report_dir(report)
     summary = run_batch_edit(BatchEditConfig(
         facts=facts, output=output, method=method, covariance=covariance, fmt=fmt, model=model, dtype=dtype,
-        device=device, module_template=module_template, hparams_file=hparams, overrides=list(set_ or []),
+        device=device, device_map=device_map, module_template=module_template, hparams_file=hparams,
+        overrides=list(set_ or []),
         stats_dir=stats_dir, stats=stats, build_stats=build_stats, stats_tokens=stats_tokens, base=base,
         overwrite=overwrite, evaluate=not no_eval))
     if report is not None:

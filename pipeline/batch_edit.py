@@ -43,6 +43,7 @@ class BatchEditConfig:
     model: str = "smollm2-135m"
     dtype: str = "float32"
     device: str = "cpu"
+    device_map: str | None = None  # "auto" etc.: spread the model over GPUs (accelerate), instead of device
     module_template: str | None = None
     hparams_file: str | None = None
     overrides: list[str] = field(default_factory=list)
@@ -137,7 +138,8 @@ def run_batch_edit(cfg: BatchEditConfig) -> dict:
         raise MissingInput(f"Facts file {cfg.facts} does not exist.")
     _check_output(cfg)
     base_manifest = _base_manifest(cfg.base) if cfg.base else None
-    loaded = load_model(str(cfg.base) if cfg.base else cfg.model, cfg.dtype, cfg.device, cfg.module_template)
+    loaded = load_model(str(cfg.base) if cfg.base else cfg.model, cfg.dtype, cfg.device, cfg.module_template,
+                        device_map=cfg.device_map)
     original_model_id = base_manifest["original_model_id"] if base_manifest else loaded.model_id
     model_arg = base_manifest["original_model"] if base_manifest else cfg.model
     facts = read_facts(cfg.facts, cfg.fmt, loaded.tokenizer)
@@ -185,7 +187,8 @@ def run_batch_edit(cfg: BatchEditConfig) -> dict:
         "method": cfg.method, "facts_file": str(cfg.facts), "facts_sha256": meta["facts_sha256"], "n_facts": len(facts),
         "model": loaded.model_id, "original_model": model_arg, "original_model_id": original_model_id,
         "base": str(cfg.base) if cfg.base else None, "hparams": hparams_mod.to_dict(hp), "stats": stats_info,
-        "layers": layers, "original_weight_hashes": delta.base_hashes, "edited_weight_hashes": delta.edited_hashes,
+        "layers": layers, "layer_devices": {str(layer): str(loaded.layer_device(layer)) for layer in layers},
+        "original_weight_hashes": delta.base_hashes, "edited_weight_hashes": delta.edited_hashes,
         "timings": {"edit_s": edit_seconds, "seconds_per_fact": edit_seconds / max(1, len(facts)),
                     "eval_s": eval_seconds, "total_s": clock() - t_start, **outcome.timings},
         "targets": outcome.target_info,

@@ -77,18 +77,18 @@ def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: 
     keys_out: dict[int, torch.Tensor] = {}
     t1 = clock()
     for i, layer in enumerate(layers):
-        K = _keys(loaded, layer, facts, templates).double().T  # (d_ff, n)
+        at = loaded.layer_device(layer)  # every tensor of this layer's update lives with its weight
+        K = _keys(loaded, layer, facts, templates).double().T.to(at)  # (d_ff, n)
         keys_out[layer] = K.T.float().cpu()
         h = block_outputs(loaded, facts, layers[-1], 64).double()
-        R = ((z.to(h.device) - h) / (len(layers) - i)).T  # (d_model, n)
-        K, R = K.to(loaded.device), R.to(loaded.device)
+        R = ((z.to(h.device) - h) / (len(layers) - i)).T.to(at)  # (d_model, n)
         if alphaedit is None:
-            C = covariances[layer].to(loaded.device) if covariances is not None else torch.eye(K.shape[0], dtype=torch.float64, device=K.device)
+            C = covariances[layer].to(at) if covariances is not None else torch.eye(K.shape[0], dtype=torch.float64, device=at)
             up, down = memit_solve(K, R, C, lam)
         else:
             prev = alphaedit["prev_keys"].get(layer)
-            C_prev = (prev.double().T @ prev.double()).to(loaded.device) if prev is not None and len(prev) else None
-            up, down = alphaedit_solve(K, R, alphaedit["P"][layer].to(loaded.device), C_prev, alphaedit["alpha"])
+            C_prev = (prev.to(at).double().T @ prev.to(at).double()) if prev is not None and len(prev) else None
+            up, down = alphaedit_solve(K, R, alphaedit["P"][layer].to(at), C_prev, alphaedit["alpha"])
         factors[layer] = _apply(loaded, layer, up, down)
         log.info("layer %d: update norm %.3g, mean residual norm %.3g", layer,
                  float((up.double() @ down.double()).norm()), float(R.norm(dim=0).mean()))

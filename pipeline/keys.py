@@ -178,7 +178,7 @@ def compute_keys(loaded: LoadedModel, layers: list[int], prompts: list[str], sub
     """For each fact and layer, the down-projection input at the subject's last token, averaged over templates.
 
     One forward per batch serves every layer and stops after the deepest one. Returns
-    ``{layer: (n_facts, d_ff) float32}`` on the model's device.
+    ``{layer: (n_facts, d_ff) float32}``, each on its layer's device.
     """
     if len(prompts) != len(subjects):
         raise ValueError(f"{len(prompts)} prompts but {len(subjects)} subjects")
@@ -191,16 +191,18 @@ def compute_keys(loaded: LoadedModel, layers: list[int], prompts: list[str], sub
     loaded.check_layers(layers)
     device = loaded.device
     modules = [loaded.down_proj(layer) for layer in layers]
-    sums = {layer: torch.zeros(len(prompts), loaded.d_ff, dtype=torch.float32, device=device) for layer in layers}
+    sums = {layer: torch.zeros(len(prompts), loaded.d_ff, dtype=torch.float32, device=loaded.layer_device(layer))
+            for layer in layers}
     rows = [(i, t.replace("{}", prompts[i]), subjects[i]) for i in range(len(prompts)) for t in templates]
     for lo in range(0, len(rows), batch_size):
         chunk = rows[lo:lo + batch_size]
         enc = encode_with_subject(loaded.tokenizer, [r[1] for r in chunk], [r[2] for r in chunk], padding_side)
         enc = enc.to(device)
-        fact_index = torch.tensor([r[0] for r in chunk], dtype=torch.long, device=device)
+        fact_index = torch.tensor([r[0] for r in chunk], dtype=torch.long)
         with capture_inputs(modules, stop_after=modules[-1]) as seen:
             run_until(loaded.model, **enc.model_inputs())
-        batch = torch.arange(len(chunk), device=device)
         for layer, k in zip(layers, seen):
-            sums[layer].index_add_(0, fact_index, k[batch, enc.subject_last].float())
+            at = k.device
+            picked = k[torch.arange(len(chunk), device=at), enc.subject_last.to(at)].float()
+            sums[layer].index_add_(0, fact_index.to(sums[layer].device), picked.to(sums[layer].device))
     return {layer: s / len(templates) for layer, s in sums.items()}

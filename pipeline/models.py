@@ -160,7 +160,12 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the input embeddings' device (the first device of a model spread by a device map)."""
+        return self.model.get_input_embeddings().weight.device
+
+    def layer_device(self, layer: int) -> torch.device:
+        """Where layer's down-projection lives: its keys, update and covariance are computed there."""
+        return self.down_proj(layer).weight.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -291,8 +296,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu",
                module_template: str | None = None, transposed: bool | None = None,
-               revision: str | None = None) -> LoadedModel:
-    """Load ``--model`` and find its editable parts; raises ModelError with one clear sentence."""
+               revision: str | None = None, device_map: str | None = None) -> LoadedModel:
+    """Load ``--model`` and find its editable parts; raises ModelError with one clear sentence.
+
+    ``device_map`` ("auto", "balanced", "sequential"; accelerate) spreads the blocks over the visible GPUs
+    instead of putting the whole model on ``device``.
+    """
     if dtype not in DTYPES:
         raise ModelError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
@@ -306,21 +315,48 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
     if model_id is None:  # hub: the commit hash the files came from
         model_id = f"hub:{name}@{revision or getattr(config, '_commit_hash', None) or 'main'}"
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, revision=revision, dtype=DTYPES[dtype])
+        spread = {"device_map": device_map} if device_map else {}
+        model = AutoModelForCausalLM.from_pretrained(location, revision=revision, dtype=DTYPES[dtype], **spread)
         tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
     except (OSError, ValueError) as e:
         raise ModelError(f"Cannot load model {name!r}: {str(e).splitlines()[0]}") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(pick_device(device)).eval()
-    model.requires_grad_(False)
+    if not device_map:
+        model.to(pick_device(device))
+    model.eval().requires_grad_(False)
     loaded = LoadedModel(model, tokenizer, arch, model_id, name)
     try:
         loaded.down_proj(0)
     except (AttributeError, IndexError) as e:
         raise ModelError(f"Module template {arch.template()!r} does not match this {config.model_type} model; "
                          "pass --module-template naming the MLP down-projection.") from e
+    if device_map:
+        placement = layer_devices(getattr(model, "hf_device_map", None) or {"": str(loaded.device)},
+                                  arch.template(), range(loaded.num_layers))
+        log.info("device map: blocks on %s", sorted(set(placement.values())))
     return loaded
+
+
+def layer_devices(device_map: dict[str, int | str], template: str, layers) -> dict[int, str]:
+    """The device of each layer's down-projection under an accelerate device map (longest prefix wins).
+
+    Refuses a layer offloaded to "disk" (its weight is a placeholder that in-place edits would not reach);
+    "cpu" is a real device and allowed. GPU indices come out as "cuda:N".
+    """
+    out = {}
+    for layer in layers:
+        name = template.format(layer)
+        matches = [(prefix, dev) for prefix, dev in device_map.items()
+                   if prefix == "" or name == prefix or name.startswith(prefix + ".")]
+        if not matches:
+            raise ModelError(f"The device map places no module that holds {name}.")
+        device = max(matches, key=lambda m: len(m[0]))[1]
+        if device in ("disk", "meta"):
+            raise ModelError(f"Layer {layer} ({name}) is offloaded to {device} by the device map, where an edit "
+                             "cannot reach its weight: give the model more GPU/CPU memory or another device map.")
+        out[layer] = f"cuda:{device}" if isinstance(device, int) else str(device)
+    return out
 
 
 def wrap_model(model: nn.Module, tokenizer: object, model_id: str = "test", module_template: str | None = None) -> LoadedModel:

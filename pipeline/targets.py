@@ -124,7 +124,10 @@ def _fact_rows(tokenizer, facts: list, templates: list[str]) -> list[_FactRows]:
     return out
 
 
-def _build_chunk(fact_rows: list[_FactRows], facts: list[int], pad_id: int, device: torch.device) -> _Chunk:
+def _build_chunk(fact_rows: list[_FactRows], facts: list[int], pad_id: int, input_device: torch.device,
+                 device: torch.device) -> _Chunk:
+    """Token ids go to ``input_device`` (the embeddings'), everything indexed per row or fact to ``device``
+    (the edited layer's, where δ lives); the label side moves to the logits' device in _forward."""
     rows, row_fact, subject_pos, rewrite_rows, rewrite_fact, kl_rows, targets = [], [], [], [], [], [], []
     for local, i in enumerate(facts):
         fr = fact_rows[i]
@@ -153,13 +156,14 @@ def _build_chunk(fact_rows: list[_FactRows], facts: list[int], pad_id: int, devi
     def as_long(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=device)
 
-    return _Chunk(as_long(facts), input_ids.to(device), mask.to(device), as_long(row_fact), as_long(subject_pos),
+    return _Chunk(as_long(facts), input_ids.to(input_device), mask.to(input_device), as_long(row_fact), as_long(subject_pos),
                   labels.to(device), as_long(rewrite_rows), as_long(rewrite_fact), as_long(kl_rows), keep)
 
 
 def _forward(loaded: LoadedModel, chunk: _Chunk, delta: torch.Tensor, layer: int,
              n_templates: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-fact NLL (c,) and KL-prompt next-token log-probs (c, vocab), with δ added at ``layer``."""
+    """Per-fact NLL (c,) and KL-prompt next-token log-probs (c, vocab), with δ added at ``layer``; both on δ's
+    device (a model spread over devices computes its logits elsewhere)."""
     rows = torch.arange(len(chunk.row_fact), device=delta.device)
 
     def add_delta(h: torch.Tensor) -> torch.Tensor:
@@ -171,13 +175,15 @@ def _forward(loaded: LoadedModel, chunk: _Chunk, delta: torch.Tensor, layer: int
         inputs["logits_to_keep"] = chunk.keep
     with edit_output(loaded.block(layer), add_delta):
         logits = loaded.model(**inputs).logits[:, -chunk.keep:].float()
-    rewrite = logits[chunk.rewrite_rows]  # (n_rewrite, keep, V)
-    token_nll = F.cross_entropy(rewrite.flatten(0, 1), chunk.labels.flatten(), ignore_index=-100,
-                                reduction="none").view(chunk.labels.shape)
-    row_nll = token_nll.sum(1) / (chunk.labels != -100).sum(1)
-    nll = torch.zeros(len(chunk.facts), device=row_nll.device).index_add(0, chunk.rewrite_fact, row_nll) / n_templates
-    kl_logprobs = F.log_softmax(logits[chunk.kl_rows, -1], dim=-1)
-    return nll, kl_logprobs
+    at = logits.device
+    labels = chunk.labels.to(at)
+    rewrite = logits[chunk.rewrite_rows.to(at)]  # (n_rewrite, keep, V)
+    token_nll = F.cross_entropy(rewrite.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                reduction="none").view(labels.shape)
+    row_nll = token_nll.sum(1) / (labels != -100).sum(1)
+    nll = torch.zeros(len(chunk.facts), device=at).index_add(0, chunk.rewrite_fact.to(at), row_nll) / n_templates
+    kl_logprobs = F.log_softmax(logits[chunk.kl_rows.to(at), -1], dim=-1)
+    return nll.to(delta.device), kl_logprobs.to(delta.device)
 
 
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
@@ -197,7 +203,8 @@ def block_outputs(loaded: LoadedModel, facts: list, layer: int, batch_rows: int)
             inputs["logits_to_keep"] = 1
         with capture_outputs([loaded.block(layer)]) as seen:
             loaded.model(**inputs)
-        out.append(seen[0][torch.arange(len(chunk), device=loaded.device), enc.subject_last].float())
+        at = seen[0].device  # the block's device
+        out.append(seen[0][torch.arange(len(chunk), device=at), enc.subject_last.to(at)].float())
     return torch.cat(out)
 
 
@@ -221,7 +228,7 @@ def compute_targets(loaded: LoadedModel, facts: list, layer: int, hp: TargetHPar
     for t in templates:
         if t.count("{}") != 1:
             raise DataError(f"Context template {t!r} must contain exactly one '{{}}'.")
-    device, n, d = loaded.device, len(facts), loaded.d_model
+    device, n, d = loaded.layer_device(layer), len(facts), loaded.d_model  # δ lives with its layer
     if n == 0:
         empty = torch.zeros(0, d, device=device)
         return TargetResult(empty, empty.clone(), torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.long))
@@ -253,7 +260,7 @@ def compute_targets(loaded: LoadedModel, facts: list, layer: int, hp: TargetHPar
         opt.zero_grad(set_to_none=False)
         for lo in range(0, len(active), facts_per_chunk):
             idx = active[lo:lo + facts_per_chunk]
-            chunk = _build_chunk(fact_rows, idx.tolist(), pad_id, device)
+            chunk = _build_chunk(fact_rows, idx.tolist(), pad_id, loaded.device, device)
             with torch.set_grad_enabled(not measuring_only):
                 nll, kl_logprobs = _forward(loaded, chunk, delta, layer, len(templates))
                 if kl_start is None:  # first pass: δ = 0 for every fact
