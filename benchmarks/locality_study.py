@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.batch_edit import _find_any  # noqa: E402
+from pipeline.batch_edit import find_complete_store  # noqa: E402
 from pipeline.edit import alphaedit_projectors, run_memit, run_rome, templates_for  # noqa: E402
 from pipeline.evaluate import (aggregate, drift, fact_metrics, fluency, greedy_continuations,  # noqa: E402
                                next_token_logprobs)
@@ -77,7 +77,7 @@ class Study:
 
     def covariances(self, stats_dir: Path) -> tuple[dict[int, torch.Tensor], int | None]:
         """C of every edited layer from the complete store in ``stats_dir``, and its token count."""
-        store = _find_any(Path(stats_dir).expanduser(), self.loaded.model_id, self.loaded.arch.template(), self.layers)
+        store = find_complete_store(Path(stats_dir).expanduser(), self.loaded.model_id, self.loaded.arch.template(), self.layers)
         if store is None:
             raise SystemExit(f"no complete statistics for layers {self.layers} in {stats_dir}: run "
                              f"`covedit build-stats --layers {self.layers[0]}-{self.layers[-1]} --stats-dir {stats_dir}`")

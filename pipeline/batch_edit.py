@@ -88,7 +88,7 @@ def load_covariances(cfg: BatchEditConfig, model_id: str, module: str, layers: l
         if store.key.get("model_id") != model_id:
             raise UsageError(f"--stats {cfg.stats} was built for {store.key.get('model_id')}, not {model_id}.")
     else:
-        store = _find_any(stats_dir, model_id, module, layers)
+        store = find_complete_store(stats_dir, model_id, module, layers)
         if store is None and cfg.build_stats:
             from stats.corpus import CorpusSpec  # noqa: PLC0415
             from stats.distributed import StatsJob, build_stats  # noqa: PLC0415
@@ -97,7 +97,7 @@ def load_covariances(cfg: BatchEditConfig, model_id: str, module: str, layers: l
             build_stats(StatsJob(model=model_arg, layers=tuple(layers), corpus=CorpusSpec(), tokens=cfg.stats_tokens,
                                  dtype="float32", device=cfg.device, module_template=cfg.module_template,
                                  stats_dir=str(stats_dir)), show_progress=True)
-            store = _find_any(stats_dir, model_id, module, layers)
+            store = find_complete_store(stats_dir, model_id, module, layers)
         if store is None:
             raise MissingInput(f"No statistics for {model_id} layers {layers} in {stats_dir}: run "
                                f"`{stats_command(model_arg, layers)}` first, or pass --build-stats.")
@@ -108,7 +108,7 @@ def load_covariances(cfg: BatchEditConfig, model_id: str, module: str, layers: l
     return covs, {"path": str(store.path), "key": store.key}
 
 
-def _find_any(stats_dir: Path, model_id: str, module: str, layers: list[int]) -> StatsStore | None:
+def find_complete_store(stats_dir: Path, model_id: str, module: str, layers: list[int]) -> StatsStore | None:
     """The complete store with the most tokens for this model and module covering ``layers``."""
     from stats.store import list_stores  # noqa: PLC0415
 
