@@ -1,0 +1,39 @@
+"""The benchmarks' per-fact target cache: stored once, reused for any subset, keyed by what determines it."""
+
+from __future__ import annotations
+
+import torch
+
+import benchmarks.common as common
+from pipeline.facts import Fact
+from pipeline.hparams import TargetHParams
+from pipeline.targets import compute_targets
+
+FACTS = [Fact("a", "Eiffel Tower", "The {} is located in", "Rome"),
+         Fact("b", "Louvre", "The {} is a museum in", "Berlin")]
+HP = TargetHParams(steps=4, lr=0.05, clamp_norm_factor=10.0)
+
+
+def test_cache_optimises_each_fact_once_and_serves_subsets(tiny, tmp_path, monkeypatch):
+    calls = []
+
+    def counting(loaded, facts, layer, hp, templates):
+        calls.append(len(facts))
+        return compute_targets(loaded, facts, layer, hp, templates)
+
+    monkeypatch.setattr(common, "compute_targets", counting)
+    cache = common.TargetCache(tiny, 2, HP, ["{}"], folder=tmp_path)
+    first = cache.get(FACTS[:1])
+    both = cache.get(FACTS)
+    again = common.TargetCache(tiny, 2, HP, ["{}"], folder=tmp_path).get(FACTS[::-1])  # a new process, reversed
+    assert calls == [1, 1]  # fact a once, then only fact b
+    assert torch.equal(both.z[0], first.z[0]) and torch.equal(again.z[0], both.z[1])
+    direct = compute_targets(tiny, FACTS, 2, HP, ["{}"])
+    torch.testing.assert_close(both.z, direct.z, rtol=1e-4, atol=1e-5)  # a fact's target ignores its batch
+
+
+def test_cache_key_changes_with_the_hyperparameters(tiny, tmp_path):
+    a = common.TargetCache(tiny, 2, HP, ["{}"], folder=tmp_path)
+    b = common.TargetCache(tiny, 2, TargetHParams(steps=5), ["{}"], folder=tmp_path)
+    c = common.TargetCache(tiny, 1, HP, ["{}"], folder=tmp_path)
+    assert len({a.path, b.path, c.path}) == 3
