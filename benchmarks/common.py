@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -63,18 +64,39 @@ class TargetCache:
         self.path = folder / f"targets-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
         self.entries: dict[str, dict] = torch.load(self.path) if self.path.exists() else {}
 
-    def put(self, facts: list, result: TargetResult) -> None:
+    def put(self, facts: list, result: TargetResult, seconds: float | None = None) -> None:
+        """Store the targets of ``facts``; ``seconds`` (the wall time of their batch) is kept per fact as a share."""
         for i, fact in enumerate(facts):
             one = result.select([i])
-            self.entries[_fact_key(fact)] = {f: getattr(one, f).cpu() for f in
-                                             ("z", "h", "nll_before", "nll_after", "steps_taken")}
+            entry = {f: getattr(one, f).cpu() for f in ("z", "h", "nll_before", "nll_after", "steps_taken")}
+            entry["seconds"] = None if seconds is None else seconds / len(facts)
+            self.entries[_fact_key(fact)] = entry
         tmp = self.path.with_suffix(".tmp")
         torch.save(self.entries, tmp)
         tmp.replace(self.path)
 
+    def missing(self, facts: list) -> list:
+        return [f for f in facts if _fact_key(f) not in self.entries]
+
+    def fill(self, facts: list, save_every: int = 50, progress=None) -> None:
+        """Optimise the missing targets ``save_every`` facts at a time, saving after each batch, so a killed
+        run resumes where it stopped (batch size does not change a target, see the module docstring)."""
+        missing = self.missing(facts)
+        for lo in range(0, len(missing), save_every):
+            part = missing[lo:lo + save_every]
+            t = time.perf_counter()
+            result = compute_targets(self.loaded, part, self.layer, self.hp, self.templates)
+            self.put(part, result, time.perf_counter() - t)
+            if progress:
+                progress(lo + len(part), len(missing))
+
+    def seconds(self, facts: list) -> float | None:
+        """Measured optimisation time of ``facts`` (None if any was stored without a time)."""
+        times = [self.entries[_fact_key(f)].get("seconds") for f in facts]
+        return None if any(t is None for t in times) else float(sum(times))
+
     def get(self, facts: list) -> TargetResult:
-        """Targets of ``facts`` in order; the missing ones are optimised together first and stored."""
-        missing = [f for f in facts if _fact_key(f) not in self.entries]
-        if missing:
-            self.put(missing, compute_targets(self.loaded, missing, self.layer, self.hp, self.templates))
-        return TargetResult.concat([TargetResult(**self.entries[_fact_key(f)]) for f in facts])
+        """Targets of ``facts`` in order; the missing ones are optimised first and stored."""
+        self.fill(facts)
+        fields = ("z", "h", "nll_before", "nll_after", "steps_taken")
+        return TargetResult.concat([TargetResult(**{f: self.entries[_fact_key(x)][f] for f in fields}) for x in facts])

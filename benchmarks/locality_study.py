@@ -21,7 +21,8 @@ model: both metric families (success P(new) > P(true) where a true target exists
 accuracy), leakage (share of neighbourhood prompts whose greedy 10-token continuation now names the new
 object, the study's "contaminated"), drift on the 42 shipped unrelated prompts (mean KL, top-1 changed)
 and fluency (GE). Two more sections reuse the zsRE targets of the largest size: MEMIT with statistics of
-different token budgets (``--budget name=stats_dir``) and a λ sweep (``--lams``).
+different token budgets (``--budget name=stats_dir``) and a λ sweep (``--lams``; with ``--skip 100`` on
+facts the default λ was not chosen on).
 
     python benchmarks/locality_study.py --json benchmarks/results/locality_study_cpu.json \\
         --plot benchmarks/results/locality_study.png \\
@@ -196,6 +197,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--stats-dir", type=Path, default=default_stats_dir())
     ap.add_argument("--sizes", default="1,10,100")
+    ap.add_argument("--skip", type=int, default=0,
+                    help="use the zsRE facts after the first SKIP (a held-out set for checking a tuned λ)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--budget", action="append", default=[], metavar="NAME=STATS_DIR",
                     help="MEMIT at the largest size with the statistics in STATS_DIR (repeatable)")
@@ -209,7 +212,7 @@ def main() -> None:
     study = Study(args.model, args.stats_dir, args.fluency_tokens)
     sizes = [int(x) for x in args.sizes.split(",") if x]
     results = {"model": study.loaded.model_id, "layers": study.layers, "lam": study.hp.lam,
-               "stats_tokens": study.stats_tokens, "threads": torch.get_num_threads(),
+               "stats_tokens": study.stats_tokens, "threads": torch.get_num_threads(), "zsre_skip": args.skip,
                "unedited": {"ge": study.reference_ge}, "rows": [], "budget": [], "lambda": []}
 
     def save() -> None:
@@ -217,9 +220,12 @@ def main() -> None:
             args.json.write_text(json.dumps(results, indent=2))
 
     hand = read_facts(STUDY_FACTS, tokenizer=study.loaded.tokenizer)
-    zsre = zsre_facts(args.data, max(sizes))
+    zsre = zsre_facts(args.data, max(sizes), skip=args.skip)
     study.targets.get(zsre)  # optimise all targets in one batch (the smaller sets are prefixes)
-    fact_sets = [("hand-made", hand)] + [(f"zsRE {n}", zsre[:n]) for n in sizes]
+    def zsre_label(n: int) -> str:
+        return f"zsRE {n}" + (f" (after {args.skip})" if args.skip else "")
+
+    fact_sets = [("hand-made", hand)] + [(zsre_label(n), zsre[:n]) for n in sizes]
     for label, facts in fact_sets:
         study.restore()
         results["rows"].append(row(label, "unedited", len(facts), None, study.measure(facts)))
@@ -234,14 +240,14 @@ def main() -> None:
         name, _, folder = spec.partition("=")
         covs, tokens = study.covariances(Path(folder))
         seconds = study.edit("memit", largest, study.hp.lam, covs)
-        r = row(f"zsRE {len(largest)}", "MEMIT", len(largest), seconds, study.measure(largest))
+        r = row(zsre_label(len(largest)), "MEMIT", len(largest), seconds, study.measure(largest))
         results["budget"].append(r | {"budget": name, "stats_tokens": tokens})
         save()
     if results["budget"]:
         print_table(results["budget"], extra="budget")
     for lam in [float(x) for x in args.lams.split(",") if x]:
         seconds = study.edit("memit", largest, lam, study.covs)
-        results["lambda"].append(row(f"zsRE {len(largest)}", "MEMIT", len(largest), seconds, study.measure(largest))
+        results["lambda"].append(row(zsre_label(len(largest)), "MEMIT", len(largest), seconds, study.measure(largest))
                                  | {"lam": lam})
         save()
     if results["lambda"]:

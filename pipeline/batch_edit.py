@@ -26,6 +26,7 @@ from pipeline.errors import CannotWrite, MissingInput, UsageError
 from pipeline.evaluate import drift, evaluate_model
 from pipeline.facts import facts_sha256, read_facts
 from pipeline.models import load_model
+from pipeline.targets import TargetResult
 from stats.store import StatsStore, default_stats_dir
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class BatchEditConfig:
     base: Path | None = None
     overwrite: bool = False
     evaluate: bool = True
+    targets: TargetResult | None = None  # precomputed targets of these facts (benchmarks share them); None: optimise
 
 
 def _check_output(cfg: BatchEditConfig) -> None:
@@ -164,13 +166,14 @@ def run_batch_edit(cfg: BatchEditConfig) -> dict:
     templates = templates_for(loaded, hp)
     t0 = clock()
     if cfg.method == "rome":
-        outcome = run_rome(loaded, facts, hp.layer, covs[hp.layer] if covs else None, hp.target, templates, clock)
+        outcome = run_rome(loaded, facts, hp.layer, covs[hp.layer] if covs else None, hp.target, templates, clock,
+                           targets=cfg.targets)
     elif cfg.method == "memit":
-        outcome = run_memit(loaded, facts, layers, covs, hp.lam, hp.target, templates, clock)
+        outcome = run_memit(loaded, facts, layers, covs, hp.lam, hp.target, templates, clock, targets=cfg.targets)
     else:
         projectors = alphaedit_projectors(covs, hp.null_space_threshold)
         outcome = run_memit(loaded, facts, layers, None, 0.0, hp.target, templates, clock,
-                            alphaedit={"P": projectors, "prev_keys": prev_keys, "alpha": hp.alpha})
+                            alphaedit={"P": projectors, "prev_keys": prev_keys, "alpha": hp.alpha}, targets=cfg.targets)
     edit_seconds = clock() - t0
     # Put the weights back and apply the delta exactly as `apply-delta` would, so the written model, the
     # delta and its hashes agree bit for bit (the in-loop sums differ from it only in rounding).
@@ -191,7 +194,7 @@ def run_batch_edit(cfg: BatchEditConfig) -> dict:
         "original_weight_hashes": delta.base_hashes, "edited_weight_hashes": delta.edited_hashes,
         "timings": {"edit_s": edit_seconds, "seconds_per_fact": edit_seconds / max(1, len(facts)),
                     "eval_s": eval_seconds, "total_s": clock() - t_start, **outcome.timings},
-        "targets": outcome.target_info,
+        "targets": {**outcome.target_info, "precomputed": cfg.targets is not None},
         "evaluation": _evaluation_summary(before, after) if cfg.evaluate else None,
         "update_norms": {str(layer): float((u.double() @ d.double()).norm()) for layer, (u, d) in outcome.factors.items()},
     }

@@ -29,6 +29,9 @@ Quirks:
 * Facts are chunked in order of their longest row, so rows of similar length share a forward.
 * ``max_rows`` bounds the rows of one forward; a fact's rows (templates + 1) always share a chunk, so one
   chunk can exceed it when a single fact has more rows.
+* ``max_facts`` bounds the facts optimised in one loop: larger batches run as consecutive groups (same
+  targets, by the argument above), so the reference distributions (facts × vocab floats, 1 GiB for 1,000
+  facts of a 262k vocabulary) and Adam's state stay bounded however many facts are edited.
 * The model runs in its own dtype; δ, the logits' softmax and the losses are float32.
 """
 
@@ -216,11 +219,12 @@ def _pad_id(tokenizer) -> int:
 
 
 def compute_targets(loaded: LoadedModel, facts: list, layer: int, hp: TargetHParams, templates: list[str],
-                    max_rows: int = 128) -> TargetResult:
+                    max_rows: int = 128, max_facts: int = 256) -> TargetResult:
     """Optimise one δ per fact, all facts in shared forward passes; see the module docstring for the loss.
 
     ``facts`` need ``.subject``, ``.prompt`` (with ``{}``) and ``.target_new``; ``templates``
-    are context templates such as ``["{}", "Prefix. {}"]``; ``max_rows`` bounds the rows of one forward.
+    are context templates such as ``["{}", "Prefix. {}"]``; ``max_rows`` bounds the rows of one forward,
+    ``max_facts`` the facts of one optimisation loop.
     """
     loaded.check_layers([layer])
     if not templates:
@@ -228,11 +232,17 @@ def compute_targets(loaded: LoadedModel, facts: list, layer: int, hp: TargetHPar
     for t in templates:
         if t.count("{}") != 1:
             raise DataError(f"Context template {t!r} must contain exactly one '{{}}'.")
-    device, n, d = loaded.layer_device(layer), len(facts), loaded.d_model  # δ lives with its layer
-    if n == 0:
-        empty = torch.zeros(0, d, device=device)
+    if len(facts) == 0:
+        empty = torch.zeros(0, loaded.d_model, device=loaded.layer_device(layer))
         return TargetResult(empty, empty.clone(), torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.long))
+    return TargetResult.concat([_optimise(loaded, facts[lo:lo + max_facts], layer, hp, templates, max_rows)
+                                for lo in range(0, len(facts), max(1, max_facts))])
 
+
+def _optimise(loaded: LoadedModel, facts: list, layer: int, hp: TargetHParams, templates: list[str],
+              max_rows: int) -> TargetResult:
+    """compute_targets for one group of facts."""
+    device, n, d = loaded.layer_device(layer), len(facts), loaded.d_model  # δ lives with its layer
     fact_rows = _fact_rows(loaded.tokenizer, facts, templates)
     per_fact = len(templates) + 1
     facts_per_chunk = max(1, max_rows // per_fact)

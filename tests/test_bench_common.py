@@ -37,3 +37,33 @@ def test_cache_key_changes_with_the_hyperparameters(tiny, tmp_path):
     b = common.TargetCache(tiny, 2, TargetHParams(steps=5), ["{}"], folder=tmp_path)
     c = common.TargetCache(tiny, 1, HP, ["{}"], folder=tmp_path)
     assert len({a.path, b.path, c.path}) == 3
+
+
+def test_fill_saves_each_batch_so_a_killed_run_resumes(tiny, tmp_path, monkeypatch):
+    calls = []
+
+    def dies_on_second_batch(loaded, facts, layer, hp, templates):
+        calls.append([f.id for f in facts])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the run is killed while optimising the second batch
+        return compute_targets(loaded, facts, layer, hp, templates)
+
+    monkeypatch.setattr(common, "compute_targets", dies_on_second_batch)
+    cache = common.TargetCache(tiny, 2, HP, ["{}"], folder=tmp_path)
+    try:
+        cache.fill(FACTS, save_every=1)
+    except KeyboardInterrupt:
+        pass
+    resumed = common.TargetCache(tiny, 2, HP, ["{}"], folder=tmp_path)  # a new process
+    assert [f.id for f in resumed.missing(FACTS)] == ["b"] and resumed.seconds(FACTS[:1]) > 0
+    monkeypatch.setattr(common, "compute_targets", compute_targets)
+    resumed.fill(FACTS, save_every=1)
+    assert resumed.missing(FACTS) == [] and resumed.seconds(FACTS) > resumed.seconds(FACTS[:1])
+    assert calls == [["a"], ["b"]]
+
+
+def test_seconds_is_unknown_when_a_fact_was_stored_without_its_time(tiny, tmp_path):
+    cache = common.TargetCache(tiny, 2, HP, ["{}"], folder=tmp_path)
+    cache.put(FACTS[:1], compute_targets(tiny, FACTS[:1], 2, HP, ["{}"]))
+    cache.put(FACTS[1:], compute_targets(tiny, FACTS[1:], 2, HP, ["{}"]), seconds=2.0)
+    assert cache.seconds(FACTS[1:]) == 2.0 and cache.seconds(FACTS) is None

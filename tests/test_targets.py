@@ -44,12 +44,15 @@ def test_batched_equals_one_at_a_time(tiny):
     m = _responsive(tiny)
     batched = compute_targets(m, FACTS, 2, DECAY, TEMPLATES)
     chunked = compute_targets(m, FACTS, 2, DECAY, TEMPLATES, max_rows=1)  # one fact per forward
+    grouped = compute_targets(m, FACTS, 2, DECAY, TEMPLATES, max_facts=2)  # two optimisation loops: 2 + 1
     for i, fact in enumerate(FACTS):
         alone = compute_targets(m, [fact], 2, DECAY, TEMPLATES)
         torch.testing.assert_close(batched.z[i], alone.z[0], rtol=0, atol=1e-4)
         torch.testing.assert_close(batched.nll_after[i], alone.nll_after[0], rtol=0, atol=1e-4)
         assert batched.steps_taken[i] == alone.steps_taken[0] == DECAY.steps - 1
     torch.testing.assert_close(chunked.z, batched.z, rtol=0, atol=1e-4)
+    torch.testing.assert_close(grouped.z, batched.z, rtol=0, atol=1e-4)
+    assert torch.equal(grouped.steps_taken, batched.steps_taken) and grouped.z.shape == batched.z.shape
     assert batched.z.shape == (3, m.d_model) and batched.z.dtype == torch.float32
 
 
