@@ -123,7 +123,7 @@ def build_stats_cmd(
 ):
     """Stream text through the model once and store Σ k kᵀ and the token count for every requested layer."""
     setup_logging(quiet or as_json)
-    from pipeline.models import default_layers, load_model  # noqa: PLC0415 (slow imports after parsing)
+    from pipeline.models import count_layers, default_layers  # noqa: PLC0415 (slow imports after parsing)
     from stats.corpus import CorpusSpec  # noqa: PLC0415
     from stats.distributed import StatsJob, build_stats  # noqa: PLC0415
     from stats.store import default_stats_dir  # noqa: PLC0415
@@ -143,7 +143,7 @@ def build_stats_cmd(
     ck_tokens, ck_seconds = parse_checkpoint_every(checkpoint_every)
     layer_list = parse_layers(layers)
     if layer_list is None:
-        layer_list = default_layers(load_model(model, dtype, "cpu", module_template).num_layers)
+        layer_list = default_layers(count_layers(model))
     job = StatsJob(model=model, layers=tuple(layer_list),
                    corpus=CorpusSpec(corpus, corpus_config, corpus_split, text_field, corpus_revision, seed),
                    tokens=tokens, max_length=max_length, batch_tokens=batch_tokens, bos=bos, accumulate=accumulate,

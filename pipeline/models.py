@@ -294,6 +294,19 @@ def pick_device(device: str) -> torch.device:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def count_layers(name: str = DEFAULT_MODEL, revision: str | None = None) -> int:
+    """The number of blocks of ``--model`` from its config alone (no weights loaded: a 7B model's default
+    layers should not cost a minute and 28 GB)."""
+    from transformers import AutoConfig  # noqa: PLC0415
+
+    _, location, _ = resolve_source(name)
+    try:
+        config = AutoConfig.from_pretrained(location, revision=revision)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"Cannot load model {name!r}: {str(e).splitlines()[0]}") from e
+    return int(config.get_text_config().num_hidden_layers)
+
+
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu",
                module_template: str | None = None, transposed: bool | None = None,
                revision: str | None = None, device_map: str | None = None) -> LoadedModel:

@@ -7,7 +7,7 @@ import torch
 from conftest import ARCHS, build_tiny
 from pipeline.errors import UsageError
 from pipeline.hooks import capture_inputs, run_until
-from pipeline.models import ModelError, default_layers, load_model, resolve_arch, wrap_model
+from pipeline.models import ModelError, count_layers, default_layers, load_model, resolve_arch, wrap_model
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -71,6 +71,13 @@ def test_layer_out_of_range(tokenizer):
 def test_default_layers():
     assert default_layers(30) == [4, 5, 6, 7, 8]
     assert default_layers(4) == [1, 2, 3]
+
+
+def test_count_layers_reads_the_config_only(tiny_dir, smol):
+    assert count_layers(str(tiny_dir)) == load_model(str(tiny_dir)).num_layers
+    assert count_layers("smollm2-135m") == smol.num_layers == 30
+    with pytest.raises(ModelError):
+        count_layers("/no/such/model")
 
 
 def test_missing_model_path():
