@@ -5,11 +5,16 @@ benchmarks.common.TargetCache 50 facts at a time (a killed run loses at most one
 batch's wall time, which bench_edit.py --cached-targets reports as the target-optimisation time.
 
     python benchmarks/warm_targets.py --facts 1000
+
+Targets cached before times were kept (bench_edit.py's batched-vs-one-at-a-time run stores its batched
+targets) get the time that run measured with ``--seconds-from bench_edit.json`` (its ``targets.batched_s``
+shared over its ``targets.facts`` first facts).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -30,15 +35,29 @@ def memit_target_cache(model: str, overrides: list[str] | None = None) -> Target
     return TargetCache(loaded, hp.layers[-1], hp.target, templates_for(loaded, hp))
 
 
+def record_seconds(cache: TargetCache, facts: list, seconds: float) -> None:
+    """Give cached targets stored without a time their share of the measured time of their batch."""
+    untimed = [f for f in facts if not cache.missing([f]) and cache.seconds([f]) is None]
+    if len(untimed) not in (0, len(facts)):
+        raise SystemExit("only some of those facts lack a time: they were not all optimised in that one batch")
+    if untimed:
+        cache.put(untimed, cache.get(untimed), seconds)
+        print(f"recorded {seconds:.0f} s over the {len(untimed)} targets of that batch", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--facts", type=int, default=1000)
     ap.add_argument("--save-every", type=int, default=50)
+    ap.add_argument("--seconds-from", type=Path, help="a bench_edit.py --json result whose batched targets are cached")
     args = ap.parse_args()
     cache = memit_target_cache(args.model)
     facts = zsre_facts(args.data, args.facts)
+    if args.seconds_from:
+        timed = json.loads(args.seconds_from.read_text())["targets"]
+        record_seconds(cache, zsre_facts(args.data, timed["facts"]), timed["batched_s"])
     t0 = time.perf_counter()
 
     def progress(done: int, total: int) -> None:

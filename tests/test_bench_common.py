@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import benchmarks.common as common
@@ -67,3 +68,18 @@ def test_seconds_is_unknown_when_a_fact_was_stored_without_its_time(tiny, tmp_pa
     cache.put(FACTS[:1], compute_targets(tiny, FACTS[:1], 2, HP, ["{}"]))
     cache.put(FACTS[1:], compute_targets(tiny, FACTS[1:], 2, HP, ["{}"]), seconds=2.0)
     assert cache.seconds(FACTS[1:]) == 2.0 and cache.seconds(FACTS) is None
+
+
+def test_record_seconds_shares_a_measured_batch_time_over_untimed_targets(tiny, tmp_path):
+    from benchmarks.warm_targets import record_seconds
+
+    cache = common.TargetCache(tiny, 2, HP, ["{}"], folder=tmp_path)
+    cache.put(FACTS, compute_targets(tiny, FACTS, 2, HP, ["{}"]))  # stored without a time
+    z = cache.get(FACTS).z
+    record_seconds(cache, FACTS, 6.0)
+    reopened = common.TargetCache(tiny, 2, HP, ["{}"], folder=tmp_path)
+    assert reopened.seconds(FACTS[:1]) == 3.0 and reopened.seconds(FACTS) == 6.0
+    assert torch.equal(reopened.get(FACTS).z, z)  # the targets themselves untouched
+    cache.put(FACTS[:1], cache.get(FACTS[:1]))  # one untimed again, the other timed: not one batch
+    with pytest.raises(SystemExit):
+        record_seconds(cache, FACTS, 6.0)
