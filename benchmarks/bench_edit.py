@@ -19,6 +19,7 @@ resumable batches of 50, each batch timed) instead of optimising them inside the
 1,000 targets take about 3 hours, longer than one sitting. The target time reported is then the sum of
 those measured batch times (batching does not change the cost on CPU: see the batched vs one-at-a-time
 comparison), and seconds per edit = (that + the rest of the edit, measured here) / facts.
+
 Statistics must exist (``covedit build-stats``) or pass ``--build-stats-tokens N``.
 """
 
@@ -77,7 +78,8 @@ def edit_at_size(model: str, facts: list, stats_dir: Path | None, overrides: lis
         cache.fill(facts)
         targets, targets_s = cache.get(facts), cache.seconds(facts)
         if targets_s is None:
-            raise SystemExit("some cached targets were stored without their time: run warm_targets.py on a fresh cache")
+            raise SystemExit("some cached targets were stored without their time: give them the time of the run "
+                             "that made them (warm_targets.py --seconds-from) or delete the cache file")
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "facts.jsonl"
         write_facts(facts, path)

@@ -235,8 +235,9 @@ def compute_targets(loaded: LoadedModel, facts: list, layer: int, hp: TargetHPar
     if len(facts) == 0:
         empty = torch.zeros(0, loaded.d_model, device=loaded.layer_device(layer))
         return TargetResult(empty, empty.clone(), torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.long))
-    return TargetResult.concat([_optimise(loaded, facts[lo:lo + max_facts], layer, hp, templates, max_rows)
-                                for lo in range(0, len(facts), max(1, max_facts))])
+    group = max(1, max_facts)
+    return TargetResult.concat([_optimise(loaded, facts[lo:lo + group], layer, hp, templates, max_rows)
+                                for lo in range(0, len(facts), group)])
 
 
 def _optimise(loaded: LoadedModel, facts: list, layer: int, hp: TargetHParams, templates: list[str],
