@@ -212,3 +212,25 @@ def test_target_results_select_and_concat_round_trip(tiny):
     back = TargetResult.concat([t.select([0]), t.select([1, 2])])
     for name in ("z", "h", "nll_before", "nll_after", "steps_taken"):
         assert torch.equal(getattr(back, name), getattr(t, name))
+
+
+def test_batch_edit_with_given_targets_writes_the_same_delta(tiny_dir, tmp_path):
+    """BatchEditConfig.targets (the benchmarks' cached targets) changes where z comes from, nothing else."""
+    from pipeline.batch_edit import BatchEditConfig, run_batch_edit
+    from pipeline.edit import templates_for
+    from pipeline.hparams import load_hparams
+    from pipeline.models import load_model
+    from pipeline.targets import compute_targets
+
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps({"subject": f.subject, "prompt": f.prompt, "target_new": f.target_new}) + "\n"
+                             for f in FACTS))
+    common = dict(facts=facts, model=str(tiny_dir), covariance="identity", overrides=["target.steps=3"], evaluate=False)
+    own = run_batch_edit(BatchEditConfig(output=tmp_path / "own", **common))
+    loaded = load_model(str(tiny_dir))
+    hp = load_hparams("memit", loaded.model.config.model_type, loaded.num_layers, None, ["target.steps=3"])
+    targets = compute_targets(loaded, FACTS, hp.layers[-1], hp.target, templates_for(loaded, hp))
+    given = run_batch_edit(BatchEditConfig(output=tmp_path / "given", targets=targets, **common))
+    assert (tmp_path / "own" / "delta.safetensors").read_bytes() == (tmp_path / "given" / "delta.safetensors").read_bytes()
+    assert not own["targets"]["precomputed"] and given["targets"]["precomputed"]
+    assert given["timings"]["targets_s"] < own["timings"]["targets_s"]
