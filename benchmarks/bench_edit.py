@@ -91,6 +91,8 @@ def edit_at_size(model: str, facts: list, stats_dir: Path | None, overrides: lis
     return {"facts": len(facts), "seconds_per_edit": edit_s / len(facts), "edit_s": edit_s,
             "targets_s": targets_s if cache is not None else t.get("targets_s"),
             "targets_from_cache": cache is not None, "solve_s": t.get("solve_s"), "eval_s": t["eval_s"],
+            "targets_reached_pct": 100 * sum(x < 0.693 for x in summary["targets"]["nll_after"]) / len(facts),
+            "realised_mean": sum(summary["targets"]["realised"]) / len(facts),
             "eval_over_edit": t["eval_s"] / edit_s,
             "drift_mean_kl": ev["drift"]["mean_kl"], "drift_top1_changed_pct": ev["drift"]["top1_changed_pct"],
             "ge_before": ev["fluency"]["before"]["ge"], "ge_after": ev["fluency"]["after"]["ge"],
@@ -132,7 +134,8 @@ def main() -> None:
               f"{b['efficacy_acc']:.1f} -> {a['efficacy_acc']:.1f}, paraphrase {b['generalization_acc']:.1f} -> "
               f"{a['generalization_acc']:.1f}, neighbourhood {b['specificity_acc']:.1f} -> {a['specificity_acc']:.1f}; "
               f"evaluation costs {r['eval_over_edit']:.3f}x the edit; drift KL {r['drift_mean_kl']:.4f}, "
-              f"GE {r['ge_before']:.0f} -> {r['ge_after']:.0f}", flush=True)
+              f"GE {r['ge_before']:.0f} -> {r['ge_after']:.0f}; targets reached (P > 0.5 per token) "
+              f"{r['targets_reached_pct']:.0f} %, share of the way to them written {r['realised_mean']:.2f}", flush=True)
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
     if args.json:

@@ -76,11 +76,13 @@ def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: 
     factors: Factors = {}
     keys_out: dict[int, torch.Tensor] = {}
     t1 = clock()
+    h_unedited = None
     for i, layer in enumerate(layers):
         at = loaded.layer_device(layer)  # every tensor of this layer's update lives with its weight
         K = _keys(loaded, layer, facts, templates).double().T.to(at)  # (d_ff, n)
         keys_out[layer] = K.T.float().cpu()
         h = block_outputs(loaded, facts, layers[-1], 64).double()
+        h_unedited = h if h_unedited is None else h_unedited
         R = ((z.to(h.device) - h) / (len(layers) - i)).T.to(at)  # (d_model, n)
         if alphaedit is None:
             C = covariances[layer].to(at) if covariances is not None else torch.eye(K.shape[0], dtype=torch.float64, device=at)
@@ -94,8 +96,17 @@ def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: 
                  float((up.double() @ down.double()).norm()), float(R.norm(dim=0).mean()))
     timings["solve_s"] = clock() - t1
     info = {"nll_before": result.nll_before.tolist(), "nll_after": result.nll_after.tolist(),
-            "steps": result.steps_taken.tolist()}
+            "steps": result.steps_taken.tolist(), "realised": realised_share(loaded, facts, layers[-1], z, h_unedited)}
     return EditOutcome(factors, keys_out, timings, info, result.z)
+
+
+def realised_share(loaded: LoadedModel, facts: list, layer: int, z: torch.Tensor, h_unedited: torch.Tensor) -> list[float]:
+    """Per fact, how much of the way from h to its target z the edited weights went at ``layer`` on the bare
+    prompt: 1 − ‖z − h_edited‖ / ‖z − h_unedited‖ (1: z written exactly; λ keeps it below 1 by design)."""
+    h_edited = block_outputs(loaded, facts, layer, 64).double()
+    z = z.to(h_edited.device)
+    gap = (z - h_unedited.to(h_edited.device)).norm(dim=1).clamp(min=1e-30)
+    return (1 - (z - h_edited).norm(dim=1) / gap).tolist()
 
 
 def alphaedit_projectors(covariances: dict[int, torch.Tensor], threshold: float) -> dict[int, torch.Tensor]:

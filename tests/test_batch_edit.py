@@ -47,6 +47,17 @@ def test_memit_spreads_over_layers_and_reaches_targets(tiny):
     out = run_memit(tiny, FACTS, [1, 2], None, 1e-8, FAST, ["{}"], lambda: 0.0)
     torch.testing.assert_close(block_outputs(tiny, FACTS, 2, 8), out.z, rtol=1e-4, atol=1e-5)
     assert set(out.factors) == {1, 2} and all(u.shape[1] == 3 for u, _ in out.factors.values())
+    assert out.target_info["realised"] == pytest.approx([1.0] * 3, abs=1e-3)
+
+
+def test_realised_share_falls_with_lambda(tiny):
+    """A large λ keeps the update near zero: the targets are barely written, and the share says so."""
+    originals = tiny.down_weight(2).detach().clone()
+    exact = run_memit(tiny, FACTS, [2], None, 1e-8, FAST, ["{}"], lambda: 0.0).target_info["realised"]
+    with torch.no_grad():
+        tiny.down_weight(2).copy_(originals)
+    damped = run_memit(tiny, FACTS, [2], None, 1e6, FAST, ["{}"], lambda: 0.0).target_info["realised"]
+    assert all(abs(r - 1) < 1e-3 for r in exact) and all(0 <= r < 0.5 for r in damped)
 
 
 def test_rome_with_covariance_leaves_c_orthogonal_inputs_alone(tiny):
