@@ -78,8 +78,8 @@ def edit_at_size(model: str, facts: list, stats_dir: Path | None, overrides: lis
         cache.fill(facts)
         targets, targets_s = cache.get(facts), cache.seconds(facts)
         if targets_s is None:
-            raise SystemExit("some cached targets were stored without their time: give them the time of the run "
-                             "that made them (warm_targets.py --seconds-from) or delete the cache file")
+            print("some cached targets were stored without their time, so seconds per edit is not reported: give "
+                  "them the time of the run that made them (warm_targets.py --seconds-from)", flush=True)
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "facts.jsonl"
         write_facts(facts, path)
@@ -87,17 +87,22 @@ def edit_at_size(model: str, facts: list, stats_dir: Path | None, overrides: lis
                                                  overrides=overrides, build_stats=tokens is not None,
                                                  stats_tokens=tokens, targets=targets))
     ev, t = summary["evaluation"], summary["timings"]
-    edit_s = t["edit_s"] + (targets_s or 0.0)  # cached: this run's edit holds no target optimisation
-    return {"facts": len(facts), "seconds_per_edit": edit_s / len(facts), "edit_s": edit_s,
+    # Cached: this run's edit holds no target optimisation, their recorded time is added (unknown: no time).
+    edit_s = t["edit_s"] if cache is None else None if targets_s is None else t["edit_s"] + targets_s
+    return {"facts": len(facts), "seconds_per_edit": edit_s and edit_s / len(facts), "edit_s": edit_s,
             "targets_s": targets_s if cache is not None else t.get("targets_s"),
             "targets_from_cache": cache is not None, "solve_s": t.get("solve_s"), "eval_s": t["eval_s"],
             "targets_reached_pct": 100 * sum(x < 0.693 for x in summary["targets"]["nll_after"]) / len(facts),
             "realised_mean": sum(summary["targets"]["realised"]) / len(facts),
-            "eval_over_edit": t["eval_s"] / edit_s,
+            "eval_over_edit": edit_s and t["eval_s"] / edit_s,
             "drift_mean_kl": ev["drift"]["mean_kl"], "drift_top1_changed_pct": ev["drift"]["top1_changed_pct"],
             "ge_before": ev["fluency"]["before"]["ge"], "ge_after": ev["fluency"]["after"]["ge"],
             "before": ev["before"], "after": ev["after"], "hparams": summary["hparams"],
             "stats_tokens": (summary["stats"] or {}).get("key", {}).get("tokens")}
+
+
+def num(x: float | None, spec: str) -> str:
+    return "n/a" if x is None else format(x, spec)
 
 
 def main() -> None:
@@ -129,11 +134,11 @@ def main() -> None:
                          cache)
         results["sizes"].append(r)
         b, a = r["before"], r["after"]
-        print(f"MEMIT {n} facts: {r['seconds_per_edit']:.2f} s/edit (targets {r['targets_s']:.0f} s, solve "
-              f"{r['solve_s']:.0f} s, eval {r['eval_s']:.0f} s); token accuracy before -> after: efficacy "
+        print(f"MEMIT {n} facts: {num(r['seconds_per_edit'], '.2f')} s/edit (targets {num(r['targets_s'], '.0f')} s, "
+              f"solve {r['solve_s']:.0f} s, eval {r['eval_s']:.0f} s); token accuracy before -> after: efficacy "
               f"{b['efficacy_acc']:.1f} -> {a['efficacy_acc']:.1f}, paraphrase {b['generalization_acc']:.1f} -> "
               f"{a['generalization_acc']:.1f}, neighbourhood {b['specificity_acc']:.1f} -> {a['specificity_acc']:.1f}; "
-              f"evaluation costs {r['eval_over_edit']:.3f}x the edit; drift KL {r['drift_mean_kl']:.4f}, "
+              f"evaluation costs {num(r['eval_over_edit'], '.3f')}x the edit; drift KL {r['drift_mean_kl']:.4f}, "
               f"GE {r['ge_before']:.0f} -> {r['ge_after']:.0f}; targets reached (P > 0.5 per token) "
               f"{r['targets_reached_pct']:.0f} %, share of the way to them written {r['realised_mean']:.2f}", flush=True)
         if args.json:
