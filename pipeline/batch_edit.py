@@ -169,11 +169,13 @@ def run_batch_edit(cfg: BatchEditConfig) -> dict:
         outcome = run_rome(loaded, facts, hp.layer, covs[hp.layer] if covs else None, hp.target, templates, clock,
                            targets=cfg.targets)
     elif cfg.method == "memit":
-        outcome = run_memit(loaded, facts, layers, covs, hp.lam, hp.target, templates, clock, targets=cfg.targets)
+        outcome = run_memit(loaded, facts, layers, covs, hp.lam, hp.target, templates, clock, targets=cfg.targets,
+                            keys_from=hp.keys_from)
     else:
         projectors = alphaedit_projectors(covs, hp.null_space_threshold)
         outcome = run_memit(loaded, facts, layers, None, 0.0, hp.target, templates, clock,
-                            alphaedit={"P": projectors, "prev_keys": prev_keys, "alpha": hp.alpha}, targets=cfg.targets)
+                            alphaedit={"P": projectors, "prev_keys": prev_keys, "alpha": hp.alpha}, targets=cfg.targets,
+                            keys_from=hp.keys_from)
     edit_seconds = clock() - t0
     # Put the weights back and apply the delta exactly as `apply-delta` would, so the written model, the
     # delta and its hashes agree bit for bit (the in-loop sums differ from it only in rounding).

@@ -66,8 +66,13 @@ def _keys(loaded, layer, facts, templates) -> torch.Tensor:
 
 def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: dict[int, torch.Tensor] | None,
               lam: float, target_hp, templates: list[str], clock: Callable[[], float],
-              alphaedit: dict | None = None, targets: TargetResult | None = None) -> EditOutcome:
-    """MEMIT (or AlphaEdit when ``alphaedit`` = {"P": {layer: P}, "prev_keys": {layer: K}, "alpha": a})."""
+              alphaedit: dict | None = None, targets: TargetResult | None = None,
+              keys_from: str = "templates") -> EditOutcome:
+    """MEMIT (or AlphaEdit when ``alphaedit`` = {"P": {layer: P}, "prev_keys": {layer: K}, "alpha": a}).
+
+    ``keys_from="prompt"`` takes each fact's key at its bare rewrite prompt instead of averaging over
+    ``templates`` (the targets still use the templates)."""
+    key_templates = ["{}"] if keys_from == "prompt" else templates
     layers = sorted(layers)
     t0 = clock()
     result = targets if targets is not None else compute_targets(loaded, facts, layers[-1], target_hp, templates)
@@ -79,7 +84,7 @@ def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: 
     h_unedited = None
     for i, layer in enumerate(layers):
         at = loaded.layer_device(layer)  # every tensor of this layer's update lives with its weight
-        K = _keys(loaded, layer, facts, templates).double().T.to(at)  # (d_ff, n)
+        K = _keys(loaded, layer, facts, key_templates).double().T.to(at)  # (d_ff, n)
         keys_out[layer] = K.T.float().cpu()
         h = block_outputs(loaded, facts, layers[-1], 64).double()
         h_unedited = h if h_unedited is None else h_unedited

@@ -35,6 +35,7 @@ from pipeline.models import default_layers
 log = logging.getLogger(__name__)
 
 COVARIANCES = ("C", "identity")
+KEYS_FROM = ("templates", "prompt")
 
 
 @dataclass
@@ -59,6 +60,9 @@ class MemitHParams:
     covariance: str = "C"  # "C", or "identity" for λI + K Kᵀ (no statistics)
     n_templates: int = 5  # generated context prefixes per length, in addition to the bare "{}"
     template_lengths: list[int] = field(default_factory=lambda: [10])  # tokens per generated prefix
+    # Keys K: averaged over the context templates ("templates", MEMIT), or the bare rewrite prompt's own
+    # ("prompt"), where the residual is measured. Targets always use the templates.
+    keys_from: str = "templates"
     target: TargetHParams = field(default_factory=TargetHParams)
 
 
@@ -84,6 +88,7 @@ class AlphaEditHParams:
     alpha: float = 10.0  # ridge added to P (K Kᵀ + C_prev) before the solve (the reference's L2)
     n_templates: int = 5
     template_lengths: list[int] = field(default_factory=lambda: [10])
+    keys_from: str = "templates"  # as MEMIT's
     target: TargetHParams = field(default_factory=lambda: TargetHParams(lr=0.1))
 
 
@@ -251,6 +256,8 @@ def validate(hp: HParams, num_layers: int | None = None) -> HParams:
             hp.covariance = "C"
         if hp.covariance not in COVARIANCES:
             raise UsageError(f"Hyperparameter covariance must be 'C' or 'identity', got {hp.covariance!r}.")
+    if isinstance(hp, (MemitHParams, AlphaEditHParams)) and hp.keys_from not in KEYS_FROM:
+        raise UsageError(f"Hyperparameter keys_from must be 'templates' or 'prompt', got {hp.keys_from!r}.")
     if isinstance(hp, MemitHParams) and hp.lam < 0:
         raise UsageError(f"Hyperparameter lam must be >= 0, got {hp.lam}.")
     if isinstance(hp, AlphaEditHParams) and (hp.alpha < 0 or hp.null_space_threshold < 0):

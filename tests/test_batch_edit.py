@@ -245,3 +245,20 @@ def test_batch_edit_with_given_targets_writes_the_same_delta(tiny_dir, tmp_path)
     assert (tmp_path / "own" / "delta.safetensors").read_bytes() == (tmp_path / "given" / "delta.safetensors").read_bytes()
     assert not own["targets"]["precomputed"] and given["targets"]["precomputed"]
     assert given["timings"]["targets_s"] < own["timings"]["targets_s"]
+
+
+def test_keys_from_prompt_writes_the_target_exactly_at_the_bare_prompt(tiny):
+    """λ → 0, one layer, context templates: with keys averaged over the templates the bare prompt's block
+    output misses z (its key is not the average); with the bare prompt's own key it is z."""
+    from pipeline.targets import compute_targets
+
+    templates = ["{}", "Hello there. {}", "Because of this, {}"]
+    targets = compute_targets(tiny, FACTS, 2, FAST, templates)
+    originals = tiny.down_weight(2).detach().clone()
+    averaged = run_memit(tiny, FACTS, [2], None, 1e-8, FAST, templates, lambda: 0.0, targets=targets)
+    with torch.no_grad():
+        tiny.down_weight(2).copy_(originals)
+    own = run_memit(tiny, FACTS, [2], None, 1e-8, FAST, templates, lambda: 0.0, targets=targets, keys_from="prompt")
+    torch.testing.assert_close(block_outputs(tiny, FACTS, 2, 8), targets.z, rtol=1e-4, atol=1e-5)
+    assert own.target_info["realised"] == pytest.approx([1.0] * 3, abs=1e-3)
+    assert max(averaged.target_info["realised"]) < 0.999

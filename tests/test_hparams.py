@@ -15,7 +15,7 @@ def test_memit_defaults_for_the_embedded_llama():
     assert isinstance(hp, MemitHParams)
     assert hp.layers == [4, 5, 6, 7, 8]
     assert hp.lam == 1500.0  # published 15,000 swamps SmolLM2's small keys
-    assert hp.covariance == "C"
+    assert hp.covariance == "C" and hp.keys_from == "templates"
     assert hp.target == TargetHParams(steps=25, lr=0.5, kl_factor=0.0625, weight_decay=0.5,
                                       clamp_norm_factor=0.75, early_stop_loss=0.05)
 
@@ -103,7 +103,8 @@ def test_unknown_key_in_file_names_it(tmp_path):
 @pytest.mark.parametrize("override,match", [("lam=abc", "lam must be a float"), ("target.steps=2.5", "target.steps must be an int"),
                                             ("layers=3-x", "layers must be integers"), ("target=3", "mapping"),
                                             ("covariance=diag", "covariance"), ("target.steps=0", "at least 1"),
-                                            ("layers=4,4", "twice"), ("lam", "key=value")])
+                                            ("layers=4,4", "twice"), ("lam", "key=value"),
+                                            ("keys_from=subject", "keys_from must be 'templates' or 'prompt'")])
 def test_bad_values_are_usage_errors(override, match):
     with pytest.raises(UsageError, match=match):
         load_hparams("memit", "llama", 30, None, [override])
