@@ -42,8 +42,7 @@ from pipeline.hparams import load_hparams  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 from pipeline.targets import compute_targets  # noqa: E402
 
-from benchmarks.common import DEFAULT_DATA, TargetCache, write_facts, zsre_facts  # noqa: E402
-from benchmarks.warm_targets import memit_target_cache  # noqa: E402
+from benchmarks.common import DEFAULT_DATA, TargetCache, memit_target_cache, write_facts, zsre_facts  # noqa: E402
 
 def compare_target_optimisation(model: str, facts: list, overrides: list[str]) -> dict:
     loaded = load_model(model)

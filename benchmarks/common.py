@@ -17,7 +17,10 @@ from pathlib import Path
 
 import torch
 
+from pipeline.edit import templates_for
 from pipeline.facts import from_zsre
+from pipeline.hparams import load_hparams
+from pipeline.models import load_model
 from pipeline.targets import TargetResult, compute_targets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,3 +103,10 @@ class TargetCache:
         self.fill(facts)
         fields = ("z", "h", "nll_before", "nll_after", "steps_taken")
         return TargetResult.concat([TargetResult(**{f: self.entries[_fact_key(x)][f] for f in fields}) for x in facts])
+
+
+def memit_target_cache(model: str, overrides: list[str] | None = None) -> TargetCache:
+    """The cache the benchmarks share: MEMIT's target settings (with ``overrides``) at its top layer."""
+    loaded = load_model(model)
+    hp = load_hparams("memit", loaded.model.config.model_type, loaded.num_layers, None, overrides or [])
+    return TargetCache(loaded, hp.layers[-1], hp.target, templates_for(loaded, hp))

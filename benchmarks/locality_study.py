@@ -222,6 +222,7 @@ def main() -> None:
     hand = read_facts(STUDY_FACTS, tokenizer=study.loaded.tokenizer)
     zsre = zsre_facts(args.data, max(sizes), skip=args.skip)
     study.targets.get(zsre)  # optimise all targets in one batch (the smaller sets are prefixes)
+
     def zsre_label(n: int) -> str:
         return f"zsRE {n}" + (f" (after {args.skip})" if args.skip else "")
 

@@ -21,18 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.edit import templates_for  # noqa: E402
-from pipeline.hparams import load_hparams  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
-
-from benchmarks.common import DEFAULT_DATA, TargetCache, zsre_facts  # noqa: E402
-
-
-def memit_target_cache(model: str, overrides: list[str] | None = None) -> TargetCache:
-    """The cache the benchmarks share: MEMIT's target settings at its top layer."""
-    loaded = load_model(model)
-    hp = load_hparams("memit", loaded.model.config.model_type, loaded.num_layers, None, overrides or [])
-    return TargetCache(loaded, hp.layers[-1], hp.target, templates_for(loaded, hp))
+from benchmarks.common import DEFAULT_DATA, TargetCache, memit_target_cache, zsre_facts  # noqa: E402
 
 
 def record_seconds(cache: TargetCache, facts: list, seconds: float) -> None:

@@ -81,13 +81,13 @@ def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: 
     factors: Factors = {}
     keys_out: dict[int, torch.Tensor] = {}
     t1 = clock()
-    h_unedited = None
     for i, layer in enumerate(layers):
         at = loaded.layer_device(layer)  # every tensor of this layer's update lives with its weight
         K = _keys(loaded, layer, facts, key_templates).double().T.to(at)  # (d_ff, n)
         keys_out[layer] = K.T.float().cpu()
         h = block_outputs(loaded, facts, layers[-1], 64).double()
-        h_unedited = h if h_unedited is None else h_unedited
+        if i == 0:
+            h_unedited = h
         R = ((z.to(h.device) - h) / (len(layers) - i)).T.to(at)  # (d_model, n)
         if alphaedit is None:
             C = covariances[layer].to(at) if covariances is not None else torch.eye(K.shape[0], dtype=torch.float64, device=at)
@@ -107,7 +107,8 @@ def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: 
 
 def realised_share(loaded: LoadedModel, facts: list, layer: int, z: torch.Tensor, h_unedited: torch.Tensor) -> list[float]:
     """Per fact, how much of the way from h to its target z the edited weights went at ``layer`` on the bare
-    prompt: 1 − ‖z − h_edited‖ / ‖z − h_unedited‖ (1: z written exactly; λ keeps it below 1 by design)."""
+    prompt: 1 − ‖z − h_edited‖ / ‖z − h_unedited‖ (1: z written exactly; λ, and keys averaged over context
+    templates rather than the bare prompt's own, keep it below 1)."""
     h_edited = block_outputs(loaded, facts, layer, 64).double()
     z = z.to(h_edited.device)
     gap = (z - h_unedited.to(h_edited.device)).norm(dim=1).clamp(min=1e-30)
