@@ -213,17 +213,19 @@ def stats_import(npz: Annotated[Path, typer.Argument(help="A ROME/MEMIT/EasyEdit
                  corpus_name: Annotated[str, typer.Option(help="What the file was computed on (recorded in the key).")] = "imported",
                  stats_dir: StatsDir = None):
     """Turn a ROME-layout .npz into a complete covedit store the edit stage can use."""
-    from pipeline.models import load_model  # noqa: PLC0415
+    from pipeline.models import describe_model  # noqa: PLC0415
     from stats.store import canonical_key, default_stats_dir, import_npz  # noqa: PLC0415
 
     if not npz.exists():
         from pipeline.errors import MissingInput  # noqa: PLC0415
         raise MissingInput(f"No such file: {npz}.")
-    loaded = load_model(model, dtype, "cpu", module_template)
-    key = canonical_key(model_id=loaded.model_id, dtype=dtype, module=loaded.arch.template(), layers=[layer],
+    info = describe_model(model, module_template=module_template)  # the config only: no weights loaded
+    if not 0 <= layer < info.num_layers:
+        raise UsageError(f"--layer {layer} is outside this model's layers 0-{info.num_layers - 1}.")
+    key = canonical_key(model_id=info.model_id, dtype=dtype, module=info.arch.template(), layers=[layer],
                         corpus={"kind": "imported", "name": corpus_name, "file": npz.name}, tokens=None,
                         max_length=None, bos=None, accumulate="float32", seed=None)
-    st = import_npz(npz, stats_dir or default_stats_dir(), key, layer)
+    st = import_npz(npz, stats_dir or default_stats_dir(), key, layer, expected_dim=info.d_ff)
     typer.echo(f"imported layer {layer} into {st.path}")
 
 

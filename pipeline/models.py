@@ -294,17 +294,42 @@ def pick_device(device: str) -> torch.device:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def count_layers(name: str = DEFAULT_MODEL, revision: str | None = None) -> int:
-    """The number of blocks of ``--model`` from its config alone (no weights loaded: a 7B model's default
-    layers should not cost a minute and 28 GB)."""
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the config alone says about ``--model``: enough for cache keys and checks, no weights loaded."""
+
+    model_id: str
+    location: str  # a local folder or a hub name, as from_pretrained takes it
+    arch: ArchSpec
+    num_layers: int
+    d_ff: int | None  # width of the down-projection's input (the key), where the config names it
+    config: object
+
+
+def describe_model(name: str = DEFAULT_MODEL, revision: str | None = None, module_template: str | None = None,
+                   transposed: bool | None = None) -> ModelInfo:
+    """Identity, architecture and depth of ``--model`` from its config (a 7B model's cache key or default
+    layers should not cost a minute and 28 GB of weights)."""
     from transformers import AutoConfig  # noqa: PLC0415
 
-    _, location, _ = resolve_source(name)
+    _, location, model_id = resolve_source(name)
     try:
         config = AutoConfig.from_pretrained(location, revision=revision)
     except (OSError, ValueError) as e:
         raise ModelError(f"Cannot load model {name!r}: {str(e).splitlines()[0]}") from e
-    return int(config.get_text_config().num_hidden_layers)
+    arch = resolve_arch(config.model_type, module_template, transposed)
+    if model_id is None:  # hub: the commit hash the files came from
+        model_id = f"hub:{name}@{revision or getattr(config, '_commit_hash', None) or 'main'}"
+    text = config.get_text_config()
+    d_ff = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None)
+    if d_ff is None and getattr(text, "n_embd", None):  # GPT-2 / GPT-J leave n_inner unset: 4 × width
+        d_ff = 4 * text.n_embd
+    return ModelInfo(model_id, location, arch, int(text.num_hidden_layers), d_ff and int(d_ff), config)
+
+
+def count_layers(name: str = DEFAULT_MODEL, revision: str | None = None) -> int:
+    """The number of blocks of ``--model`` from its config alone."""
+    return describe_model(name, revision).num_layers
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu",
@@ -317,16 +342,10 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
     """
     if dtype not in DTYPES:
         raise ModelError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
 
-    kind, location, model_id = resolve_source(name)
-    try:
-        config = AutoConfig.from_pretrained(location, revision=revision)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"Cannot load model {name!r}: {str(e).splitlines()[0]}") from e
-    arch = resolve_arch(config.model_type, module_template, transposed)
-    if model_id is None:  # hub: the commit hash the files came from
-        model_id = f"hub:{name}@{revision or getattr(config, '_commit_hash', None) or 'main'}"
+    info = describe_model(name, revision, module_template, transposed)
+    arch, model_id, config, location = info.arch, info.model_id, info.config, info.location
     try:
         spread = {"device_map": device_map} if device_map else {}
         model = AutoModelForCausalLM.from_pretrained(location, revision=revision, dtype=DTYPES[dtype], **spread)

@@ -692,10 +692,12 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def import_npz(npz_path: Path | str, stats_dir: Path | str, key: dict, layer: int) -> StatsStore:
+def import_npz(npz_path: Path | str, stats_dir: Path | str, key: dict, layer: int,
+               expected_dim: int | None = None) -> StatsStore:
     """A complete one-layer store from a ROME/MEMIT/EasyEdit ``.npz`` (raw sum + count).
 
     The key's ``accumulate`` is set from the file's dtype (float16 files are widened to float32).
+    ``expected_dim`` (the model's key width) refuses a file made for another model before anything is written.
     """
     npz_path = Path(npz_path)
     if not npz_path.is_file():
@@ -712,6 +714,9 @@ def import_npz(npz_path: Path | str, stats_dir: Path | str, key: dict, layer: in
         raise DataError(f"{npz_path} cannot be read as an npz file ({_brief(exc)}).") from exc
     if total.ndim != 2 or total.shape[0] != total.shape[1]:
         raise DataError(f"mom2.mom2 in {npz_path} has shape {total.shape}, not a square matrix.")
+    if expected_dim is not None and total.shape[0] != expected_dim:
+        raise DataError(f"mom2.mom2 in {npz_path} is {total.shape[0]}×{total.shape[0]}, but this model's keys have "
+                        f"{expected_dim} dimensions: the file was made for another model.")
     if total.dtype == np.float16:
         total = total.astype(np.float32)
     if total.dtype not in (np.float32, np.float64):

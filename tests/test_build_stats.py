@@ -168,3 +168,28 @@ def test_bad_input_one_sentence_distinct_code(case, code, needle, tiny_dir, corp
     if stats_dir.exists():
         for store in stats_dir.glob("*.zarr"):
             assert not StatsStore.open(store, verify=False).is_complete()
+
+
+def test_stats_import_keys_the_store_like_a_loaded_model_and_refuses_other_models(tiny_dir, tmp_path):
+    """`stats import` reads only the config, yet batch-edit (which loads the model) must find its store; a
+    file of another width or a layer the model lacks is refused before anything is written."""
+    from pipeline.batch_edit import find_complete_store
+    from pipeline.models import load_model
+
+    loaded = load_model(str(tiny_dir))
+    k = np.random.default_rng(0).standard_normal((40, loaded.d_ff))
+    good, wide = tmp_path / "good.npz", tmp_path / "wide.npz"
+    np.savez(good, **{"mom2.mom2": k.T @ k, "mom2.count": np.array(40)})
+    np.savez(wide, **{"mom2.mom2": np.eye(loaded.d_ff + 1), "mom2.count": np.array(40)})
+    stats_dir = tmp_path / "stats"
+
+    refused = [cli("stats", "import", wide, "--layer", 1, "--model", tiny_dir, "--stats-dir", stats_dir),
+               cli("stats", "import", good, "--layer", loaded.num_layers, "--model", tiny_dir, "--stats-dir", stats_dir)]
+    assert [r.returncode for r in refused] == [65, 2], [r.stderr for r in refused]
+    assert "another model" in refused[0].stderr and "outside this model's layers" in refused[1].stderr
+    assert not stats_dir.exists() or not list(stats_dir.iterdir())
+
+    out = cli("stats", "import", good, "--layer", 1, "--model", tiny_dir, "--stats-dir", stats_dir)
+    assert out.returncode == 0, out.stderr
+    store = find_complete_store(stats_dir, loaded.model_id, loaded.arch.template(), [1])
+    assert store is not None and np.array_equal(store.covariance(1), k.T @ k / 40)
