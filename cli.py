@@ -219,7 +219,7 @@ def stats_import(npz: Annotated[Path, typer.Argument(help="A ROME/MEMIT/EasyEdit
     if not npz.exists():
         from pipeline.errors import MissingInput  # noqa: PLC0415
         raise MissingInput(f"No such file: {npz}.")
-    info = describe_model(model, module_template=module_template)  # the config only: no weights loaded
+    info = describe_model(model, module_template=module_template)  # no weights loaded
     if not 0 <= layer < info.num_layers:
         raise UsageError(f"--layer {layer} is outside this model's layers 0-{info.num_layers - 1}.")
     key = canonical_key(model_id=info.model_id, dtype=dtype, module=info.arch.template(), layers=[layer],

@@ -294,22 +294,8 @@ def pick_device(device: str) -> torch.device:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the config alone says about ``--model``: enough for cache keys and checks, no weights loaded."""
-
-    model_id: str
-    location: str  # a local folder or a hub name, as from_pretrained takes it
-    arch: ArchSpec
-    num_layers: int
-    d_ff: int | None  # width of the down-projection's input (the key), where the config names it
-    config: object
-
-
-def describe_model(name: str = DEFAULT_MODEL, revision: str | None = None, module_template: str | None = None,
-                   transposed: bool | None = None) -> ModelInfo:
-    """Identity, architecture and depth of ``--model`` from its config (a 7B model's cache key or default
-    layers should not cost a minute and 28 GB of weights)."""
+def _identify(name: str, revision: str | None, module_template: str | None, transposed: bool | None):
+    """(config, arch, canonical id, location) of ``--model`` from its config alone."""
     from transformers import AutoConfig  # noqa: PLC0415
 
     _, location, model_id = resolve_source(name)
@@ -320,15 +306,46 @@ def describe_model(name: str = DEFAULT_MODEL, revision: str | None = None, modul
     arch = resolve_arch(config.model_type, module_template, transposed)
     if model_id is None:  # hub: the commit hash the files came from
         model_id = f"hub:{name}@{revision or getattr(config, '_commit_hash', None) or 'main'}"
-    text = config.get_text_config()
-    d_ff = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None)
-    if d_ff is None and getattr(text, "n_embd", None):  # GPT-2 / GPT-J leave n_inner unset: 4 × width
-        d_ff = 4 * text.n_embd
-    return ModelInfo(model_id, location, arch, int(text.num_hidden_layers), d_ff and int(d_ff), config)
+    return config, arch, model_id, location
+
+
+def _load_tokenizer(name: str, location: str, revision: str | None):
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"Cannot load model {name!r}: {str(e).splitlines()[0]}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _checked(loaded: LoadedModel, model_type: str) -> LoadedModel:
+    try:
+        loaded.down_proj(0)
+    except (AttributeError, IndexError) as e:
+        raise ModelError(f"Module template {loaded.arch.template()!r} does not match this {model_type} model; "
+                         "pass --module-template naming the MLP down-projection.") from e
+    return loaded
+
+
+def describe_model(name: str = DEFAULT_MODEL, revision: str | None = None, module_template: str | None = None,
+                   transposed: bool | None = None, tokenizer: bool = False) -> LoadedModel:
+    """``--model`` built on the meta device: its identity, layers, shapes and module template checked, and
+    optionally its tokenizer, but no weights. A cache key, a plan, a --reduce or a dask coordinator needs
+    no more, and a 7B model's weights would cost a minute and 28 GB (on cuda:0, beside worker 0's copy)."""
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
+
+    config, arch, model_id, location = _identify(name, revision, module_template, transposed)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    tok = _load_tokenizer(name, location, revision) if tokenizer else None
+    return _checked(LoadedModel(model, tok, arch, model_id, name), config.model_type)
 
 
 def count_layers(name: str = DEFAULT_MODEL, revision: str | None = None) -> int:
-    """The number of blocks of ``--model`` from its config alone."""
+    """The number of blocks of ``--model``, without loading its weights."""
     return describe_model(name, revision).num_layers
 
 
@@ -342,27 +359,19 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
     """
     if dtype not in DTYPES:
         raise ModelError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415
+    from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
-    info = describe_model(name, revision, module_template, transposed)
-    arch, model_id, config, location = info.arch, info.model_id, info.config, info.location
+    config, arch, model_id, location = _identify(name, revision, module_template, transposed)
     try:
         spread = {"device_map": device_map} if device_map else {}
         model = AutoModelForCausalLM.from_pretrained(location, revision=revision, dtype=DTYPES[dtype], **spread)
-        tokenizer = AutoTokenizer.from_pretrained(location, revision=revision)
     except (OSError, ValueError) as e:
         raise ModelError(f"Cannot load model {name!r}: {str(e).splitlines()[0]}") from e
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = _load_tokenizer(name, location, revision)
     if not device_map:
         model.to(pick_device(device))
     model.eval().requires_grad_(False)
-    loaded = LoadedModel(model, tokenizer, arch, model_id, name)
-    try:
-        loaded.down_proj(0)
-    except (AttributeError, IndexError) as e:
-        raise ModelError(f"Module template {arch.template()!r} does not match this {config.model_type} model; "
-                         "pass --module-template naming the MLP down-projection.") from e
+    loaded = _checked(LoadedModel(model, tokenizer, arch, model_id, name), config.model_type)
     if device_map:
         placement = layer_devices(getattr(model, "hf_device_map", None) or {"": str(loaded.device)},
                                   arch.template(), range(loaded.num_layers))

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import CannotWrite, Interrupted, UsageError
-from pipeline.models import load_model
+from pipeline.models import describe_model, load_model, pick_device
 from stats.collect import SecondMoment, accumulate_batches
 from stats.corpus import CorpusSpec, Plan, iter_batches, make_plan, open_corpus, shard_ranges
 from stats.store import StatsStore, StoreLock, canonical_key, store_path
@@ -195,22 +195,29 @@ class BuildResult:
         return asdict(self)
 
 
-def prepare(job: StatsJob, n_shards: int):
-    """Load the model and corpus, compute the key and plan, open (or create) the store."""
-    loaded = load_model(job.model, job.dtype, job.device, job.module_template)
-    loaded.check_layers(list(job.layers))
+def prepare(job: StatsJob, n_shards: int, check_device: bool = True):
+    """Identify the job from the model's skeleton and tokenizer, open (or create) the store and its plan.
+
+    No weights are loaded here: a cached store, a --reduce or a dask coordinator needs none (and on a GPU
+    node the coordinator's copy would sit on cuda:0 beside worker 0's). ``check_device``: refuse a device
+    this machine lacks before anything is written (not with an external scheduler, whose workers may differ).
+    """
+    skeleton = describe_model(job.model, module_template=job.module_template, tokenizer=True)
+    skeleton.check_layers(list(job.layers))
+    if check_device:
+        pick_device(job.device)
     if job.batch_tokens < job.max_length:
         raise UsageError(f"--batch-tokens ({job.batch_tokens}) must be at least --max-length ({job.max_length}).")
     corpus = open_corpus(job.corpus)
-    key = job_key(job, loaded, corpus)
+    key = job_key(job, skeleton, corpus)
     path = store_path(Path(job.stats_dir), key)
-    store = StatsStore.open_or_create(path, key, provenance(), sorted(job.layers), loaded.d_ff,
+    store = StatsStore.open_or_create(path, key, provenance(), sorted(job.layers), skeleton.d_ff,
                                       "float32" if job.accumulate == "float32" else "float64")
     if store.get_plan() is None:
-        plan = make_plan(corpus, loaded.tokenizer, job.tokens, job.max_length, job.bos)
+        plan = make_plan(corpus, skeleton.tokenizer, job.tokens, job.max_length, job.bos)
         store.set_plan({"plan": plan.to_dict(), "n_shards": n_shards, "window_docs": job.window_docs,
                         "ranges": aligned_ranges(shard_ranges(plan, n_shards), job.window_docs, plan.n_docs)})
-    return loaded, store
+    return store
 
 
 def aligned_ranges(ranges: list[tuple[int, int]], window: int, n_docs: int) -> list[list[int]]:
@@ -232,7 +239,7 @@ def build_stats(job: StatsJob, workers: int = 1, scheduler: str | None = None, s
     t0 = time.monotonic()
     install_signal_handlers()
     n_shards = shard[1] if shard else max(1, workers)
-    loaded, store = prepare(job, n_shards)
+    store = prepare(job, n_shards, check_device=not scheduler)
     plan_info = store.get_plan()
     plan = Plan.from_dict(plan_info["plan"])
     n_shards = plan_info["n_shards"]
@@ -266,6 +273,7 @@ def build_stats(job: StatsJob, workers: int = 1, scheduler: str | None = None, s
         if scheduler or workers > 1:
             _run_dask(job, store, todo, n_shards, workers, scheduler, progress)
         else:
+            loaded = load_model(job.model, job.dtype, job.device, job.module_template)  # once for all its shards
             for i in todo:
                 run_shard(job, str(store.path), i, n_shards, progress=progress, threads=job.threads, loaded=loaded)
         bar.close()

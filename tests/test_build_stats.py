@@ -193,3 +193,28 @@ def test_stats_import_keys_the_store_like_a_loaded_model_and_refuses_other_model
     assert out.returncode == 0, out.stderr
     store = find_complete_store(stats_dir, loaded.model_id, loaded.arch.template(), [1])
     assert store is not None and np.array_equal(store.covariance(1), k.T @ k / 40)
+
+
+def test_shard_then_reduce_and_cache_hits_load_no_weights(tiny_dir, corpus_file, tmp_path, monkeypatch):
+    """Only the process that runs a shard loads the model: --reduce and a cached store (and so a dask
+    coordinator) work from the weightless skeleton, and the reduced store equals a one-shard build."""
+    from stats import distributed
+    from stats.corpus import CorpusSpec
+    from stats.distributed import StatsJob, build_stats
+
+    job = StatsJob(model=str(tiny_dir), layers=(1, 2), corpus=CorpusSpec(str(corpus_file)), tokens=3000,
+                   max_length=64, batch_tokens=256, window_docs=8, stats_dir=str(tmp_path / "split"))
+    for i in range(2):
+        assert build_stats(job, shard=(i, 2), show_progress=False).status == "shard-done"
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded")
+
+    monkeypatch.setattr(distributed, "load_model", no_weights)
+    reduced = build_stats(job, reduce_only=True, show_progress=False)
+    assert reduced.status == "reduced"
+    assert build_stats(job, workers=2, show_progress=False).status == "cached"
+    monkeypatch.undo()
+    whole = build_stats(StatsJob(**{**job.__dict__, "stats_dir": str(tmp_path / "whole")}), show_progress=False)
+    for (L, (a, n)), (_, (b, m)) in zip(read(reduced.path).items(), read(whole.path).items()):
+        assert n == m and np.allclose(a, b, rtol=1e-12, atol=0), L
