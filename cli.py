@@ -219,13 +219,12 @@ def stats_import(npz: Annotated[Path, typer.Argument(help="A ROME/MEMIT/EasyEdit
     if not npz.exists():
         from pipeline.errors import MissingInput  # noqa: PLC0415
         raise MissingInput(f"No such file: {npz}.")
-    info = describe_model(model, module_template=module_template)  # no weights loaded
-    if not 0 <= layer < info.num_layers:
-        raise UsageError(f"--layer {layer} is outside this model's layers 0-{info.num_layers - 1}.")
-    key = canonical_key(model_id=info.model_id, dtype=dtype, module=info.arch.template(), layers=[layer],
+    skeleton = describe_model(model, module_template=module_template)  # no weights loaded
+    skeleton.check_layers([layer])
+    key = canonical_key(model_id=skeleton.model_id, dtype=dtype, module=skeleton.arch.template(), layers=[layer],
                         corpus={"kind": "imported", "name": corpus_name, "file": npz.name}, tokens=None,
                         max_length=None, bos=None, accumulate="float32", seed=None)
-    st = import_npz(npz, stats_dir or default_stats_dir(), key, layer, expected_dim=info.d_ff)
+    st = import_npz(npz, stats_dir or default_stats_dir(), key, layer, expected_dim=skeleton.d_ff)
     typer.echo(f"imported layer {layer} into {st.path}")
 
 

@@ -171,7 +171,7 @@ def test_bad_input_one_sentence_distinct_code(case, code, needle, tiny_dir, corp
 
 
 def test_stats_import_keys_the_store_like_a_loaded_model_and_refuses_other_models(tiny_dir, tmp_path):
-    """`stats import` reads only the config, yet batch-edit (which loads the model) must find its store; a
+    """`stats import` loads no weights, yet batch-edit (which loads the model) must find its store; a
     file of another width or a layer the model lacks is refused before anything is written."""
     from pipeline.batch_edit import find_complete_store
     from pipeline.models import load_model
@@ -186,7 +186,7 @@ def test_stats_import_keys_the_store_like_a_loaded_model_and_refuses_other_model
     refused = [cli("stats", "import", wide, "--layer", 1, "--model", tiny_dir, "--stats-dir", stats_dir),
                cli("stats", "import", good, "--layer", loaded.num_layers, "--model", tiny_dir, "--stats-dir", stats_dir)]
     assert [r.returncode for r in refused] == [65, 2], [r.stderr for r in refused]
-    assert "another model" in refused[0].stderr and "outside this model's layers" in refused[1].stderr
+    assert "another model" in refused[0].stderr and "out of range" in refused[1].stderr
     assert not stats_dir.exists() or not list(stats_dir.iterdir())
 
     out = cli("stats", "import", good, "--layer", 1, "--model", tiny_dir, "--stats-dir", stats_dir)
