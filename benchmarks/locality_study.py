@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -125,6 +126,11 @@ class Study:
                 "ge": fluency(self.loaded, max_new_tokens=self.fluency_tokens)["ge"]}
 
 
+def names_object(text: str, new: str) -> bool:
+    """Whether ``text`` names ``new`` as a whole word: a one-letter object such as "C" is not named by "combiner"."""
+    return re.search(rf"(?<!\w){re.escape(new.strip().lower())}(?!\w)", text.lower()) is not None
+
+
 def leakage(loaded, facts: list, new_tokens: int = 10) -> dict:
     """Neighbourhood prompts whose greedy continuation names the fact's new object (the study's measure)."""
     prompts, news = [], []
@@ -137,7 +143,7 @@ def leakage(loaded, facts: list, new_tokens: int = 10) -> dict:
     if not prompts:
         return {"contaminated": None, "n_prompts": 0, "examples": []}
     conts = greedy_continuations(loaded, prompts, new_tokens)
-    hits = [(p, c) for p, c, new in zip(prompts, conts, news) if new in c.lower()]
+    hits = [(p, c) for p, c, new in zip(prompts, conts, news) if names_object(c, new)]
     return {"contaminated": len(hits), "n_prompts": len(prompts), "pct": 100 * len(hits) / len(prompts),
             "examples": [{"prompt": p, "continuation": c} for p, c in hits[:5]]}
 

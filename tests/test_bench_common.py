@@ -83,3 +83,13 @@ def test_record_seconds_shares_a_measured_batch_time_over_untimed_targets(tiny, 
     cache.put(FACTS[:1], cache.get(FACTS[:1]))  # one untimed again, the other timed: not one batch
     with pytest.raises(SystemExit):
         record_seconds(cache, FACTS, 6.0)
+
+
+def test_leakage_counts_the_new_object_only_as_a_whole_word():
+    from benchmarks.locality_study import names_object
+    assert not names_object(" ab\ncombiner: 1 en en", "C")  # zsRE's new object "C" is not in "combiner"
+    assert names_object("The capital is C, of course", "C")
+    assert names_object(" London, the capital", " london ")
+    assert not names_object(" Londoner by birth", "London")
+    assert names_object("sung by a mezzo-soprano.", "mezzo-soprano")
+    assert names_object("(C++)", "C++")
