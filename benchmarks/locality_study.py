@@ -10,8 +10,8 @@ target into the weights, not how well each optimiser finds one. Methods:
   the minimum-norm update that maps the keys exactly (for one fact, (v − Wk)kᵀ/kᵀk at each layer);
 * ROME, 1 layer: u = C⁻¹k*, one fact after another;
 * MEMIT: Δ = R Kᵀ(λC + KKᵀ)⁻¹ over layers 4-8, all facts in one batch;
-* AlphaEdit: the null-space-projected update over layers 4-8, in sequential batches of 10 facts, the keys
-  of earlier batches carried forward.
+* AlphaEdit: the null-space-projected update over layers 4-8, in sequential batches of 10 facts
+  (``--alphaedit-batch``), the keys of earlier batches carried forward.
 
 Fact sets: the first N distinct records of the zsRE sample (N = 1, 10, 100 by default; 1,000 with
 ``--sizes 1,10,100,1000`` where a GPU makes the targets affordable) and the hand-made facts of
@@ -58,13 +58,13 @@ STUDY_FACTS = ROOT / "benchmarks" / "data" / "study_facts.jsonl"
 METHODS = {"plain-1": "plain, 1 layer", "plain-5": "plain, 5 layers", "rome": "ROME, 1 layer", "memit": "MEMIT",
            "alphaedit": "AlphaEdit"}  # --methods name: label in the table
 PLAIN_LAMBDA = 1e-3  # λ → 0 with C = I: the minimum-norm exact update (keys have ‖k‖² ≈ 30-60 here)
-ALPHAEDIT_BATCH = 10
+ALPHAEDIT_BATCH = 10  # facts per sequential AlphaEdit batch unless --alphaedit-batch says otherwise
 
 
 class Study:
     """The model, its statistics and unedited reference measurements, and one edit + evaluation at a time."""
 
-    def __init__(self, model: str, stats_dir: Path, fluency_tokens: int) -> None:
+    def __init__(self, model: str, stats_dir: Path, fluency_tokens: int, alphaedit_batch: int = ALPHAEDIT_BATCH) -> None:
         self.loaded = load_model(model)
         self.hp = load_hparams("memit", self.loaded.model.config.model_type, self.loaded.num_layers, None, [])
         self.layers = list(self.hp.layers)
@@ -74,6 +74,7 @@ class Study:
         self.targets = TargetCache(self.loaded, self.top, self.hp.target, self.templates)
         self.originals = {layer: self.loaded.down_weight(layer).detach().clone() for layer in self.layers}
         self.fluency_tokens = fluency_tokens
+        self.alphaedit_batch = alphaedit_batch
         self.reference_next = next_token_logprobs(self.loaded)
         self.reference_ge = fluency(self.loaded, max_new_tokens=fluency_tokens)["ge"]
 
@@ -108,8 +109,8 @@ class Study:
             ahp = load_hparams("alphaedit", self.loaded.model.config.model_type, self.loaded.num_layers, None, [])
             projectors = alphaedit_projectors(covs, ahp.null_space_threshold)
             prev: dict[int, torch.Tensor] = {}
-            for lo in range(0, len(facts), ALPHAEDIT_BATCH):
-                part = list(range(lo, min(lo + ALPHAEDIT_BATCH, len(facts))))
+            for lo in range(0, len(facts), self.alphaedit_batch):
+                part = list(range(lo, min(lo + self.alphaedit_batch, len(facts))))
                 out = run_memit(self.loaded, [facts[i] for i in part], self.layers, None, 0.0,
                                 alphaedit={"P": projectors, "prev_keys": prev, "alpha": ahp.alpha},
                                 targets=targets.select(part), **common)
@@ -210,15 +211,17 @@ def main() -> None:
                     help="MEMIT at the largest size with the statistics in STATS_DIR (repeatable)")
     ap.add_argument("--lams", default="", help="MEMIT λ values to sweep at the largest size, e.g. 15000,1500,150")
     ap.add_argument("--fluency-tokens", type=int, default=50)
+    ap.add_argument("--alphaedit-batch", type=int, default=ALPHAEDIT_BATCH, help="facts per sequential AlphaEdit batch")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)
     args = ap.parse_args()
     torch.manual_seed(0)
     methods = [m for m in args.methods.split(",") if m]
-    study = Study(args.model, args.stats_dir, args.fluency_tokens)
+    study = Study(args.model, args.stats_dir, args.fluency_tokens, args.alphaedit_batch)
     sizes = [int(x) for x in args.sizes.split(",") if x]
     results = {"model": study.loaded.model_id, "layers": study.layers, "lam": study.hp.lam,
                "stats_tokens": study.stats_tokens, "threads": torch.get_num_threads(), "zsre_skip": args.skip,
+               "alphaedit_batch": args.alphaedit_batch,
                "unedited": {"ge": study.reference_ge}, "rows": [], "budget": [], "lambda": []}
 
     def save() -> None:
