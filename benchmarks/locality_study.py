@@ -64,7 +64,8 @@ ALPHAEDIT_BATCH = 10  # facts per sequential AlphaEdit batch unless --alphaedit-
 class Study:
     """The model, its statistics and unedited reference measurements, and one edit + evaluation at a time."""
 
-    def __init__(self, model: str, stats_dir: Path, fluency_tokens: int, alphaedit_batch: int = ALPHAEDIT_BATCH) -> None:
+    def __init__(self, model: str, stats_dir: Path, fluency_tokens: int, alphaedit_batch: int = ALPHAEDIT_BATCH,
+                 alphaedit_overrides: list[str] | None = None) -> None:
         self.loaded = load_model(model)
         self.hp = load_hparams("memit", self.loaded.model.config.model_type, self.loaded.num_layers, None, [])
         self.layers = list(self.hp.layers)
@@ -75,6 +76,8 @@ class Study:
         self.originals = {layer: self.loaded.down_weight(layer).detach().clone() for layer in self.layers}
         self.fluency_tokens = fluency_tokens
         self.alphaedit_batch = alphaedit_batch
+        self.ahp = load_hparams("alphaedit", self.loaded.model.config.model_type, self.loaded.num_layers, None,
+                                alphaedit_overrides or [])
         self.reference_next = next_token_logprobs(self.loaded)
         self.reference_ge = fluency(self.loaded, max_new_tokens=fluency_tokens)["ge"]
 
@@ -106,13 +109,12 @@ class Study:
         elif method == "memit":
             run_memit(self.loaded, facts, self.layers, covs, lam, targets=targets, **common)
         elif method == "alphaedit":
-            ahp = load_hparams("alphaedit", self.loaded.model.config.model_type, self.loaded.num_layers, None, [])
-            projectors = alphaedit_projectors(covs, ahp.null_space_threshold)
+            projectors = alphaedit_projectors(covs, self.ahp.null_space_threshold)
             prev: dict[int, torch.Tensor] = {}
             for lo in range(0, len(facts), self.alphaedit_batch):
                 part = list(range(lo, min(lo + self.alphaedit_batch, len(facts))))
                 out = run_memit(self.loaded, [facts[i] for i in part], self.layers, None, 0.0,
-                                alphaedit={"P": projectors, "prev_keys": prev, "alpha": ahp.alpha},
+                                alphaedit={"P": projectors, "prev_keys": prev, "alpha": self.ahp.alpha},
                                 targets=targets.select(part), **common)
                 prev = {layer: torch.cat([prev[layer], k]) if layer in prev else k for layer, k in out.keys.items()}
         else:
@@ -212,16 +214,18 @@ def main() -> None:
     ap.add_argument("--lams", default="", help="MEMIT λ values to sweep at the largest size, e.g. 15000,1500,150")
     ap.add_argument("--fluency-tokens", type=int, default=50)
     ap.add_argument("--alphaedit-batch", type=int, default=ALPHAEDIT_BATCH, help="facts per sequential AlphaEdit batch")
+    ap.add_argument("--alphaedit-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="AlphaEdit hyperparameter override, e.g. null_space_threshold=0.005 (repeatable)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--plot", type=Path)
     args = ap.parse_args()
     torch.manual_seed(0)
     methods = [m for m in args.methods.split(",") if m]
-    study = Study(args.model, args.stats_dir, args.fluency_tokens, args.alphaedit_batch)
+    study = Study(args.model, args.stats_dir, args.fluency_tokens, args.alphaedit_batch, args.alphaedit_set)
     sizes = [int(x) for x in args.sizes.split(",") if x]
     results = {"model": study.loaded.model_id, "layers": study.layers, "lam": study.hp.lam,
                "stats_tokens": study.stats_tokens, "threads": torch.get_num_threads(), "zsre_skip": args.skip,
-               "alphaedit_batch": args.alphaedit_batch,
+               "alphaedit_batch": args.alphaedit_batch, "alphaedit_overrides": args.alphaedit_set,
                "unedited": {"ge": study.reference_ge}, "rows": [], "budget": [], "lambda": []}
 
     def save() -> None:
