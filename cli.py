@@ -292,7 +292,8 @@ def batch_edit_cmd(
     device_map: Annotated[Optional[str], typer.Option(help="Spread the model over the visible GPUs: auto, balanced or sequential (accelerate); each layer's update is computed on its own device. Replaces --device.")] = None,
     base: Annotated[Optional[Path], typer.Option(help="Continue from an earlier batch-edit output (sequential edits).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --output.")] = False,
-    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the before/after evaluation.")] = False,
+    no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the before/after evaluation (then nothing checks that the edited model still works).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Write the edited model even if the evaluation finds it broken (mean KL on unrelated prompts > 1 nat, > 50 % of their top-1 tokens changed, or fluency down > 20 %); without it such an edit exits 65 and writes nothing.")] = False,
     report: Annotated[Optional[Path], typer.Option(help="Also write a report (json, markdown, plots) of the before/after evaluation here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
@@ -317,7 +318,7 @@ def batch_edit_cmd(
         device=device, device_map=device_map, module_template=module_template, hparams_file=hparams,
         overrides=list(set_ or []),
         stats_dir=stats_dir, stats=stats, build_stats=build_stats, stats_tokens=stats_tokens, base=base,
-        overwrite=overwrite, evaluate=not no_eval))
+        overwrite=overwrite, evaluate=not no_eval, force=force))
     if report is not None:
         write_report(report, report_from_summary(summary))
     if as_json:
@@ -329,6 +330,10 @@ def batch_edit_cmd(
     typer.echo(f"edited {summary['n_facts']} facts with {method} at layers {summary['layers']} in {t['edit_s']:.1f} s "
                f"({t['seconds_per_fact']:.2f} s per fact; targets {t.get('targets_s', 0):.1f} s, solve {t.get('solve_s', 0):.1f} s)")
     typer.echo(quick_look(summary))
+    if no_eval:
+        typer.echo("\nnot evaluated (--no-eval): nothing checked that the edited model still works")
+    elif summary["checked"]["forced"]:
+        typer.echo(f"\nWARNING: written with --force although broken: {'; '.join(summary['checked']['broken'])}")
     typer.echo(f"\nwrote {output}/ (model, delta.safetensors, manifest.json)")
     if report is not None:
         typer.echo(f"wrote {report}/ (report.md, report.json, plots)")

@@ -34,7 +34,8 @@ from pipeline.keys import compute_keys, context_templates
 from pipeline.memit import alphaedit_solve, memit_solve, null_space_projector
 from pipeline.models import LoadedModel
 from pipeline.rome import rome_update
-from pipeline.targets import TargetResult, block_outputs, compute_targets
+from pipeline.postnorm import mlp_residual
+from pipeline.targets import TargetResult, block_outputs, compute_targets, subject_outputs
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +86,10 @@ def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: 
         at = loaded.layer_device(layer)  # every tensor of this layer's update lives with its weight
         K = _keys(loaded, layer, facts, key_templates).double().T.to(at)  # (d_ff, n)
         keys_out[layer] = K.T.float().cpu()
-        h = block_outputs(loaded, facts, layers[-1], 64).double()
+        R, h = _residual(loaded, facts, layer, layers[-1], z, len(layers) - i)
         if i == 0:
             h_unedited = h
-        R = ((z.to(h.device) - h) / (len(layers) - i)).T.to(at)  # (d_model, n)
+        R = R.T.to(at)  # (d_model, n)
         if alphaedit is None:
             C = covariances[layer].to(at) if covariances is not None else torch.eye(K.shape[0], dtype=torch.float64, device=at)
             up, down = memit_solve(K, R, C, lam)
@@ -103,6 +104,19 @@ def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: 
     info = {"nll_before": result.nll_before.tolist(), "nll_after": result.nll_after.tolist(),
             "steps": result.steps_taken.tolist(), "realised": realised_share(loaded, facts, layers[-1], z, h_unedited)}
     return EditOutcome(factors, keys_out, timings, info, result.z)
+
+
+def _residual(loaded: LoadedModel, facts: list, layer: int, top: int, z: torch.Tensor, share: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``layer``'s down-projection output should move by for each fact (n, d_model, float64): its
+    share 1/``share`` of the gap between z and the top layer's block output h now, mapped through the
+    block's post-MLP norm where it has one (postnorm.py); and h."""
+    norm = loaded.post_mlp_norm(layer)
+    watched = [loaded.block(top)] + ([loaded.down_proj(layer)] if norm is not None else [])
+    seen = subject_outputs(loaded, facts, watched, 64)
+    h = seen[0].double()
+    gap = (z.to(h.device) - h) / share
+    return (gap if norm is None else mlp_residual(norm, seen[1].to(h.device), gap)), h
 
 
 def realised_share(loaded: LoadedModel, facts: list, layer: int, z: torch.Tensor, h_unedited: torch.Tensor) -> list[float]:
@@ -128,12 +142,8 @@ def run_rome(loaded: LoadedModel, facts: list, layer: int, covariance: torch.Ten
     infos = []
     for i, fact in enumerate(facts):
         t0 = clock()
-        if targets is None:
-            result = compute_targets(loaded, [fact], layer, target_hp, templates)
-            delta = (result.z - result.h)[0]
-        else:
-            result = targets.select([i])
-            delta = result.z[0] - block_outputs(loaded, [fact], layer, 1)[0].to(result.z.device)
+        result = compute_targets(loaded, [fact], layer, target_hp, templates) if targets is None else targets.select([i])
+        delta = _residual(loaded, [fact], layer, layer, result.z.double(), 1)[0][0]  # W k_bare moves by this
         timings["targets_s"] += clock() - t0
         t1 = clock()
         k_star = _keys(loaded, layer, [fact], templates)[0].double()

@@ -87,6 +87,29 @@ def edit_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -
         handle.remove()
 
 
+@contextmanager
+def skip_blocks(blocks: Sequence[nn.Module], output: torch.Tensor) -> Iterator[None]:
+    """Run none of ``blocks`` (consecutive transformer blocks from the first): each passes its input
+    through unchanged and the last returns ``output`` instead, so the forward starts above them from a
+    hidden state computed elsewhere. Blocks are called as ``block(hidden_states, ...)`` and return the new
+    hidden state (transformers 5); target optimisation checks the result against a full forward."""
+
+    def passthrough(hidden_states, *_args, **_kwargs):
+        return hidden_states
+
+    def replaced(*_args, **_kwargs):
+        return output
+
+    try:
+        for b in blocks[:-1]:
+            b.forward = passthrough
+        blocks[-1].forward = replaced
+        yield
+    finally:
+        for b in blocks:
+            b.__dict__.pop("forward", None)
+
+
 def run_until(model: nn.Module, **inputs) -> object | None:
     """Run ``model(**inputs)``; return its output, or None if a hook stopped it early."""
     try:

@@ -137,8 +137,8 @@ def _generate_prefixes(loaded: LoadedModel, starter: str, n: int, length: int, g
     generated = []
     past, step_input = None, ids
     for _ in range(max(1, length - n_words)):
-        out = model(input_ids=step_input, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=step_input, cache=past, use_cache=True)
+        past = out.cache
         top = out.logits[:, -1, :].float().topk(top_k, dim=-1)
         pick = torch.multinomial(top.values.softmax(-1).cpu(), 1, generator=generator).to(top.indices.device)
         step_input = top.indices.gather(1, pick)

@@ -48,6 +48,9 @@ class ArchSpec:
     layers: str  # the ModuleList of transformer blocks
     down_proj: str  # the MLP output projection, relative to one block
     transposed: bool = False  # weight stored (in, out), as GPT-2's Conv1D does
+    # A norm between the down-projection and the residual stream (Gemma-2/3, OLMo-2: h += norm(W k)),
+    # relative to one block; None where the block adds W k itself (Llama, GPT-2, ...). See postnorm.py.
+    post_mlp_norm: str | None = None
 
     def template(self) -> str:
         """The ROME-style module template, e.g. ``model.layers.{}.mlp.down_proj``."""
@@ -55,6 +58,7 @@ class ArchSpec:
 
 
 _LLAMA_LIKE = ArchSpec("model.layers", "mlp.down_proj")
+_POST_NORM = ArchSpec("model.layers", "mlp.down_proj", post_mlp_norm="post_feedforward_layernorm")
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA_LIKE,
@@ -62,12 +66,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "gemma3": _LLAMA_LIKE,
-    "gemma3_text": _LLAMA_LIKE,
+    "gemma2": _POST_NORM,
+    "gemma3": ArchSpec("model.language_model.layers", "mlp.down_proj", post_mlp_norm="post_feedforward_layernorm"),
+    "gemma3_text": _POST_NORM,
     "phi3": _LLAMA_LIKE,
     "olmo": _LLAMA_LIKE,
-    "olmo2": _LLAMA_LIKE,
+    "olmo2": _POST_NORM,
     "gpt2": ArchSpec("transformer.h", "mlp.c_proj", transposed=True),
     "gptj": ArchSpec("transformer.h", "mlp.fc_out"),
     "gpt_neox": ArchSpec("gpt_neox.layers", "mlp.dense_4h_to_h"),
@@ -93,7 +97,8 @@ def resolve_arch(model_type: str, module_template: str | None = None, transposed
         if module_template.count("{}") != 1:
             raise ModelError(f"--module-template must contain exactly one '{{}}' for the layer number, got {module_template!r}.")
         layers, down = module_template.split("{}")
-        return ArchSpec(layers.rstrip("."), down.lstrip("."), bool(transposed))
+        known = ARCHITECTURES.get(model_type)  # a custom path does not change where the block's norms are
+        return ArchSpec(layers.rstrip("."), down.lstrip("."), bool(transposed), known.post_mlp_norm if known else None)
     if model_type in MIXTURE_OF_EXPERTS:
         raise ModelError(f"Mixture-of-experts models ({model_type}) are not supported: their MLP is not one down-projection.")
     if model_type not in ARCHITECTURES:
@@ -149,6 +154,10 @@ class LoadedModel:
         """W with out = W @ k, shape (d_model, d_ff): a view of the parameter, so in-place edits stick."""
         w = self.down_proj(layer).weight
         return w.T if self.arch.transposed else w
+
+    def post_mlp_norm(self, layer: int) -> nn.Module | None:
+        """The norm applied to the down-projection's output before it joins the residual stream, if any."""
+        return _get(self.block(layer), self.arch.post_mlp_norm) if self.arch.post_mlp_norm else None
 
     @property
     def d_ff(self) -> int:
@@ -324,6 +333,7 @@ def _load_tokenizer(name: str, location: str, revision: str | None):
 def _checked(loaded: LoadedModel, model_type: str) -> LoadedModel:
     try:
         loaded.down_proj(0)
+        loaded.post_mlp_norm(0)
     except (AttributeError, IndexError) as e:
         raise ModelError(f"Module template {loaded.arch.template()!r} does not match this {model_type} model; "
                          "pass --module-template naming the MLP down-projection.") from e

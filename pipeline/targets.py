@@ -1,18 +1,26 @@
-"""Target vectors z = h + δ for a batch of facts, all optimised together (MEMIT's ``compute_z``, batched).
+"""Target vectors z for a batch of facts, all optimised together (MEMIT's ``compute_z``, batched).
 
-For fact i, δᵢ ∈ R^d_model is added to the output of block ``layer`` at the subject's last token of each of
-its prompts. δ is trained with Adam to make the model say ``target_new``::
+For fact i, δᵢ ∈ R^d_model is added to the output of block ``layer``'s MLP down-projection (where ROME
+puts v*) at the subject's last token of each of its prompts, and trained with Adam to make the model say
+``target_new``::
 
-    loss_i = nll_i + kl_factor · KL(p_now ‖ p_start) + weight_decay · ‖δᵢ‖ / ‖hᵢ‖²
+    loss_i = nll_i + kl_factor · KL(p_now ‖ p_start) + weight_decay · ‖δᵢ‖ / ‖sᵢ‖²
 
 * nll_i: mean over the context templates of the mean over target tokens of −log p(token | prefix), with
   the rewrite prompt placed in the template and the target teacher-forced (all its tokens but the last
   are appended as token ids, never re-tokenised from text).
 * KL: next-token distribution after "{subject} is a" (its last token), edited against unedited, in the
   direction compute_z uses (``kl_div(p_start, p_now)`` = KL(p_now ‖ p_start)).
-* weight decay: ‖δ‖ / ‖h‖², as compute_z writes it (not squared: the published weight 0.5 with ROME's clamp
-  of 4 assumes this weak form), h the block output at the subject's last token of the bare rewrite prompt.
-* after every Adam step ‖δᵢ‖ ≤ clamp_norm_factor · ‖hᵢ‖.
+* weight decay ‖δ‖ / ‖s‖², as compute_z writes it (not squared: the published weight 0.5 with the clamp
+  assumes this weak form), and after every Adam step ‖δᵢ‖ ≤ clamp_norm_factor · ‖sᵢ‖. The scale s is the
+  block output h at the subject's last token of the bare rewrite prompt (compute_z), or, where the block
+  normalises its MLP output (Gemma-2/3, OLMo-2: the registry's ``post_mlp_norm``), the MLP output m there
+  (ROME's ‖W k‖): behind a scale-invariant norm only δ's size relative to m matters.
+
+Where the block adds its MLP output to the residual stream itself (Llama, GPT-2, ...), adding δ to it is
+adding δ to the block output: exactly MEMIT's compute_z. Behind a post-MLP norm N it is the only place
+where δ is what the solve can write (postnorm.py). Either way the result is given in the residual stream,
+z = h + N(m + δ) − N(m) (N the identity where there is none): the block output the edit should produce.
 
 Why batched equals one at a time: the total loss is the sum (not the mean) over facts, a fact's rows
 never interact with another's, and Adam works element-wise, so each δᵢ follows exactly the path it would
@@ -21,17 +29,30 @@ pass, δᵢ is frozen (Adam's momentum would still move it, so its old value is 
 and its rows leave the batch. ``steps`` counts forward passes as the reference's ``v_num_grad_steps``
 does: the last pass only measures, so at most ``steps - 1`` updates are made.
 
+Only what δ can change is computed. δ enters at the subject's last token s of block ``layer``, so nothing
+before s, and nothing below block ``layer + 1`` anywhere, depends on it. Each chunk of rows is split once
+at s: the prefix (tokens before s) runs through the model once, keeping every layer's keys and values;
+the suffix (s onwards) runs through the whole model once at δ = 0, which records block ``layer``'s output
+over the suffix, the unedited NLL and the KL reference. Every Adam step then runs blocks ``layer + 1``…
+over the suffix only, attending to the cached prefix, with blocks 0…``layer`` replaced by the recorded
+output plus δ, and the logits only at the columns that predict target tokens. The first chunk checks that
+this reproduces the full forward (NLL to 1e-3, δ = 0); a model where it does not (an architecture whose
+blocks take or return something else) falls back to the full forward every step, with a warning.
+``reuse_prefix=False`` asks for the full forward (the reference the tests compare against).
+
 Quirks:
 
-* Rows are left-padded with position ids counted over real tokens, so every row ends at the same column
-  and the model computes logits for the last few columns only (``logits_to_keep``): memory is
-  rows × (longest target) × vocab, not rows × length × vocab.
-* Facts are chunked in order of their longest row, so rows of similar length share a forward.
+* Rows are left-padded (prefix and suffix separately; the mask has a hole between them) with position ids
+  counted over real tokens, so every row ends at the same column and the logits of the last few columns
+  (``logits_to_keep``) are all that is computed: memory is rows × (longest target) × vocab.
+* Facts are chunked once, in order of their longest row, so rows of similar length share a forward; a
+  chunk whose facts have partly stopped runs its remaining rows only.
 * ``max_rows`` bounds the rows of one forward; a fact's rows (templates + 1) always share a chunk, so one
   chunk can exceed it when a single fact has more rows.
 * ``max_facts`` bounds the facts optimised in one loop: larger batches run as consecutive groups (same
-  targets, by the argument above), so the reference distributions (facts × vocab floats, 1 GiB for 1,000
-  facts of a 262k vocabulary) and Adam's state stay bounded however many facts are edited.
+  targets, by the argument above), so the reference distributions (facts × vocab floats, 256 MiB for 256
+  facts of a 262k vocabulary), the prefix caches and Adam's state stay bounded however many facts are
+  edited.
 * The model runs in its own dtype; δ, the logits' softmax and the losses are float32.
 """
 
@@ -39,13 +60,15 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from pipeline.errors import DataError
-from pipeline.hooks import capture_outputs, edit_output
+from pipeline.hooks import capture_outputs, edit_output, skip_blocks
 from pipeline.hparams import TargetHParams
 from pipeline.keys import encode_with_subject, target_token_ids
 from pipeline.models import LoadedModel
@@ -59,7 +82,7 @@ KL_PROMPT = "{} is a"
 class TargetResult:
     """Per fact: the target value z at the subject's last token after block ``layer``, and how it went."""
 
-    z: torch.Tensor  # (n, d_model) float32, h + δ
+    z: torch.Tensor  # (n, d_model) float32, the block output the edit should produce there
     h: torch.Tensor  # (n, d_model) float32, the block output there before editing (bare rewrite prompt)
     nll_before: torch.Tensor  # (n,) mean NLL of target_new over the templates, δ = 0
     nll_after: torch.Tensor  # (n,) the same with the final δ
@@ -85,24 +108,24 @@ class _FactRows:
     """The token rows of one fact: one per template (prompt + target[:-1]) and the KL row."""
 
     rows: list[list[int]]  # templates first, KL row last
-    subject_pos: list[int]  # subject's last token in each row (unpadded)
+    subject_pos: list[int]  # subject's last token in each row
     target: list[int]  # target_new token ids
 
 
 @dataclass
 class _Chunk:
-    """A left-padded forward batch holding every row of some facts."""
+    """Every row of some facts, each split at its subject's last token: prefix (before it), suffix (from it)."""
 
     facts: torch.Tensor  # (c,) global fact indices
-    input_ids: torch.Tensor  # (R, T)
-    attention_mask: torch.Tensor  # (R, T)
     row_fact: torch.Tensor  # (R,) global fact index of each row
-    subject_pos: torch.Tensor  # (R,) padded column of the subject's last token
-    labels: torch.Tensor  # (n_rewrite_rows, keep) target ids over the last `keep` columns, -100 elsewhere
-    rewrite_rows: torch.Tensor  # (n_rewrite_rows,) row numbers of rewrite rows
-    rewrite_fact: torch.Tensor  # (n_rewrite_rows,) chunk-local fact index
-    kl_rows: torch.Tensor  # (c,) row number of each fact's KL row
+    prefixes: list[list[int]]
+    suffixes: list[list[int]]
+    labels: torch.Tensor  # (R, keep) target ids over the last `keep` columns; -100 elsewhere and on KL rows
+    is_kl: torch.Tensor  # (R,) bool
     keep: int  # columns at the end whose logits are computed
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer, the prefix's keys and values
+    base: torch.Tensor | None = None  # (R, S, d_model) block `layer`'s output over the suffix at δ = 0
+    mlp: torch.Tensor | None = None  # (R, d_model) its MLP output at the subject (behind a post-MLP norm)
 
 
 def _fact_rows(tokenizer, facts: list, templates: list[str]) -> list[_FactRows]:
@@ -127,76 +150,177 @@ def _fact_rows(tokenizer, facts: list, templates: list[str]) -> list[_FactRows]:
     return out
 
 
-def _build_chunk(fact_rows: list[_FactRows], facts: list[int], pad_id: int, input_device: torch.device,
-                 device: torch.device) -> _Chunk:
-    """Token ids go to ``input_device`` (the embeddings'), everything indexed per row or fact to ``device``
-    (the edited layer's, where δ lives); the label side moves to the logits' device in _forward."""
-    rows, row_fact, subject_pos, rewrite_rows, rewrite_fact, kl_rows, targets = [], [], [], [], [], [], []
-    for local, i in enumerate(facts):
+def _make_chunk(fact_rows: list[_FactRows], facts: list[int], device: torch.device) -> _Chunk:
+    row_fact, prefixes, suffixes, targets, is_kl = [], [], [], [], []
+    for i in facts:
         fr = fact_rows[i]
         for j, (ids, pos) in enumerate(zip(fr.rows, fr.subject_pos)):
-            if j < len(fr.rows) - 1:
-                rewrite_rows.append(len(rows))
-                rewrite_fact.append(local)
-                targets.append(fr.target)
-            else:
-                kl_rows.append(len(rows))
-            rows.append(ids)
+            kl = j == len(fr.rows) - 1
             row_fact.append(i)
-            subject_pos.append(pos)
-    width = max(len(r) for r in rows)
+            prefixes.append(ids[:pos])
+            suffixes.append(ids[pos:])
+            targets.append([] if kl else fr.target)
+            is_kl.append(kl)
     keep = max(len(t) for t in targets)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, ids in enumerate(rows):
-        input_ids[r, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        mask[r, width - len(ids):] = 1
-        subject_pos[r] += width - len(ids)
     labels = torch.full((len(targets), keep), -100, dtype=torch.long)
     for r, t in enumerate(targets):  # the last len(t) columns predict the target's tokens
-        labels[r, keep - len(t):] = torch.tensor(t, dtype=torch.long)
+        if t:
+            labels[r, keep - len(t):] = torch.tensor(t, dtype=torch.long)
 
     def as_long(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=device)
 
-    return _Chunk(as_long(facts), input_ids.to(input_device), mask.to(input_device), as_long(row_fact), as_long(subject_pos),
-                  labels.to(device), as_long(rewrite_rows), as_long(rewrite_fact), as_long(kl_rows), keep)
+    return _Chunk(as_long(facts), as_long(row_fact), prefixes, suffixes, labels.to(device),
+                  torch.tensor(is_kl, device=device), keep)
 
 
-def _forward(loaded: LoadedModel, chunk: _Chunk, delta: torch.Tensor, layer: int,
-             n_templates: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-fact NLL (c,) and KL-prompt next-token log-probs (c, vocab), with δ added at ``layer``; both on δ's
-    device (a model spread over devices computes its logits elsewhere)."""
-    rows = torch.arange(len(chunk.row_fact), device=delta.device)
+def _left_padded(seqs: list[list[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask), each row right-aligned in ``width`` columns (default: the longest row)."""
+    width = max((len(s) for s in seqs), default=0) if width is None else width
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        if s:
+            ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[r, width - len(s):] = 1
+    return ids, mask
 
-    def add_delta(h: torch.Tensor) -> torch.Tensor:
-        return h.index_put((rows, chunk.subject_pos), delta[chunk.row_fact].to(h.dtype), accumulate=True)
 
-    inputs = dict(input_ids=chunk.input_ids, attention_mask=chunk.attention_mask,
-                  position_ids=(chunk.attention_mask.cumsum(-1) - 1).clamp(min=0), use_cache=False)
-    if _accepts_logits_to_keep(loaded.model):
-        inputs["logits_to_keep"] = chunk.keep
-    with edit_output(loaded.block(layer), add_delta):
-        logits = loaded.model(**inputs).logits[:, -chunk.keep:].float()
-    at = logits.device
-    labels = chunk.labels.to(at)
-    rewrite = logits[chunk.rewrite_rows.to(at)]  # (n_rewrite, keep, V)
-    token_nll = F.cross_entropy(rewrite.flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                reduction="none").view(labels.shape)
-    row_nll = token_nll.sum(1) / (labels != -100).sum(1)
-    nll = torch.zeros(len(chunk.facts), device=at).index_add(0, chunk.rewrite_fact.to(at), row_nll) / n_templates
-    kl_logprobs = F.log_softmax(logits[chunk.kl_rows.to(at), -1], dim=-1)
-    return nll.to(delta.device), kl_logprobs.to(delta.device)
+def _positions(mask: torch.Tensor, offset: torch.Tensor | int = 0) -> torch.Tensor:
+    """Position ids counted over real tokens (so left padding shifts nothing), starting at ``offset``."""
+    return ((mask.cumsum(-1) - 1).clamp(min=0) + (offset.unsqueeze(1) if torch.is_tensor(offset) else offset))
 
 
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
-@torch.no_grad()
-def block_outputs(loaded: LoadedModel, facts: list, layer: int, batch_rows: int) -> torch.Tensor:
-    """h: output of block ``layer`` at the subject's last token of each bare rewrite prompt, float32."""
-    out = []
+def _logits(loaded: LoadedModel, keep: int, **inputs) -> torch.Tensor:
+    """The model's own logits over the last ``keep`` columns (r, keep, V), float32."""
+    if _accepts_logits_to_keep(loaded.model):
+        inputs["logits_to_keep"] = keep
+    return loaded.model(**inputs).logits[:, -keep:].float()
+
+
+def _picks(chunk: _Chunk, rows: torch.Tensor) -> torch.Tensor:
+    """(r, keep) bool: the columns whose logits a loss reads: target tokens, and a KL row's last column."""
+    at = chunk.labels.device
+    rows = rows.to(at)
+    picked = chunk.labels[rows] != -100
+    picked[chunk.is_kl[rows], -1] = True
+    return picked
+
+
+class _Runner:
+    """Forward passes over (some rows of) a chunk with δ in place: the full rows, or the suffix only.
+
+    Both return the logits of the picked columns only (N, V), float32, in row-major order of ``_picks``."""
+
+    def __init__(self, loaded: LoadedModel, layer: int, pad_id: int):
+        self.loaded, self.layer, self.pad_id = loaded, layer, pad_id
+        self.norm = loaded.post_mlp_norm(layer)
+        self.softcap = getattr(loaded.model.config.get_text_config(), "final_logit_softcapping", None)
+
+    def _change(self, chunk: _Chunk, rows: torch.Tensor, delta_rows: torch.Tensor) -> torch.Tensor:
+        """What δ does to the block output at the subject: δ, or N(m + δ) − N(m) behind a post-MLP norm."""
+        if self.norm is None:
+            return delta_rows
+        m = chunk.mlp[rows.to(chunk.mlp.device)].float()
+        return (self.norm(m + delta_rows.to(m.device)) - self.norm(m)).float()
+
+    def full(self, chunk: _Chunk, rows: torch.Tensor, delta_rows: torch.Tensor) -> torch.Tensor:
+        """The whole rows through the whole model, δ added to the MLP output at each row's subject."""
+        loaded = self.loaded
+        seqs = [chunk.prefixes[r] + chunk.suffixes[r] for r in rows.tolist()]
+        ids, mask = _left_padded(seqs, self.pad_id)
+        subject_col = torch.tensor([ids.shape[1] - len(chunk.suffixes[r]) for r in rows.tolist()],
+                                   device=delta_rows.device)
+        index = (torch.arange(len(rows), device=delta_rows.device), subject_col)
+
+        def add_delta(m: torch.Tensor) -> torch.Tensor:
+            return m.index_put(index, delta_rows.to(m.dtype), accumulate=True)
+
+        with edit_output(loaded.down_proj(self.layer), add_delta):
+            logits = _logits(loaded, chunk.keep, input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device),
+                             position_ids=_positions(mask).to(loaded.device), use_cache=False)
+        return logits[_picks(chunk, rows).to(logits.device)]
+
+    def _suffix_inputs(self, chunk: _Chunk, rows: torch.Tensor) -> dict:
+        loaded = self.loaded
+        r = rows.tolist()  # padded to the whole chunk's widths, which its cached prefix and block output have
+        prefix_mask = _left_padded([chunk.prefixes[i] for i in r], self.pad_id, max(map(len, chunk.prefixes)))[1]
+        ids, mask = _left_padded([chunk.suffixes[i] for i in r], self.pad_id, max(map(len, chunk.suffixes)))
+        inputs = dict(input_ids=ids, attention_mask=torch.cat([prefix_mask, mask], 1),
+                      position_ids=_positions(mask, prefix_mask.sum(1)))
+        inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
+        if chunk.kv is not None:
+            cache = DynamicCache(config=loaded.model.config)
+            for i, (k, v) in enumerate(chunk.kv):
+                cache.update(k[rows.to(k.device)], v[rows.to(v.device)], i)
+            inputs["cache"] = cache
+        return inputs
+
+    def suffix(self, chunk: _Chunk, rows: torch.Tensor, delta_rows: torch.Tensor) -> torch.Tensor:
+        """Blocks ``layer + 1``… over the suffix only, on the cached prefix and the recorded block output
+        (blocks 0…``layer`` do not run); the output head only at the picked columns."""
+        at = chunk.base.device
+        base = chunk.base[rows.to(at)]
+        subject_col = torch.tensor([base.shape[1] - len(chunk.suffixes[r]) for r in rows.tolist()], device=at)
+        change = self._change(chunk, rows, delta_rows).to(at, base.dtype)
+        start = base.index_put((torch.arange(len(rows), device=at), subject_col), change, accumulate=True)
+        with skip_blocks(list(self.loaded.blocks)[:self.layer + 1], start):
+            hidden = self.loaded.model.base_model(use_cache=True, **self._suffix_inputs(chunk, rows)).last_hidden_state
+        hidden = hidden[:, -chunk.keep:][_picks(chunk, rows).to(hidden.device)]
+        logits = self.loaded.model.get_output_embeddings()(hidden).float()
+        return logits if not self.softcap else torch.tanh(logits / self.softcap) * self.softcap
+
+    @torch.no_grad()
+    def prepare(self, chunk: _Chunk) -> torch.Tensor:
+        """Cache the prefix's keys and values and the suffix's block output; return the picked logits at δ = 0
+        (the model's own forward and head, which the suffix path is checked against)."""
+        loaded = self.loaded
+        ids, mask = _left_padded(chunk.prefixes, self.pad_id)
+        if ids.shape[1]:
+            out = loaded.model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device),
+                               position_ids=_positions(mask).to(loaded.device), use_cache=True,
+                               **({"logits_to_keep": 1} if _accepts_logits_to_keep(loaded.model) else {}))
+            chunk.kv = [(layer.keys, layer.values) for layer in out.cache.layers]
+        rows = torch.arange(len(chunk.suffixes))
+        watched = [loaded.block(self.layer)] + ([loaded.down_proj(self.layer)] if self.norm is not None else [])
+        with capture_outputs(watched) as seen:
+            logits = _logits(loaded, chunk.keep, use_cache=True, **self._suffix_inputs(chunk, rows))
+        chunk.base = seen[0].detach()
+        if self.norm is not None:
+            subject_col = torch.tensor([seen[1].shape[1] - len(s) for s in chunk.suffixes], device=seen[1].device)
+            chunk.mlp = seen[1][torch.arange(len(rows), device=seen[1].device), subject_col].detach()
+        return logits[_picks(chunk, rows).to(logits.device)]
+
+
+def _losses(logits: torch.Tensor, chunk: _Chunk, rows: torch.Tensor, local_fact: torch.Tensor, n_facts: int,
+            n_templates: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-fact NLL (c,) and KL-prompt next-token log-probs (c, vocab) on δ's device, from the picked logits
+    (N, V) of ``rows`` (``_picks`` order); ``local_fact`` numbers each row's fact within the c facts."""
+    at = logits.device
+    picked = _picks(chunk, rows).to(at)
+    row_of = torch.arange(len(rows), device=at).unsqueeze(1).expand_as(picked)[picked]
+    label = chunk.labels.to(at)[rows.to(at)][picked]
+    kl_pick = chunk.is_kl.to(at)[rows.to(at)][row_of]
+    local = local_fact.to(at)
+    token_nll = F.cross_entropy(logits[~kl_pick], label[~kl_pick], reduction="none")
+    rewrite_row = row_of[~kl_pick]
+    row_sum = torch.zeros(len(rows), device=at).index_add(0, rewrite_row, token_nll)
+    row_len = torch.zeros(len(rows), device=at).index_add(0, rewrite_row, torch.ones_like(token_nll))
+    is_rewrite = row_len > 0
+    nll = torch.zeros(n_facts, device=at).index_add(0, local[is_rewrite], row_sum[is_rewrite] / row_len[is_rewrite])
+    kl_logprobs = torch.empty(n_facts, logits.shape[-1], device=at)
+    kl_logprobs[local[row_of[kl_pick]]] = F.log_softmax(logits[kl_pick], dim=-1)
+    return (nll / n_templates).to(device), kl_logprobs.to(device)
+
+
+def subject_outputs(loaded: LoadedModel, facts: list, modules: list[torch.nn.Module],
+                    batch_rows: int) -> list[torch.Tensor]:
+    """The output of each module at the subject's last token of each bare rewrite prompt, float32 (n, ·)."""
+    out: list[list[torch.Tensor]] = [[] for _ in modules]
     for lo in range(0, len(facts), batch_rows):
         chunk = facts[lo:lo + batch_rows]
         enc = encode_with_subject(loaded.tokenizer, [f.prompt for f in chunk], [f.subject for f in chunk],
@@ -204,11 +328,22 @@ def block_outputs(loaded: LoadedModel, facts: list, layer: int, batch_rows: int)
         inputs = enc.model_inputs()
         if _accepts_logits_to_keep(loaded.model):
             inputs["logits_to_keep"] = 1
-        with capture_outputs([loaded.block(layer)]) as seen:
+        with torch.no_grad(), capture_outputs(modules) as seen:
             loaded.model(**inputs)
-        at = seen[0].device  # the block's device
-        out.append(seen[0][torch.arange(len(chunk), device=at), enc.subject_last.to(at)].float())
-    return torch.cat(out)
+        for i, s in enumerate(seen):
+            at = s.device  # the module's device
+            out[i].append(s[torch.arange(len(chunk), device=at), enc.subject_last.to(at)].float())
+    return [torch.cat(o) if o else torch.zeros(0, loaded.d_model) for o in out]
+
+
+def block_outputs(loaded: LoadedModel, facts: list, layer: int, batch_rows: int) -> torch.Tensor:
+    """h: output of block ``layer`` at the subject's last token of each bare rewrite prompt, float32."""
+    return subject_outputs(loaded, facts, [loaded.block(layer)], batch_rows)[0]
+
+
+def mlp_outputs(loaded: LoadedModel, facts: list, layer: int, batch_rows: int) -> torch.Tensor:
+    """m = W k: block ``layer``'s down-projection output there, float32."""
+    return subject_outputs(loaded, facts, [loaded.down_proj(layer)], batch_rows)[0]
 
 
 def _pad_id(tokenizer) -> int:
@@ -219,12 +354,12 @@ def _pad_id(tokenizer) -> int:
 
 
 def compute_targets(loaded: LoadedModel, facts: list, layer: int, hp: TargetHParams, templates: list[str],
-                    max_rows: int = 128, max_facts: int = 256) -> TargetResult:
+                    max_rows: int = 128, max_facts: int = 256, reuse_prefix: bool = True) -> TargetResult:
     """Optimise one δ per fact, all facts in shared forward passes; see the module docstring for the loss.
 
     ``facts`` need ``.subject``, ``.prompt`` (with ``{}``) and ``.target_new``; ``templates``
     are context templates such as ``["{}", "Prefix. {}"]``; ``max_rows`` bounds the rows of one forward,
-    ``max_facts`` the facts of one optimisation loop.
+    ``max_facts`` the facts of one optimisation loop; ``reuse_prefix=False`` runs the full forward each step.
     """
     loaded.check_layers([layer])
     if not templates:
@@ -236,47 +371,65 @@ def compute_targets(loaded: LoadedModel, facts: list, layer: int, hp: TargetHPar
         empty = torch.zeros(0, loaded.d_model, device=loaded.layer_device(layer))
         return TargetResult(empty, empty.clone(), torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.long))
     group = max(1, max_facts)
-    return TargetResult.concat([_optimise(loaded, facts[lo:lo + group], layer, hp, templates, max_rows)
+    return TargetResult.concat([_optimise(loaded, facts[lo:lo + group], layer, hp, templates, max_rows, reuse_prefix)
                                 for lo in range(0, len(facts), group)])
 
 
 def _optimise(loaded: LoadedModel, facts: list, layer: int, hp: TargetHParams, templates: list[str],
-              max_rows: int) -> TargetResult:
+              max_rows: int, reuse_prefix: bool) -> TargetResult:
     """compute_targets for one group of facts."""
     device, n, d = loaded.layer_device(layer), len(facts), loaded.d_model  # δ lives with its layer
     fact_rows = _fact_rows(loaded.tokenizer, facts, templates)
     per_fact = len(templates) + 1
     facts_per_chunk = max(1, max_rows // per_fact)
-    pad_id = _pad_id(loaded.tokenizer)
-    h = block_outputs(loaded, facts, layer, max_rows)
-    h_norm = h.norm(dim=1)
-    max_norm = hp.clamp_norm_factor * h_norm
+    runner = _Runner(loaded, layer, _pad_id(loaded.tokenizer))
+    h, m = (t.to(device) for t in subject_outputs(loaded, facts, [loaded.block(layer), loaded.down_proj(layer)], max_rows))
+    scale = (h if runner.norm is None else m).norm(dim=1)
+    max_norm = hp.clamp_norm_factor * scale
+
+    # Facts in order of their longest row, so a chunk holds rows of similar length (less left padding).
+    order = sorted(range(n), key=lambda i: max(len(r) for r in fact_rows[i].rows))
+    chunks = [_make_chunk(fact_rows, order[lo:lo + facts_per_chunk], device) for lo in range(0, n, facts_per_chunk)]
+    nll_before = torch.zeros(n, device=device)
+    kl_start: torch.Tensor | None = None  # (n, vocab) log-probs with δ = 0
+    forward: Callable = runner.full
+    if reuse_prefix:
+        for c, chunk in enumerate(chunks):
+            nll, kl_logprobs = _losses(runner.prepare(chunk), chunk, torch.arange(len(chunk.suffixes)),
+                                       torch.arange(len(chunk.facts)).repeat_interleave(per_fact), len(chunk.facts),
+                                       len(templates), device)
+            if kl_start is None:
+                kl_start = torch.empty(n, kl_logprobs.shape[-1], device=device)
+            nll_before[chunk.facts], kl_start[chunk.facts] = nll, kl_logprobs
+            if c == 0 and not _suffix_path_agrees(runner, chunk, nll, per_fact, len(templates), device):
+                break
+        else:
+            forward = runner.suffix
 
     delta = torch.zeros(n, d, dtype=torch.float32, device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=hp.lr)
     frozen = torch.zeros(n, dtype=torch.bool, device=device)
     steps_taken = torch.zeros(n, dtype=torch.long, device=device)
-    nll_before = torch.zeros(n, device=device)
     nll_now = torch.zeros(n, device=device)
-    kl_start: torch.Tensor | None = None  # (n, vocab) log-probs with δ = 0
-
-    # Facts in order of their longest row, so a chunk holds rows of similar length (less left padding).
-    by_length = torch.tensor(sorted(range(n), key=lambda i: max(len(r) for r in fact_rows[i].rows)),
-                             dtype=torch.long, device=device)
     for it in range(hp.steps):
         measuring_only = it == hp.steps - 1
-        active = by_length[~frozen[by_length]]
-        if len(active) == 0:
+        if frozen.all():
             break
         opt.zero_grad(set_to_none=False)
-        for lo in range(0, len(active), facts_per_chunk):
-            idx = active[lo:lo + facts_per_chunk]
-            chunk = _build_chunk(fact_rows, idx.tolist(), pad_id, loaded.device, device)
+        for chunk in chunks:
+            rows = (~frozen[chunk.row_fact]).nonzero()[:, 0]
+            if len(rows) == 0:
+                continue
+            idx = chunk.facts[~frozen[chunk.facts]]
+            local = torch.full((n,), -1, dtype=torch.long, device=device)
+            local[idx] = torch.arange(len(idx), device=device)
             with torch.set_grad_enabled(not measuring_only):
-                nll, kl_logprobs = _forward(loaded, chunk, delta, layer, len(templates))
-                if kl_start is None:  # first pass: δ = 0 for every fact
+                logits = forward(chunk, rows, delta[chunk.row_fact[rows]])
+                nll, kl_logprobs = _losses(logits, chunk, rows, local[chunk.row_fact[rows]], len(idx),
+                                           len(templates), device)
+                if kl_start is None:  # the full forward: its first pass is at δ = 0 for every fact
                     kl_start = torch.empty(n, kl_logprobs.shape[-1], device=device)
-                if it == 0:
+                if it == 0 and forward == runner.full:
                     kl_start[idx] = kl_logprobs.detach()
                     nll_before[idx] = nll.detach()
                 kl = (kl_logprobs.exp() * (kl_logprobs - kl_start[idx])).sum(-1)
@@ -285,10 +438,10 @@ def _optimise(loaded: LoadedModel, facts: list, layer: int, hp: TargetHParams, t
             frozen[idx[done]] = True
             if not measuring_only and not done.all():
                 ((nll + hp.kl_factor * kl)[~done]).sum().backward()
-        training = active[~frozen[active]]
+        training = (~frozen).nonzero()[:, 0]
         if measuring_only or len(training) == 0:
             break
-        decay = hp.weight_decay * (delta[training].norm(dim=1) / h_norm[training] ** 2).sum()
+        decay = hp.weight_decay * (delta[training].norm(dim=1) / scale[training] ** 2).sum()
         decay.backward()
         with torch.no_grad():
             delta.grad[frozen] = 0
@@ -296,13 +449,36 @@ def _optimise(loaded: LoadedModel, facts: list, layer: int, hp: TargetHParams, t
             opt.step()
             delta[frozen] = kept  # Adam's momentum moves rows even with zero gradient
             norms = delta.norm(dim=1)
-            scale = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-30), torch.ones_like(norms))
-            delta.mul_(scale.unsqueeze(1))
+            factor = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-30), torch.ones_like(norms))
+            delta.mul_(factor.unsqueeze(1))
         steps_taken[training] += 1
         log.debug("targets step %d: %d facts training, mean NLL %.4f", it, len(training), float(nll_now.mean()))
 
-    z = (h + delta.detach()).float()
+    with torch.no_grad():
+        change = delta.detach() if runner.norm is None else (runner.norm(m + delta.detach()) - runner.norm(m)).float()
+    z = (h + change).float()
     log.info("targets at layer %d for %d facts: NLL %.3f -> %.3f, %.1f steps on average, %d stopped early",
              layer, n, float(nll_before.mean()), float(nll_now.mean()), float(steps_taken.float().mean()),
              int(frozen.sum()))
     return TargetResult(z, h, nll_before.cpu(), nll_now.cpu(), steps_taken.cpu())
+
+
+def _suffix_path_agrees(runner: _Runner, chunk: _Chunk, nll_full: torch.Tensor, per_fact: int, n_templates: int,
+                        device: torch.device) -> bool:
+    """Does the suffix-only forward reproduce the full one at δ = 0 on this chunk? Warn and say no if not."""
+    rows = torch.arange(len(chunk.suffixes))
+    try:
+        with torch.no_grad():
+            logits = runner.suffix(chunk, rows, torch.zeros(len(rows), runner.loaded.d_model, device=device))
+        nll, _ = _losses(logits, chunk, rows, torch.arange(len(chunk.facts)).repeat_interleave(per_fact),
+                         len(chunk.facts), n_templates, device)
+        gap = float((nll - nll_full).abs().max())
+    except Exception as e:  # noqa: BLE001 (any failure means: use the full forward)
+        gap, why = float("nan"), f"{type(e).__name__}: {e}"
+    else:
+        why = f"max |ΔNLL| {gap:.3g}"
+    if gap <= 1e-3:
+        return True
+    log.warning("skipping the unchanged prefix and lower blocks does not reproduce this model's forward (%s); "
+                "targets use the full forward every step (slower, same result)", why)
+    return False
