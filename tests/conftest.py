@@ -25,6 +25,13 @@ def tiny_config(model_type: str, vocab_size: int):
         return transformers.CONFIG_MAPPING[model_type](num_key_value_heads=1, **common)
     if model_type in {"qwen3", "gemma", "gemma2", "gemma3_text"}:
         return transformers.CONFIG_MAPPING[model_type](num_key_value_heads=1, head_dim=8, **common)
+    if model_type in {"olmo", "olmo2"}:
+        return transformers.CONFIG_MAPPING[model_type](pad_token_id=None, bos_token_id=None, eos_token_id=None, **common)
+    if model_type == "gemma3":  # the multimodal Gemma-3: a text model inside, with a tiny vision tower
+        return transformers.Gemma3Config(
+            text_config=dict(num_key_value_heads=1, head_dim=8, **common),
+            vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=28, patch_size=14))
     if model_type == "gpt2":
         return transformers.GPT2Config(vocab_size=vocab_size, n_embd=16, n_layer=4, n_head=2, n_inner=64, n_positions=512,
                                        bos_token_id=None, eos_token_id=None)
@@ -36,7 +43,9 @@ def tiny_config(model_type: str, vocab_size: int):
     raise ValueError(model_type)
 
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "gpt2", "gptj", "gpt_neox", "phi3"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "olmo", "olmo2", "gpt2", "gptj",
+         "gpt_neox", "phi3"]
+POST_NORM_ARCHS = ["gemma2", "gemma3", "gemma3_text", "olmo2"]  # a norm between the MLP and the residual stream
 
 
 def build_tiny(model_type: str, tokenizer, seed: int = 0) -> LoadedModel:
