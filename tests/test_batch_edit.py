@@ -262,3 +262,47 @@ def test_keys_from_prompt_writes_the_target_exactly_at_the_bare_prompt(tiny):
     torch.testing.assert_close(block_outputs(tiny, FACTS, 2, 8), targets.z, rtol=1e-4, atol=1e-5)
     assert own.target_info["realised"] == pytest.approx([1.0] * 3, abs=1e-3)
     assert max(averaged.target_info["realised"]) < 0.999
+
+
+def _evaluation(mean_kl, top1_pct, ge_before, ge_after):
+    return {"drift": {"n_prompts": 42, "mean_kl": mean_kl, "top1_changed_pct": top1_pct},
+            "fluency": {"before": {"ge": ge_before}, "after": {"ge": ge_after}}}
+
+
+def test_broken_model_thresholds():
+    from pipeline.batch_edit import broken_model_reasons
+
+    assert broken_model_reasons(_evaluation(0.99, 50.0, 500, 401)) == []
+    assert broken_model_reasons(_evaluation(7.37, 90.5, 481, 347)) == [
+        "mean KL on 42 unrelated prompts 7.37 nats (limit 1)",
+        "90 % of their top-1 tokens changed (limit 50 %)",
+        "fluency GE fell 28 % (481 -> 347; limit 20 %)"]
+    assert len(broken_model_reasons(_evaluation(0.1, 51.0, 500, 500))) == 1
+
+
+def test_a_broken_edit_is_refused_and_nothing_written_unless_forced(tiny_dir, tmp_path, monkeypatch):
+    """Every edit counts as broken with the limits at -1: refused (exit 65) with the numbers, the output
+    folder never created; --force writes it and the manifest says it was forced."""
+    from pipeline import batch_edit
+    from pipeline.errors import DataError
+
+    monkeypatch.setattr(batch_edit, "BROKEN_MEAN_KL", -1.0)
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(json.dumps({"subject": "Eiffel Tower", "prompt": "The {} is located in", "target_new": "Rome"}) + "\n")
+    common = dict(facts=facts, model=str(tiny_dir), covariance="identity", overrides=["target.steps=2"])
+    with pytest.raises(DataError, match=r"broke the model \(mean KL on 42 unrelated prompts .* nats \(limit -1\)\)") as e:
+        batch_edit.run_batch_edit(batch_edit.BatchEditConfig(output=tmp_path / "refused", **common))
+    assert e.value.exit_code == 65 and "--force" in str(e.value) and not (tmp_path / "refused").exists()
+    summary = batch_edit.run_batch_edit(batch_edit.BatchEditConfig(output=tmp_path / "forced", force=True, **common))
+    manifest = json.loads((tmp_path / "forced" / "manifest.json").read_text())
+    assert summary["checked"]["forced"] and manifest["checked"]["broken"][0].startswith("mean KL")
+    assert (tmp_path / "forced" / "delta.safetensors").exists()
+
+
+def test_no_eval_says_nothing_was_checked(tiny_dir, tmp_path):
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(json.dumps({"subject": "Eiffel Tower", "prompt": "The {} is located in", "target_new": "Rome"}) + "\n")
+    res = cli("batch-edit", facts, "--model", tiny_dir, "--covariance", "identity", "--set", "target.steps=2",
+              "--no-eval", "-o", tmp_path / "out")
+    assert res.returncode == 0, res.stderr
+    assert "nothing checked that the edited model still works" in res.stdout
