@@ -11,6 +11,10 @@ around them that the papers describe:
 * ROME: one fact, one layer: u = C⁻¹k*, ΔW = (v* − W k*) uᵀ / (uᵀ k*) with the same averaged k* in both
   places, v* = W k_bare + δ.
 
+Where a block normalises its MLP output before adding it to the residual stream (Gemma-2/3, OLMo-2), each
+layer's residual is first mapped through that norm to the change of W k that produces it (postnorm.py);
+elsewhere it is the residual itself.
+
 Every update is applied to the model in place as it is computed (later layers must see it) and returned as
 low-rank factors, so the caller can write a revertible delta or take it back off.
 

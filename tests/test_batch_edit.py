@@ -306,3 +306,27 @@ def test_no_eval_says_nothing_was_checked(tiny_dir, tmp_path):
               "--no-eval", "-o", tmp_path / "out")
     assert res.returncode == 0, res.stderr
     assert "nothing checked that the edited model still works" in res.stdout
+
+
+@pytest.mark.slow
+def test_gemma3_edit_moves_the_target_and_paris_stays(tmp_path):
+    """The second embedded model, whose blocks normalise the MLP output: one fact edited with the Gemma-3
+    defaults moves its target, keeps "The capital of France is" on Paris, and passes the broken-model check."""
+    stats = tmp_path / "stats"
+    build_stats(StatsJob(model="gemma3-270m", layers=(2, 3, 4, 5, 6), corpus=CorpusSpec(), tokens=4000,
+                         stats_dir=str(stats)), show_progress=False)
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(EXAMPLE.read_text().splitlines()[0] + "\n")  # Eiffel Tower -> Rome
+    out = tmp_path / "edited"
+    res = cli("batch-edit", facts, "--model", "gemma3-270m", "--stats-dir", stats, "-o", out)
+    assert res.returncode == 0, res.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    ev = manifest["evaluation"]
+    fact = ev["per_fact"][0]
+    assert fact["after"]["p_new_rewrite"] > 10 * fact["before"]["p_new_rewrite"]
+    assert manifest["checked"]["broken"] == [] and ev["drift"]["mean_kl"] < 0.05
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, tok = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    with torch.no_grad():
+        logits = model(**tok("The capital of France is", return_tensors="pt")).logits[0, -1]
+    assert tok.decode(logits.argmax()).strip() == "Paris"
