@@ -326,7 +326,17 @@ def test_gemma3_edit_moves_the_target_and_paris_stays(tmp_path):
     assert fact["after"]["p_new_rewrite"] > 10 * fact["before"]["p_new_rewrite"]
     assert manifest["checked"]["broken"] == [] and ev["drift"]["mean_kl"] < 0.05
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    model, tok = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
-    with torch.no_grad():
-        logits = model(**tok("The capital of France is", return_tensors="pt")).logits[0, -1]
-    assert tok.decode(logits.argmax()).strip() == "Paris"
+
+    from pipeline.models import resolve_source
+
+    tok = AutoTokenizer.from_pretrained(out)
+    paris = tok(" Paris", add_special_tokens=False).input_ids[0]
+
+    def next_token(folder):
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        with torch.no_grad():
+            return model(**tok("The capital of France is", return_tensors="pt")).logits[0, -1].softmax(-1)
+
+    before, after = next_token(resolve_source("gemma3-270m")[1]), next_token(out)
+    # this base model continues with " the" more often than " Paris"; the edit must not change either
+    assert after.argmax() == before.argmax() and after[paris] > 0.8 * before[paris]
