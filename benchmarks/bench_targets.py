@@ -42,11 +42,8 @@ def physical_limit(loaded, facts, layer, hp, templates, steps_taken: torch.Tenso
     fact_rows = T._fact_rows(loaded.tokenizer, facts, templates)
     per_fact = len(templates) + 1
     runner = T._Runner(loaded, layer, T._pad_id(loaded.tokenizer))
-    order = sorted(range(len(facts)), key=lambda i: max(len(r) for r in fact_rows[i].rows))
-    size = max(1, max_rows // per_fact)
     total = 0.0
-    for lo in range(0, len(facts), size):
-        chunk = T._make_chunk(fact_rows, order[lo:lo + size], torch.device("cpu"))
+    for chunk in T._chunks(fact_rows, max(1, max_rows // per_fact), torch.device("cpu")):  # as compute_targets
         runner.prepare(chunk)
         rows = torch.arange(len(chunk.suffixes))
         delta = torch.zeros(len(chunk.facts), loaded.d_model, requires_grad=True)

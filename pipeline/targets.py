@@ -174,6 +174,13 @@ def _make_chunk(fact_rows: list[_FactRows], facts: list[int], device: torch.devi
                   torch.tensor(is_kl, device=device), keep)
 
 
+def _chunks(fact_rows: list[_FactRows], facts_per_chunk: int, device: torch.device) -> list[_Chunk]:
+    """Facts in order of their longest row, so a chunk holds rows of similar length (less left padding)."""
+    order = sorted(range(len(fact_rows)), key=lambda i: max(len(r) for r in fact_rows[i].rows))
+    return [_make_chunk(fact_rows, order[lo:lo + facts_per_chunk], device)
+            for lo in range(0, len(order), facts_per_chunk)]
+
+
 def _left_padded(seqs: list[list[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, mask), each row right-aligned in ``width`` columns (default: the longest row)."""
     width = max((len(s) for s in seqs), default=0) if width is None else width
@@ -341,10 +348,6 @@ def block_outputs(loaded: LoadedModel, facts: list, layer: int, batch_rows: int)
     return subject_outputs(loaded, facts, [loaded.block(layer)], batch_rows)[0]
 
 
-def mlp_outputs(loaded: LoadedModel, facts: list, layer: int, batch_rows: int) -> torch.Tensor:
-    """m = W k: block ``layer``'s down-projection output there, float32."""
-    return subject_outputs(loaded, facts, [loaded.down_proj(layer)], batch_rows)[0]
-
 
 def _pad_id(tokenizer) -> int:
     for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
@@ -387,9 +390,7 @@ def _optimise(loaded: LoadedModel, facts: list, layer: int, hp: TargetHParams, t
     scale = (h if runner.norm is None else m).norm(dim=1)
     max_norm = hp.clamp_norm_factor * scale
 
-    # Facts in order of their longest row, so a chunk holds rows of similar length (less left padding).
-    order = sorted(range(n), key=lambda i: max(len(r) for r in fact_rows[i].rows))
-    chunks = [_make_chunk(fact_rows, order[lo:lo + facts_per_chunk], device) for lo in range(0, n, facts_per_chunk)]
+    chunks = _chunks(fact_rows, facts_per_chunk, device)
     nll_before = torch.zeros(n, device=device)
     kl_start: torch.Tensor | None = None  # (n, vocab) log-probs with δ = 0
     forward: Callable = runner.full
