@@ -1,6 +1,8 @@
 # covedit's target optimisation as it was before it reused the prefix (commit c688309), kept verbatim so
 # that benchmarks/bench_targets.py can time today's code against it on the same facts and steps, and tests
-# can check that the new code finds the same δ. Not used by the product; never edit it.
+# can check that the new code finds the same δ. Not used by the product. Changed since, only so that it
+# optimises the same loss as today's code (two marked lines, issue 14): the KL row ends at the subject's
+# last token, and a fact stops when its whole loss (not its NLL) is below the threshold.
 """Target vectors z = h + δ for a batch of facts, all optimised together (MEMIT's ``compute_z``, batched).
 
 For fact i, δᵢ ∈ R^d_model is added to the output of block ``layer`` at the subject's last token of each of
@@ -124,6 +126,8 @@ def _fact_rows(tokenizer, facts: list, templates: list[str]) -> list[_FactRows]:
             ids = enc.input_ids[r, : int(enc.last[r]) + 1].tolist()
             if r < (i + 1) * per - 1:  # a rewrite row: teacher-force the target
                 ids = ids + target[:-1]
+            else:  # issue 14: the KL row ends at the subject's last token
+                ids = ids[: int(enc.subject_last[r]) + 1]
             rows.append(ids)
             pos.append(int(enc.subject_last[r]))
         out.append(_FactRows(rows, pos, target))
@@ -284,7 +288,8 @@ def _optimise(loaded: LoadedModel, facts: list, layer: int, hp: TargetHParams, t
                     nll_before[idx] = nll.detach()
                 kl = (kl_logprobs.exp() * (kl_logprobs - kl_start[idx])).sum(-1)
             nll_now[idx] = nll.detach()
-            done = nll.detach() < hp.early_stop_loss
+            decay_now = hp.weight_decay * delta[idx].detach().norm(dim=1) / h_norm[idx] ** 2  # issue 14:
+            done = (nll + hp.kl_factor * kl + decay_now).detach() < hp.early_stop_loss  # stop on the whole loss
             frozen[idx[done]] = True
             if not measuring_only and not done.all():
                 ((nll + hp.kl_factor * kl)[~done]).sum().backward()

@@ -2,9 +2,12 @@
 target vectors so that studies which compare update rules on the same facts optimise each target once.
 
 Why a per-fact cache is sound: a fact's δ does not depend on the other facts of its batch (the loss is a
-sum over facts and Adam is element-wise; pipeline.targets proves it and tests it to 1e-4), so the targets of
-the first 10 facts are the first 10 of the targets of 100. The cache key holds everything else that
-determines a target: the model's id, the layer, the target hyperparameters and the context templates.
+sum over facts and Adam is element-wise; pipeline.targets proves it and tests it to 1e-4), except that
+facts with one subject and one new target share a δ (merged). So a fact's entry is keyed by its whole
+group within the facts asked for (subject, target and every prompt of the group), and the targets of the
+first 10 facts are those of the first 100 wherever their groups are the same. The file's key holds
+everything else that determines a target: the model's id, the layer, the target hyperparameters, the
+context templates and the version of the optimisation's rules (``RULES``).
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ from pipeline.edit import templates_for
 from pipeline.facts import from_zsre
 from pipeline.hparams import load_hparams
 from pipeline.models import load_model
-from pipeline.targets import TargetResult, compute_targets
+from pipeline.targets import TargetResult, compute_targets, fact_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "zsre_eval_sample.jsonl"
 DEFAULT_CACHE = Path.home() / ".cache" / "covedit" / "bench-targets"
+# Bumped when compute_targets' loss or stopping rule changes (2: KL at the subject's last token, early stop on
+# the whole loss, merged facts), so that no target of older rules is read back.
+RULES = 2
 
 
 def zsre_facts(path: Path, n: int, skip: int = 0) -> list:
@@ -52,8 +58,15 @@ def write_facts(facts: list, path: Path) -> None:
             f.write(json.dumps(d) + "\n")
 
 
-def _fact_key(fact) -> str:
-    return json.dumps([fact.subject, fact.prompt, fact.target_new])
+def _fact_keys(facts: list) -> list[str]:
+    """Each fact's cache key: its own prompt and the prompts of the facts it is merged with."""
+    keys = [""] * len(facts)
+    for group in fact_groups(facts):
+        prompts = sorted(facts[i].prompt for i in group)
+        for i in group:
+            merged = [prompts] if len(group) > 1 else []
+            keys[i] = json.dumps([facts[i].subject, facts[i].prompt, facts[i].target_new] + merged)
+    return keys
 
 
 class TargetCache:
@@ -62,47 +75,53 @@ class TargetCache:
     def __init__(self, loaded, layer: int, target_hp, templates: list[str], folder: Path = DEFAULT_CACHE) -> None:
         self.loaded, self.layer, self.hp, self.templates = loaded, layer, target_hp, templates
         key = json.dumps({"model": loaded.model_id, "layer": layer, "hp": dataclasses.asdict(target_hp),
-                          "templates": templates}, sort_keys=True)
+                          "templates": templates, "rules": RULES}, sort_keys=True)
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"targets-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
         self.entries: dict[str, dict] = torch.load(self.path) if self.path.exists() else {}
 
     def put(self, facts: list, result: TargetResult, seconds: float | None = None) -> None:
         """Store the targets of ``facts``; ``seconds`` (the wall time of their batch) is kept per fact as a share."""
-        for i, fact in enumerate(facts):
+        for i, key in enumerate(_fact_keys(facts)):
             one = result.select([i])
             entry = {f: getattr(one, f).cpu() for f in ("z", "h", "nll_before", "nll_after", "steps_taken")}
             entry["seconds"] = None if seconds is None else seconds / len(facts)
-            self.entries[_fact_key(fact)] = entry
+            self.entries[key] = entry
         tmp = self.path.with_suffix(".tmp")
         torch.save(self.entries, tmp)
         tmp.replace(self.path)
 
     def missing(self, facts: list) -> list:
-        return [f for f in facts if _fact_key(f) not in self.entries]
+        return [f for f, key in zip(facts, _fact_keys(facts)) if key not in self.entries]
 
     def fill(self, facts: list, save_every: int = 50, progress=None) -> None:
-        """Optimise the missing targets ``save_every`` facts at a time, saving after each batch, so a killed
-        run resumes where it stopped (batch size does not change a target, see the module docstring)."""
-        missing = self.missing(facts)
-        for lo in range(0, len(missing), save_every):
-            part = missing[lo:lo + save_every]
+        """Optimise the missing targets about ``save_every`` facts at a time (whole merged groups), saving after
+        each batch, so a killed run resumes where it stopped (batching does not change a target)."""
+        keys = _fact_keys(facts)
+        groups = [[facts[i] for i in g] for g in fact_groups(facts) if keys[g[0]] not in self.entries]
+        done, total = 0, sum(map(len, groups))
+        while groups:
+            part: list = []
+            while groups and (not part or len(part) + len(groups[0]) <= save_every):
+                part += groups.pop(0)
             t = time.perf_counter()
             result = compute_targets(self.loaded, part, self.layer, self.hp, self.templates)
             self.put(part, result, time.perf_counter() - t)
+            done += len(part)
             if progress:
-                progress(lo + len(part), len(missing))
+                progress(done, total)
 
     def seconds(self, facts: list) -> float | None:
         """Measured optimisation time of ``facts`` (None if any was stored without a time)."""
-        times = [self.entries[_fact_key(f)].get("seconds") for f in facts]
+        times = [self.entries[key].get("seconds") for key in _fact_keys(facts)]
         return None if any(t is None for t in times) else float(sum(times))
 
     def get(self, facts: list) -> TargetResult:
         """Targets of ``facts`` in order; the missing ones are optimised first and stored."""
         self.fill(facts)
         fields = ("z", "h", "nll_before", "nll_after", "steps_taken")
-        return TargetResult.concat([TargetResult(**{f: self.entries[_fact_key(x)][f] for f in fields}) for x in facts])
+        return TargetResult.concat([TargetResult(**{f: self.entries[key][f] for f in fields})
+                                    for key in _fact_keys(facts)])
 
 
 def memit_target_cache(model: str, overrides: list[str] | None = None) -> TargetCache:

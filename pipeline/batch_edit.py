@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import hparams as hparams_mod
 from pipeline.delta import make_and_apply_delta, write_edited_model
-from pipeline.edit import alphaedit_projectors, run_memit, run_rome, templates_for
+from pipeline.edit import alphaedit_projectors, key_weights_for, run_memit, run_rome, templates_for
 from pipeline.errors import CannotWrite, DataError, MissingInput, UsageError
 from pipeline.evaluate import drift, evaluate_model
 from pipeline.facts import facts_sha256, read_facts
@@ -195,12 +195,12 @@ def run_batch_edit(cfg: BatchEditConfig) -> dict:
                            targets=cfg.targets)
     elif cfg.method == "memit":
         outcome = run_memit(loaded, facts, layers, covs, hp.lam, hp.target, templates, clock, targets=cfg.targets,
-                            keys_from=hp.keys_from)
+                            keys_from=hp.keys_from, key_weights=key_weights_for(loaded, hp))
     else:
         projectors = alphaedit_projectors(covs, hp.null_space_threshold)
         outcome = run_memit(loaded, facts, layers, None, 0.0, hp.target, templates, clock,
                             alphaedit={"P": projectors, "prev_keys": prev_keys, "alpha": hp.alpha}, targets=cfg.targets,
-                            keys_from=hp.keys_from)
+                            keys_from=hp.keys_from, key_weights=key_weights_for(loaded, hp))
     edit_seconds = clock() - t0
     # Put the weights back and apply the delta exactly as `apply-delta` would, so the written model, the
     # delta and its hashes agree bit for bit (the in-loop sums differ from it only in rounding).

@@ -3,13 +3,15 @@
 The closed-form solves live in ``memit.py`` (MEMIT, AlphaEdit) and ``rome.py``; this file is the loop
 around them that the papers describe:
 
-* MEMIT: targets z at the top edited layer for all facts at once; then for layers l₁ < … < l_L bottom-up,
-  keys K at lᵢ, residual R = z − h (h recomputed after each layer's update, so later layers only fix what
+* MEMIT: targets z at the top edited layer for all facts at once (facts that share a subject and a new
+  target share one δ, see targets.py); then for layers l₁ < … < l_L bottom-up, keys K at lᵢ (the bare
+  prompt's key weighing 1/2 against the mean of the prefixed ones, as compute_ks), residual R = z − h (h recomputed after each layer's update, so later layers only fix what
   earlier ones left), Δᵢ = (R / (L − i)) Kᵀ (λC + K Kᵀ)⁻¹.
 * AlphaEdit: the same loop, with the update projected onto the null space of C and the keys of earlier
   batches (``prev_keys``) kept fixed, so sequential batches do not undo each other.
 * ROME: one fact, one layer: u = C⁻¹k*, ΔW = (v* − W k*) uᵀ / (uᵀ k*) with the same averaged k* in both
-  places, v* = W k_bare + δ.
+  places (the plain mean over its templates, as compute_u), v* = W k_bare + δ, δ clamped and decayed
+  relative to ‖W k_bare‖ (compute_v).
 
 Where a block normalises its MLP output before adding it to the residual stream (Gemma-2/3, OLMo-2), each
 layer's residual is first mapped through that norm to the change of W k that produces it (postnorm.py);
@@ -34,12 +36,12 @@ import torch
 
 from pipeline.delta import add_low_rank
 from pipeline.errors import DataError
-from pipeline.keys import compute_keys, context_templates
+from pipeline.keys import compute_keys, context_templates, memit_key_weights
 from pipeline.memit import alphaedit_solve, memit_solve, null_space_projector
 from pipeline.models import LoadedModel
 from pipeline.rome import rome_update
 from pipeline.postnorm import mlp_residual
-from pipeline.targets import TargetResult, block_outputs, compute_targets, subject_outputs
+from pipeline.targets import TargetResult, block_outputs, compute_targets, fact_groups, subject_outputs
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +67,26 @@ def _apply(loaded: LoadedModel, layer: int, up: torch.Tensor, down: torch.Tensor
     return up32, down32
 
 
-def _keys(loaded, layer, facts, templates) -> torch.Tensor:
-    return compute_keys(loaded, [layer], [f.prompt for f in facts], [f.subject for f in facts], templates)[layer]
+def _keys(loaded, layer, facts, templates, weights: list[float] | None = None) -> torch.Tensor:
+    return compute_keys(loaded, [layer], [f.prompt for f in facts], [f.subject for f in facts], templates,
+                        weights=weights)[layer]
 
 
 def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: dict[int, torch.Tensor] | None,
               lam: float, target_hp, templates: list[str], clock: Callable[[], float],
               alphaedit: dict | None = None, targets: TargetResult | None = None,
-              keys_from: str = "templates") -> EditOutcome:
+              keys_from: str = "templates", key_weights: list[float] | None = None) -> EditOutcome:
     """MEMIT (or AlphaEdit when ``alphaedit`` = {"P": {layer: P}, "prev_keys": {layer: K}, "alpha": a}).
 
-    ``keys_from="prompt"`` takes each fact's key at its bare rewrite prompt instead of averaging over
-    ``templates`` (the targets still use the templates)."""
-    key_templates = ["{}"] if keys_from == "prompt" else templates
+    ``key_weights`` weigh ``templates`` in the key average (``key_weights_for``); None takes ``templates``
+    as the bare ``"{}"`` followed by one group of prefixes (MEMIT's default). ``keys_from="prompt"`` takes
+    each fact's key at its bare rewrite prompt instead (the targets still use the templates)."""
+    if keys_from == "prompt":
+        key_templates, key_weights = ["{}"], None
+    else:
+        key_templates = templates
+        if key_weights is None:
+            key_weights = memit_key_weights([templates[:1], templates[1:]] if templates[0] == "{}" else [templates])
     layers = sorted(layers)
     t0 = clock()
     result = targets if targets is not None else compute_targets(loaded, facts, layers[-1], target_hp, templates)
@@ -88,7 +97,7 @@ def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: 
     t1 = clock()
     for i, layer in enumerate(layers):
         at = loaded.layer_device(layer)  # every tensor of this layer's update lives with its weight
-        K = _keys(loaded, layer, facts, key_templates).double().T.to(at)  # (d_ff, n)
+        K = _keys(loaded, layer, facts, key_templates, key_weights).double().T.to(at)  # (d_ff, n)
         keys_out[layer] = K.T.float().cpu()
         R, h = _residual(loaded, facts, layer, layers[-1], z, len(layers) - i)
         if i == 0:
@@ -107,6 +116,8 @@ def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: 
     timings["solve_s"] = clock() - t1
     info = {"nll_before": result.nll_before.tolist(), "nll_after": result.nll_after.tolist(),
             "steps": result.steps_taken.tolist(), "realised": realised_share(loaded, facts, layers[-1], z, h_unedited)}
+    if targets is None:  # the facts that shared one δ (same subject and target), by id
+        info["merged"] = [[facts[i].id for i in g] for g in fact_groups(facts) if len(g) > 1]
     return EditOutcome(factors, keys_out, timings, info, result.z)
 
 
@@ -146,7 +157,8 @@ def run_rome(loaded: LoadedModel, facts: list, layer: int, covariance: torch.Ten
     infos = []
     for i, fact in enumerate(facts):
         t0 = clock()
-        result = compute_targets(loaded, [fact], layer, target_hp, templates) if targets is None else targets.select([i])
+        result = (compute_targets(loaded, [fact], layer, target_hp, templates, relative_to="mlp")
+                  if targets is None else targets.select([i]))
         delta = _residual(loaded, [fact], layer, layer, result.z.double(), 1)[0][0]  # W k_bare moves by this
         timings["targets_s"] += clock() - t0
         t1 = clock()
@@ -170,14 +182,22 @@ def run_rome(loaded: LoadedModel, facts: list, layer: int, covariance: torch.Ten
                        {"nll_before": [i["nll_before"] for i in infos], "nll_after": [i["nll_after"] for i in infos]})
 
 
-def templates_for(loaded: LoadedModel, hp) -> list[str]:
-    """The context templates of a method's hyperparameters: "{}" plus generated prefixes of each length.
-
-    As MEMIT: ``n_templates`` prefixes per length in all, spread over the five starter words.
-    """
-    out = ["{}"]
+def template_groups(loaded: LoadedModel, hp) -> list[list[str]]:
+    """The context templates of a method's hyperparameters, grouped: ``["{}"]``, then the generated prefixes
+    of each length (as MEMIT: ``n_templates`` per length in all, spread over the five starter words)."""
+    groups, seen = [["{}"]], {"{}"}
     for length in hp.template_lengths:
-        for t in context_templates(loaded, max(1, hp.n_templates // 5), length):
-            if t not in out:
-                out.append(t)
-    return out
+        group = [t for t in context_templates(loaded, max(1, hp.n_templates // 5), length) if t not in seen]
+        seen.update(group)
+        groups.append(group)
+    return [g for g in groups if g]
+
+
+def templates_for(loaded: LoadedModel, hp) -> list[str]:
+    """The context templates of a method's hyperparameters, flat: "{}" plus generated prefixes of each length."""
+    return [t for g in template_groups(loaded, hp) for t in g]
+
+
+def key_weights_for(loaded: LoadedModel, hp) -> list[float]:
+    """MEMIT's (and AlphaEdit's) key weights over ``templates_for``: each group weighs the same."""
+    return memit_key_weights(template_groups(loaded, hp))

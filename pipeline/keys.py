@@ -16,6 +16,10 @@ Quirks:
   token (``"Canada"`` in ``"Canadan"``), that token is used and a warning is logged.
 * Left padding shifts positions; ``Encoded.model_inputs()`` passes position ids counted over real
   tokens only, so keys do not depend on the padding side (GPT-2 has absolute position embeddings).
+* The average is weighted. MEMIT's ``compute_ks`` averages within each group of templates (the bare
+  ``"{}"``; the prefixes of one generated length) and then over the groups, so with one prefix length the
+  bare prompt's key weighs 1/2 and each of the 5 prefixed ones 1/10 (``memit_key_weights``); ROME's
+  ``compute_u`` takes the plain mean over all its templates (``weights=None``).
 * Context templates are deterministic: sampled like MEMIT's (top 5 tokens) but from a seeded CPU
   generator, so a model gets the same templates on every run (up to the logits' own rounding on a
   different device). They are cached per model id in this process.
@@ -172,13 +176,22 @@ def context_templates(loaded: LoadedModel, n_per_starter: int = 2, length: int =
     return list(_TEMPLATE_CACHE[key])
 
 
+def memit_key_weights(groups: list[list[str]]) -> list[float]:
+    """Weights of the flattened ``groups`` for MEMIT's key average: each group weighs the same, and within a
+    group each template. ``[["{}"], [five prefixes]]`` gives ``[1/2, 1/10, 1/10, 1/10, 1/10, 1/10]``."""
+    groups = [g for g in groups if g]
+    return [1.0 / (len(groups) * len(g)) for g in groups for _ in g]
+
+
 @torch.no_grad()
 def compute_keys(loaded: LoadedModel, layers: list[int], prompts: list[str], subjects: list[str],
-                 templates: list[str], batch_size: int = 64, padding_side: str = "right") -> dict[int, torch.Tensor]:
+                 templates: list[str], batch_size: int = 64, padding_side: str = "right",
+                 weights: list[float] | None = None) -> dict[int, torch.Tensor]:
     """For each fact and layer, the down-projection input at the subject's last token, averaged over templates.
 
-    One forward per batch serves every layer and stops after the deepest one. Returns
-    ``{layer: (n_facts, d_ff) float32}``, each on its layer's device.
+    ``weights`` (one per template, summing to 1) weigh the average; None is the plain mean. One forward
+    per batch serves every layer and stops after the deepest one. Returns ``{layer: (n_facts, d_ff)
+    float32}``, each on its layer's device.
     """
     if len(prompts) != len(subjects):
         raise ValueError(f"{len(prompts)} prompts but {len(subjects)} subjects")
@@ -187,22 +200,29 @@ def compute_keys(loaded: LoadedModel, layers: list[int], prompts: list[str], sub
     for t in templates:
         if t.count("{}") != 1:
             raise DataError(f"Context template {t!r} must contain exactly one '{{}}'.")
+    if weights is None:
+        weights = [1.0 / len(templates)] * len(templates)
+    if len(weights) != len(templates) or abs(sum(weights) - 1.0) > 1e-6 or min(weights) < 0:
+        raise ValueError(f"{len(weights)} key weights for {len(templates)} templates; they must be ≥ 0 and sum to 1")
     layers = sorted(set(layers))
     loaded.check_layers(layers)
     device = loaded.device
     modules = [loaded.down_proj(layer) for layer in layers]
     sums = {layer: torch.zeros(len(prompts), loaded.d_ff, dtype=torch.float32, device=loaded.layer_device(layer))
             for layer in layers}
-    rows = [(i, t.replace("{}", prompts[i]), subjects[i]) for i in range(len(prompts)) for t in templates]
+    rows = [(i, t.replace("{}", prompts[i]), subjects[i], w) for i in range(len(prompts))
+            for t, w in zip(templates, weights)]
     for lo in range(0, len(rows), batch_size):
         chunk = rows[lo:lo + batch_size]
         enc = encode_with_subject(loaded.tokenizer, [r[1] for r in chunk], [r[2] for r in chunk], padding_side)
         enc = enc.to(device)
         fact_index = torch.tensor([r[0] for r in chunk], dtype=torch.long)
+        weight = torch.tensor([r[3] for r in chunk], dtype=torch.float32)
         with capture_inputs(modules, stop_after=modules[-1]) as seen:
             run_until(loaded.model, **enc.model_inputs())
         for layer, k in zip(layers, seen):
             at = k.device
             picked = k[torch.arange(len(chunk), device=at), enc.subject_last.to(at)].float()
-            sums[layer].index_add_(0, fact_index.to(sums[layer].device), picked.to(sums[layer].device))
-    return {layer: s / len(templates) for layer, s in sums.items()}
+            to = sums[layer].device
+            sums[layer].index_add_(0, fact_index.to(to), picked.to(to) * weight.to(to).unsqueeze(1))
+    return sums

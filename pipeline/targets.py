@@ -6,16 +6,24 @@ puts v*) at the subject's last token of each of its prompts, and trained with Ad
 
     loss_i = nll_i + kl_factor · KL(p_now ‖ p_start) + weight_decay · ‖δᵢ‖ / ‖sᵢ‖²
 
-* nll_i: mean over the context templates of the mean over target tokens of −log p(token | prefix), with
-  the rewrite prompt placed in the template and the target teacher-forced (all its tokens but the last
-  are appended as token ids, never re-tokenised from text).
-* KL: next-token distribution after "{subject} is a" (its last token), edited against unedited, in the
-  direction compute_z uses (``kl_div(p_start, p_now)`` = KL(p_now ‖ p_start)).
+* nll_i: mean over its rewrite prompts, each placed in every context template, of the mean over target
+  tokens of −log p(token | prefix), the target teacher-forced (all its tokens but the last are appended as
+  token ids, never re-tokenised from text).
+* KL: the next-token distribution at the subject's last token of "{subject} is a" (compute_z's lookup
+  index: what follows the subject itself), edited against unedited, in the direction compute_z uses
+  (``kl_div(p_start, p_now)`` = KL(p_now ‖ p_start)).
 * weight decay ‖δ‖ / ‖s‖², as compute_z writes it (not squared: the published weight 0.5 with the clamp
-  assumes this weak form), and after every Adam step ‖δᵢ‖ ≤ clamp_norm_factor · ‖sᵢ‖. The scale s is the
-  block output h at the subject's last token of the bare rewrite prompt (compute_z), or, where the block
-  normalises its MLP output (Gemma-2/3, OLMo-2: the registry's ``post_mlp_norm``), the MLP output m there
-  (ROME's ‖W k‖): behind a scale-invariant norm only δ's size relative to m matters.
+  assumes this weak form), and after every Adam step ‖δᵢ‖ ≤ clamp_norm_factor · ‖sᵢ‖. The scale s is
+  taken at the subject's last token of the bare rewrite prompt: the block output h for MEMIT (compute_z,
+  ``relative_to="block"``), the MLP output m = W k for ROME (compute_v, ``relative_to="mlp"``). Where the
+  block normalises its MLP output (Gemma-2/3, OLMo-2: the registry's ``post_mlp_norm``) it is always m:
+  behind a scale-invariant norm only δ's size relative to m matters.
+* A fact stops once its whole loss_i is below ``early_stop_loss`` (compute_z's ``loss < 5e-2``).
+
+Facts that share a subject and a new target (zsRE asks up to 13 questions of one subject with one
+answer) are merged (``merge=True``): they get one δ, optimised over all their prompts. Their keys are
+nearly the same vector, so separately optimised δs would ask the solve for inconsistent values on one key.
+Each fact still gets its own z = h + δ, with h at its own prompt, so the solve sees every fact.
 
 Where the block adds its MLP output to the residual stream itself (Llama, GPT-2, ...), adding δ to it is
 adding δ to the block output: exactly MEMIT's compute_z. Behind a post-MLP norm N it is the only place
@@ -24,7 +32,7 @@ z = h + N(m + δ) − N(m) (N the identity where there is none): the block outpu
 
 Why batched equals one at a time: the total loss is the sum (not the mean) over facts, a fact's rows
 never interact with another's, and Adam works element-wise, so each δᵢ follows exactly the path it would
-follow alone (up to float rounding). Early stopping is per fact: once nll_i < early_stop_loss at a forward
+follow alone (up to float rounding). Early stopping is per fact: once loss_i < early_stop_loss at a forward
 pass, δᵢ is frozen (Adam's momentum would still move it, so its old value is restored after each step)
 and its rows leave the batch. ``steps`` counts forward passes as the reference's ``v_num_grad_steps``
 does: the last pass only measures, so at most ``steps - 1`` updates are made.
@@ -47,8 +55,8 @@ Quirks:
   (``logits_to_keep``) are all that is computed: memory is rows × (longest target) × vocab.
 * Facts are chunked once, in order of their longest row, so rows of similar length share a forward; a
   chunk whose facts have partly stopped runs its remaining rows only.
-* ``max_rows`` bounds the rows of one forward; a fact's rows (templates + 1) always share a chunk, so one
-  chunk can exceed it when a single fact has more rows.
+* ``max_rows`` bounds the rows of one forward; a fact's rows (prompts × templates + 1) always share a
+  chunk, so one chunk can exceed it when a single (merged) fact has more rows.
 * ``max_facts`` bounds the facts optimised in one loop: larger batches run as consecutive groups (same
   targets, by the argument above), so the reference distributions (facts × vocab floats, 256 MiB for 256
   facts of a 262k vocabulary), the prefix caches and Adam's state stay bounded however many facts are
@@ -105,11 +113,22 @@ class TargetResult:
 
 @dataclass
 class _FactRows:
-    """The token rows of one fact: one per template (prompt + target[:-1]) and the KL row."""
+    """The token rows of one (merged) fact: one per prompt and template (prompt + target[:-1]), the KL row."""
 
-    rows: list[list[int]]  # templates first, KL row last
+    rows: list[list[int]]  # rewrite rows first, KL row last
     subject_pos: list[int]  # subject's last token in each row
     target: list[int]  # target_new token ids
+
+
+def fact_groups(facts: list, merge: bool = True) -> list[list[int]]:
+    """Indices of the facts that share one δ, in order of first appearance: those with the same subject and
+    target_new when ``merge``, else each fact alone."""
+    if not merge:
+        return [[i] for i in range(len(facts))]
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, f in enumerate(facts):
+        groups.setdefault((f.subject.strip(), f.target_new.strip()), []).append(i)
+    return list(groups.values())
 
 
 @dataclass
@@ -128,24 +147,26 @@ class _Chunk:
     mlp: torch.Tensor | None = None  # (R, d_model) its MLP output at the subject (behind a post-MLP norm)
 
 
-def _fact_rows(tokenizer, facts: list, templates: list[str]) -> list[_FactRows]:
-    """Tokenise every rewrite and KL prompt once (subject located by keys.encode_with_subject)."""
+def _fact_rows(tokenizer, groups: list[list], templates: list[str]) -> list[_FactRows]:
+    """Tokenise every rewrite and KL prompt once (subject located by keys.encode_with_subject); one entry per
+    group of facts (a group shares its subject and target)."""
     prompts, subjects = [], []
-    for f in facts:
-        prompts += [t.replace("{}", f.prompt) for t in templates] + [KL_PROMPT]
-        subjects += [f.subject] * (len(templates) + 1)
+    for group in groups:
+        prompts += [t.replace("{}", f.prompt) for f in group for t in templates] + [KL_PROMPT]
+        subjects += [group[0].subject] * (len(group) * len(templates) + 1)
     enc = encode_with_subject(tokenizer, prompts, subjects, padding_side="right")
-    per = len(templates) + 1
-    out = []
-    for i, f in enumerate(facts):
-        target = target_token_ids(tokenizer, f.target_new)
+    out, r = [], 0
+    for group in groups:
+        target = target_token_ids(tokenizer, group[0].target_new)
         rows, pos = [], []
-        for r in range(i * per, (i + 1) * per):
-            ids = enc.input_ids[r, : int(enc.last[r]) + 1].tolist()
-            if r < (i + 1) * per - 1:  # a rewrite row: teacher-force the target
-                ids = ids + target[:-1]
-            rows.append(ids)
+        for _ in range(len(group) * len(templates)):  # rewrite rows: teacher-force the target
+            rows.append(enc.input_ids[r, : int(enc.last[r]) + 1].tolist() + target[:-1])
             pos.append(int(enc.subject_last[r]))
+            r += 1
+        subject_last = int(enc.subject_last[r])  # the KL row ends at the subject: its distribution is read there
+        rows.append(enc.input_ids[r, : subject_last + 1].tolist())
+        pos.append(subject_last)
+        r += 1
         out.append(_FactRows(rows, pos, target))
     return out
 
@@ -174,11 +195,20 @@ def _make_chunk(fact_rows: list[_FactRows], facts: list[int], device: torch.devi
                   torch.tensor(is_kl, device=device), keep)
 
 
-def _chunks(fact_rows: list[_FactRows], facts_per_chunk: int, device: torch.device) -> list[_Chunk]:
-    """Facts in order of their longest row, so a chunk holds rows of similar length (less left padding)."""
+def _chunks(fact_rows: list[_FactRows], max_rows: int, device: torch.device) -> list[_Chunk]:
+    """Facts in order of their longest row, so a chunk holds rows of similar length (less left padding), as
+    many whole facts as fit in ``max_rows`` rows (at least one)."""
     order = sorted(range(len(fact_rows)), key=lambda i: max(len(r) for r in fact_rows[i].rows))
-    return [_make_chunk(fact_rows, order[lo:lo + facts_per_chunk], device)
-            for lo in range(0, len(order), facts_per_chunk)]
+    parts: list[list[int]] = [[]]
+    rows = 0
+    for i in order:
+        n = len(fact_rows[i].rows)
+        if parts[-1] and rows + n > max_rows:
+            parts.append([])
+            rows = 0
+        parts[-1].append(i)
+        rows += n
+    return [_make_chunk(fact_rows, part, device) for part in parts if part]
 
 
 def _left_padded(seqs: list[list[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,7 +334,7 @@ class _Runner:
 
 
 def _losses(logits: torch.Tensor, chunk: _Chunk, rows: torch.Tensor, local_fact: torch.Tensor, n_facts: int,
-            n_templates: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-fact NLL (c,) and KL-prompt next-token log-probs (c, vocab) on δ's device, from the picked logits
     (N, V) of ``rows`` (``_picks`` order); ``local_fact`` numbers each row's fact within the c facts."""
     at = logits.device
@@ -319,9 +349,10 @@ def _losses(logits: torch.Tensor, chunk: _Chunk, rows: torch.Tensor, local_fact:
     row_len = torch.zeros(len(rows), device=at).index_add(0, rewrite_row, torch.ones_like(token_nll))
     is_rewrite = row_len > 0
     nll = torch.zeros(n_facts, device=at).index_add(0, local[is_rewrite], row_sum[is_rewrite] / row_len[is_rewrite])
+    n_rows = torch.zeros(n_facts, device=at).index_add(0, local[is_rewrite], torch.ones_like(row_sum[is_rewrite]))
     kl_logprobs = torch.empty(n_facts, logits.shape[-1], device=at)
     kl_logprobs[local[row_of[kl_pick]]] = F.log_softmax(logits[kl_pick], dim=-1)
-    return (nll / n_templates).to(device), kl_logprobs.to(device)
+    return (nll / n_rows.clamp(min=1)).to(device), kl_logprobs.to(device)
 
 
 def subject_outputs(loaded: LoadedModel, facts: list, modules: list[torch.nn.Module],
@@ -357,52 +388,62 @@ def _pad_id(tokenizer) -> int:
 
 
 def compute_targets(loaded: LoadedModel, facts: list, layer: int, hp: TargetHParams, templates: list[str],
-                    max_rows: int = 128, max_facts: int = 256, reuse_prefix: bool = True) -> TargetResult:
-    """Optimise one δ per fact, all facts in shared forward passes; see the module docstring for the loss.
+                    max_rows: int = 128, max_facts: int = 256, reuse_prefix: bool = True, merge: bool = True,
+                    relative_to: str = "block") -> TargetResult:
+    """Optimise one δ per fact (per group of facts with one subject and target when ``merge``), all in shared
+    forward passes; see the module docstring for the loss. Results come back in the order of ``facts``.
 
     ``facts`` need ``.subject``, ``.prompt`` (with ``{}``) and ``.target_new``; ``templates``
     are context templates such as ``["{}", "Prefix. {}"]``; ``max_rows`` bounds the rows of one forward,
-    ``max_facts`` the facts of one optimisation loop; ``reuse_prefix=False`` runs the full forward each step.
+    ``max_facts`` the (merged) facts of one optimisation loop; ``reuse_prefix=False`` runs the full forward
+    each step; ``relative_to`` is where the clamp and weight decay take their scale: "block" (MEMIT) or
+    "mlp" (ROME).
     """
     loaded.check_layers([layer])
     if not templates:
         raise ValueError("at least one context template is needed ('{}' alone means no context)")
+    if relative_to not in ("block", "mlp"):
+        raise ValueError(f"relative_to must be 'block' or 'mlp', got {relative_to!r}")
     for t in templates:
         if t.count("{}") != 1:
             raise DataError(f"Context template {t!r} must contain exactly one '{{}}'.")
     if len(facts) == 0:
         empty = torch.zeros(0, loaded.d_model, device=loaded.layer_device(layer))
         return TargetResult(empty, empty.clone(), torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.long))
-    group = max(1, max_facts)
-    return TargetResult.concat([_optimise(loaded, facts[lo:lo + group], layer, hp, templates, max_rows, reuse_prefix)
-                                for lo in range(0, len(facts), group)])
+    groups = fact_groups(facts, merge)
+    step = max(1, max_facts)
+    parts = [_optimise(loaded, [[facts[i] for i in g] for g in groups[lo:lo + step]], layer, hp, templates,
+                       max_rows, reuse_prefix, relative_to) for lo in range(0, len(groups), step)]
+    order = [i for g in groups for i in g]  # the facts in the order the parts hold them
+    return TargetResult.concat(parts).select(sorted(range(len(order)), key=order.__getitem__))
 
 
-def _optimise(loaded: LoadedModel, facts: list, layer: int, hp: TargetHParams, templates: list[str],
-              max_rows: int, reuse_prefix: bool) -> TargetResult:
-    """compute_targets for one group of facts."""
-    device, n, d = loaded.layer_device(layer), len(facts), loaded.d_model  # δ lives with its layer
-    fact_rows = _fact_rows(loaded.tokenizer, facts, templates)
-    per_fact = len(templates) + 1
-    facts_per_chunk = max(1, max_rows // per_fact)
+def _optimise(loaded: LoadedModel, groups: list[list], layer: int, hp: TargetHParams, templates: list[str],
+              max_rows: int, reuse_prefix: bool, relative_to: str) -> TargetResult:
+    """compute_targets for some groups of facts: one δ per group; results per fact, group after group."""
+    device, n, d = loaded.layer_device(layer), len(groups), loaded.d_model  # δ lives with its layer
+    fact_rows = _fact_rows(loaded.tokenizer, groups, templates)
     runner = _Runner(loaded, layer, _pad_id(loaded.tokenizer))
-    h, m = (t.to(device) for t in subject_outputs(loaded, facts, [loaded.block(layer), loaded.down_proj(layer)], max_rows))
-    scale = (h if runner.norm is None else m).norm(dim=1)
+    records = [f for g in groups for f in g]
+    owner = torch.tensor([gi for gi, g in enumerate(groups) for _ in g], device=device)  # each fact's group
+    first = torch.tensor([0] + [len(g) for g in groups[:-1]], device=device).cumsum(0)  # its first fact
+    h, m = (t.to(device) for t in subject_outputs(loaded, records, [loaded.block(layer), loaded.down_proj(layer)],
+                                                   max_rows))
+    scale = (h if relative_to == "block" and runner.norm is None else m)[first].norm(dim=1)
     max_norm = hp.clamp_norm_factor * scale
 
-    chunks = _chunks(fact_rows, facts_per_chunk, device)
+    chunks = _chunks(fact_rows, max_rows, device)
     nll_before = torch.zeros(n, device=device)
     kl_start: torch.Tensor | None = None  # (n, vocab) log-probs with δ = 0
     forward: Callable = runner.full
     if reuse_prefix:
         for c, chunk in enumerate(chunks):
             nll, kl_logprobs = _losses(runner.prepare(chunk), chunk, torch.arange(len(chunk.suffixes)),
-                                       torch.arange(len(chunk.facts)).repeat_interleave(per_fact), len(chunk.facts),
-                                       len(templates), device)
+                                       _local(chunk.row_fact, chunk.facts, n), len(chunk.facts), device)
             if kl_start is None:
                 kl_start = torch.empty(n, kl_logprobs.shape[-1], device=device)
             nll_before[chunk.facts], kl_start[chunk.facts] = nll, kl_logprobs
-            if c == 0 and not _suffix_path_agrees(runner, chunk, nll, per_fact, len(templates), device):
+            if c == 0 and not _suffix_path_agrees(runner, chunk, nll, n, device):
                 break
         else:
             forward = runner.suffix
@@ -422,28 +463,25 @@ def _optimise(loaded: LoadedModel, facts: list, layer: int, hp: TargetHParams, t
             if len(rows) == 0:
                 continue
             idx = chunk.facts[~frozen[chunk.facts]]
-            local = torch.full((n,), -1, dtype=torch.long, device=device)
-            local[idx] = torch.arange(len(idx), device=device)
             with torch.set_grad_enabled(not measuring_only):
                 logits = forward(chunk, rows, delta[chunk.row_fact[rows]])
-                nll, kl_logprobs = _losses(logits, chunk, rows, local[chunk.row_fact[rows]], len(idx),
-                                           len(templates), device)
+                nll, kl_logprobs = _losses(logits, chunk, rows, _local(chunk.row_fact[rows], idx, n), len(idx),
+                                           device)
                 if kl_start is None:  # the full forward: its first pass is at δ = 0 for every fact
                     kl_start = torch.empty(n, kl_logprobs.shape[-1], device=device)
                 if it == 0 and forward == runner.full:
                     kl_start[idx] = kl_logprobs.detach()
                     nll_before[idx] = nll.detach()
                 kl = (kl_logprobs.exp() * (kl_logprobs - kl_start[idx])).sum(-1)
+                loss = nll + hp.kl_factor * kl + hp.weight_decay * delta[idx].norm(dim=1) / scale[idx] ** 2
             nll_now[idx] = nll.detach()
-            done = nll.detach() < hp.early_stop_loss
+            done = loss.detach() < hp.early_stop_loss
             frozen[idx[done]] = True
             if not measuring_only and not done.all():
-                ((nll + hp.kl_factor * kl)[~done]).sum().backward()
+                loss[~done].sum().backward()
         training = (~frozen).nonzero()[:, 0]
         if measuring_only or len(training) == 0:
             break
-        decay = hp.weight_decay * (delta[training].norm(dim=1) / scale[training] ** 2).sum()
-        decay.backward()
         with torch.no_grad():
             delta.grad[frozen] = 0
             kept = delta[frozen].clone()
@@ -456,23 +494,29 @@ def _optimise(loaded: LoadedModel, facts: list, layer: int, hp: TargetHParams, t
         log.debug("targets step %d: %d facts training, mean NLL %.4f", it, len(training), float(nll_now.mean()))
 
     with torch.no_grad():
-        change = delta.detach() if runner.norm is None else (runner.norm(m + delta.detach()) - runner.norm(m)).float()
+        delta_each = delta.detach()[owner]
+        change = delta_each if runner.norm is None else (runner.norm(m + delta_each) - runner.norm(m)).float()
     z = (h + change).float()
-    log.info("targets at layer %d for %d facts: NLL %.3f -> %.3f, %.1f steps on average, %d stopped early",
-             layer, n, float(nll_before.mean()), float(nll_now.mean()), float(steps_taken.float().mean()),
-             int(frozen.sum()))
-    return TargetResult(z, h, nll_before.cpu(), nll_now.cpu(), steps_taken.cpu())
+    log.info("targets at layer %d for %d facts (%d after merging): NLL %.3f -> %.3f, %.1f steps on average, "
+             "%d stopped early", layer, len(records), n, float(nll_before.mean()), float(nll_now.mean()),
+             float(steps_taken.float().mean()), int(frozen.sum()))
+    return TargetResult(z, h, nll_before[owner].cpu(), nll_now[owner].cpu(), steps_taken[owner].cpu())
 
 
-def _suffix_path_agrees(runner: _Runner, chunk: _Chunk, nll_full: torch.Tensor, per_fact: int, n_templates: int,
-                        device: torch.device) -> bool:
+def _local(row_fact: torch.Tensor, facts: torch.Tensor, n: int) -> torch.Tensor:
+    """Each row's position among ``facts`` (global fact indices < n), for per-fact sums over rows."""
+    local = torch.full((n,), -1, dtype=torch.long, device=facts.device)
+    local[facts] = torch.arange(len(facts), device=facts.device)
+    return local[row_fact.to(facts.device)]
+
+
+def _suffix_path_agrees(runner: _Runner, chunk: _Chunk, nll_full: torch.Tensor, n: int, device: torch.device) -> bool:
     """Does the suffix-only forward reproduce the full one at δ = 0 on this chunk? Warn and say no if not."""
     rows = torch.arange(len(chunk.suffixes))
     try:
         with torch.no_grad():
             logits = runner.suffix(chunk, rows, torch.zeros(len(rows), runner.loaded.d_model, device=device))
-        nll, _ = _losses(logits, chunk, rows, torch.arange(len(chunk.facts)).repeat_interleave(per_fact),
-                         len(chunk.facts), n_templates, device)
+        nll, _ = _losses(logits, chunk, rows, _local(chunk.row_fact, chunk.facts, n), len(chunk.facts), device)
         gap = float((nll - nll_full).abs().max())
     except Exception as e:  # noqa: BLE001 (any failure means: use the full forward)
         gap, why = float("nan"), f"{type(e).__name__}: {e}"

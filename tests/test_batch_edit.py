@@ -33,6 +33,20 @@ def cli(*args, env=None) -> subprocess.CompletedProcess:
                           cwd=ROOT, env={**os.environ, **(env or {})})
 
 
+def test_memit_keys_weigh_the_bare_prompt_half_and_merged_facts_are_listed(tiny):
+    """MEMIT's default key average is compute_ks' (bare 1/2, prefixes 1/2 together), and facts that share a
+    subject and target (one δ) are named in target_info["merged"]."""
+    from pipeline.keys import compute_keys
+    templates = ["{}", "Hello there. {}", "Because of this, {}"]
+    twin = Fact("a2", "Eiffel Tower", "Where is the {}? It is in", "Rome")
+    facts = FACTS + [twin]
+    out = run_memit(tiny, facts, [2], None, 1e-8, FAST, templates, lambda: 0.0)
+    want = compute_keys(tiny, [2], [f.prompt for f in facts], [f.subject for f in facts], templates,
+                        weights=[0.5, 0.25, 0.25])[2]
+    torch.testing.assert_close(out.keys[2], want, rtol=0, atol=1e-6)
+    assert out.target_info["merged"] == [["a", "a2"]]
+
+
 def test_memit_single_layer_reaches_targets_exactly(tiny):
     """λ → 0, one layer, bare template: after the update the block output at every subject equals z."""
     layer = 2

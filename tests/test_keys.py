@@ -9,7 +9,7 @@ import torch
 from conftest import build_tiny
 from pipeline import keys as keys_module
 from pipeline.errors import DataError
-from pipeline.keys import compute_keys, context_templates, encode_with_subject, target_token_ids
+from pipeline.keys import compute_keys, context_templates, encode_with_subject, memit_key_weights, target_token_ids
 
 CASES = [  # prompts of different lengths; subjects mid-prompt, at the start, with a leading space, with punctuation
     ("The {} is located in the city of", "Eiffel Tower"),
@@ -112,6 +112,25 @@ def test_keys_equal_a_hand_hooked_computation(tiny):
         for i, (prompt, subject) in enumerate(FACTS):
             torch.testing.assert_close(got[layer][i], manual_keys(tiny, layer, prompt, subject, TEMPLATES),
                                        rtol=0, atol=1e-6)
+
+
+def test_memit_key_weights_are_compute_ks_grouping():
+    """compute_ks: the mean within each group of templates, then the mean over the groups."""
+    assert memit_key_weights([["{}"], ["a. {}", "b. {}", "c. {}", "d. {}", "e. {}"]]) == [0.5] + [0.1] * 5
+    w = memit_key_weights([["{}"], ["a. {}", "b. {}"], ["c. {}", "d. {}", "e. {}", "f. {}"]])
+    assert w == pytest.approx([1 / 3, 1 / 6, 1 / 6, 1 / 12, 1 / 12, 1 / 12, 1 / 12])
+    assert memit_key_weights([["{}"]]) == [1.0]
+
+
+def test_weighted_keys_equal_the_weighted_hand_hooked_keys(tiny):
+    prompts, subjects = [f[0] for f in FACTS], [f[1] for f in FACTS]
+    weights = memit_key_weights([TEMPLATES[:1], TEMPLATES[1:]])  # 1/2, 1/4, 1/4
+    got = compute_keys(tiny, [2], prompts, subjects, TEMPLATES, batch_size=4, weights=weights)[2]
+    for i, (prompt, subject) in enumerate(FACTS):
+        want = sum(w * manual_keys(tiny, 2, prompt, subject, [t]) for w, t in zip(weights, TEMPLATES))
+        torch.testing.assert_close(got[i], want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="sum to 1"):
+        compute_keys(tiny, [2], prompts, subjects, TEMPLATES, weights=[0.5, 0.5, 0.5])
 
 
 def test_left_and_right_padding_give_the_same_keys(tiny):

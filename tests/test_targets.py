@@ -88,7 +88,9 @@ def test_h_is_the_block_output_at_the_subjects_last_token(tokenizer):
 
 
 def test_nll_decreases_for_every_fact(tiny):
-    result = compute_targets(_responsive(tiny), FACTS, 2, NO_STOP, TEMPLATES)
+    """Without the KL term: on the tiny GPT-2 the NLL's gradient is so small (saturated logits) that the KL
+    at the edited position itself, which δ moves directly, would dominate Adam's normalised steps."""
+    result = compute_targets(_responsive(tiny), FACTS, 2, dataclasses.replace(NO_STOP, kl_factor=0.0), TEMPLATES)
     assert (result.nll_after < result.nll_before).all()
 
 
@@ -125,7 +127,7 @@ def test_norm_clamp_binds(tokenizer):
 def test_early_stopping_freezes_a_fact(tokenizer):
     """The fact whose target is likeliest stops once below the threshold; its δ then never moves again."""
     m = _responsive(build_tiny("llama", tokenizer))
-    hp = dataclasses.replace(NO_STOP, steps=3)
+    hp = dataclasses.replace(NO_STOP, steps=3, kl_factor=0.0)  # the whole loss is the NLL here
     two = compute_targets(m, FACTS, 2, hp, TEMPLATES)  # 2 updates
     three = compute_targets(m, FACTS, 2, dataclasses.replace(hp, steps=4), TEMPLATES)  # 3 updates
     likeliest = int(two.nll_before.argmin())
@@ -203,3 +205,111 @@ def test_half_precision_model_gives_float32_targets(tokenizer):
     result = compute_targets(m, FACTS, 2, NO_STOP, TEMPLATES)
     assert result.z.dtype == result.h.dtype == result.nll_after.dtype == torch.float32
     assert torch.isfinite(result.z).all() and (result.nll_after < result.nll_before).all()
+
+
+def _reference_z(m, fact, layer, hp, templates, relative_to):
+    """kmeng01's compute_z (MEMIT, scale = block output) or compute_v (ROME, scale = MLP output) for one fact,
+    written out: each prompt through the full model on its own, δ added to the MLP output at the subject's
+    last token, KL read at the subject's last token of "{subject} is a", stop when the whole loss < threshold.
+    Returns (δ, Adam updates made, [(nll, loss) at each forward])."""
+    tok = m.tokenizer
+    target = tok(" " + fact.target_new, add_special_tokens=False).input_ids
+
+    def subject_end(template: str) -> tuple[list[int], int]:
+        before = template.replace("{}", fact.prompt).split("{}")[0] + fact.subject
+        text = template.replace("{}", fact.prompt).replace("{}", fact.subject)
+        return tok(text).input_ids, len(tok(before).input_ids) - 1
+
+    rows = [subject_end(t) for t in templates]
+    kl_ids, kl_at = tok(fact.subject + " is a").input_ids, len(tok(fact.subject).input_ids) - 1
+
+    def run(ids, at, delta):
+        def add(out):
+            out = out.clone()
+            out[0, at] += delta
+            return out
+        with edit_output(m.down_proj(layer), add):
+            return m.model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+    with torch.no_grad(), capture_outputs([m.block(layer), m.down_proj(layer)]) as seen:
+        m.model(input_ids=torch.tensor([rows[0][0]]))
+    scale = (seen[0] if relative_to == "block" else seen[1])[0, rows[0][1]].norm()
+    delta = torch.zeros(m.d_model, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hp.lr)
+    kl_init, updates, trace = None, 0, []
+    for it in range(hp.steps):
+        opt.zero_grad()
+        nlls = []
+        for ids, at in rows:
+            logp = run(ids + target[:-1], at, delta)
+            positions = range(len(ids) - 1, len(ids) - 1 + len(target))
+            nlls.append(-torch.stack([logp[p, t] for p, t in zip(positions, target)]).mean())
+        nll = torch.stack(nlls).mean()
+        kl_now = run(kl_ids, kl_at, delta)[kl_at]
+        if kl_init is None:
+            kl_init = kl_now.detach()
+        kl = F.kl_div(kl_init, kl_now, log_target=True, reduction="sum")  # KL(p_now ‖ p_init)
+        loss = nll + hp.kl_factor * kl + hp.weight_decay * delta.norm() / scale ** 2
+        trace.append((float(nll.detach()), float(loss.detach())))
+        if loss < hp.early_stop_loss or it == hp.steps - 1:
+            break
+        loss.backward()
+        opt.step()
+        updates += 1
+        with torch.no_grad():
+            max_norm = hp.clamp_norm_factor * scale
+            if delta.norm() > max_norm:
+                delta.mul_(max_norm / delta.norm())
+    return delta.detach(), updates, trace
+
+
+@pytest.mark.parametrize("relative_to,kl_factor,weight_decay,clamp", [
+    ("block", 0.0625, 5e-4, 4.0), ("mlp", 0.5, 0.0, 4.0), ("block", 0.0625, 0.0, 0.05), ("mlp", 0.0625, 1e-4, 0.05)])
+def test_equals_the_reference_compute_z(tokenizer, relative_to, kl_factor, weight_decay, clamp):
+    """Loss, KL position, weight decay and clamp scale (block output for MEMIT, MLP output for ROME), and
+    early stopping on the whole loss: δ and the number of updates as the reference procedure's, with a
+    threshold that the NLL alone would cross sooner where the trajectory allows one."""
+    m = _responsive(build_tiny("llama", tokenizer))
+    fact = FACTS[0]
+    hp = TargetHParams(steps=8, lr=0.02, kl_factor=kl_factor, weight_decay=weight_decay, clamp_norm_factor=clamp,
+                       early_stop_loss=0.0)
+    _, _, trace = _reference_z(m, fact, 2, hp, TEMPLATES, relative_to)
+    for j in range(1, len(trace)):  # a threshold the NLL crosses at pass j, the whole loss not (yet)
+        threshold = (trace[j][0] + trace[j][1]) / 2
+        if trace[j][1] - trace[j][0] > 1e-3 and all(min(t) > threshold + 1e-4 for t in trace[:j]):
+            hp = dataclasses.replace(hp, early_stop_loss=threshold)
+            break
+    want, updates, _ = _reference_z(m, fact, 2, hp, TEMPLATES, relative_to)
+    got = compute_targets(m, [fact], 2, hp, TEMPLATES, relative_to=relative_to)
+    assert int(got.steps_taken[0]) == updates
+    torch.testing.assert_close(got.delta[0], want, rtol=0, atol=1e-5)
+    if hp.early_stop_loss:
+        assert updates != j  # the NLL alone would have stopped after j updates
+    if clamp < 1:  # the clamp binds, relative to the right scale
+        scale = (got.h[0] if relative_to == "block" else _reference_mlp_output(m, fact)).norm()
+        torch.testing.assert_close(got.delta[0].norm(), clamp * scale, rtol=1e-4, atol=0)
+
+
+def _reference_mlp_output(m, fact):
+    with torch.no_grad(), capture_outputs([m.down_proj(2)]) as seen:
+        m.model(input_ids=m.tokenizer(fact.rewrite_prompt(), return_tensors="pt").input_ids)
+    return seen[0][0, len(m.tokenizer("The Eiffel Tower").input_ids) - 1]
+
+
+def test_facts_with_one_subject_and_target_share_one_delta(tokenizer):
+    """Merged: one δ over both prompts (the mean of their NLLs); each fact keeps its own h; the order of the
+    results is the order of the facts; merge=False gives each its own δ."""
+    m = _responsive(build_tiny("llama", tokenizer))
+    a = Fact("a", "Eiffel Tower", "The {} is located in the city of", "Rome")
+    b = Fact("b", "Eiffel Tower", "Where is the {}? In the city of", "Rome")
+    hp = dataclasses.replace(NO_STOP, kl_factor=0.0)
+    merged = compute_targets(m, [a, FACTS[1], b], 2, hp, TEMPLATES)
+    torch.testing.assert_close(merged.delta[0], merged.delta[2], rtol=0, atol=1e-6)
+    assert not torch.equal(merged.h[0], merged.h[2])
+    alone = compute_targets(m, [FACTS[1]], 2, hp, TEMPLATES)
+    torch.testing.assert_close(merged.z[1], alone.z[0], rtol=0, atol=1e-5)
+    apart = compute_targets(m, [a, FACTS[1], b], 2, hp, TEMPLATES, merge=False)
+    assert not torch.allclose(apart.delta[0], apart.delta[2])
+    # the merged NLL before editing is the mean of the two facts' own NLLs
+    torch.testing.assert_close(merged.nll_before[0], (apart.nll_before[0] + apart.nll_before[2]) / 2,
+                               rtol=0, atol=1e-5)
