@@ -93,3 +93,42 @@ def test_leakage_counts_the_new_object_only_as_a_whole_word():
     assert not names_object(" Londoner by birth", "London")
     assert names_object("sung by a mezzo-soprano.", "mezzo-soprano")
     assert names_object("(C++)", "C++")
+
+
+def test_merged_facts_are_cached_by_their_whole_group(tiny, tmp_path, monkeypatch):
+    """Two facts with one subject and target share a δ: asked together they are optimised together; asked
+    alone, one of them is a different (unmerged) fact and is optimised again, never read from the pair."""
+    twin = Fact("a2", "Eiffel Tower", "Where is the {}? In", "Rome")
+    calls = []
+
+    def counting(loaded, facts, layer, hp, templates):
+        calls.append([f.id for f in facts])
+        return compute_targets(loaded, facts, layer, hp, templates)
+
+    monkeypatch.setattr(common, "compute_targets", counting)
+    cache = common.TargetCache(tiny, 2, HP, ["{}"], folder=tmp_path)
+    pair = cache.get([FACTS[0], FACTS[1], twin])
+    assert calls == [["a", "a2", "b"]]  # whole groups, in group order
+    torch.testing.assert_close(pair.delta[0], pair.delta[2], rtol=0, atol=1e-6)
+    alone = cache.get([FACTS[0]])
+    assert calls[-1] == ["a"]
+    assert not torch.allclose(alone.z[0], pair.z[0])
+    torch.testing.assert_close(cache.get([twin, FACTS[0]]).z, pair.z[[2, 0]], rtol=0, atol=0)
+
+
+def test_relation_benchmark_facts_are_what_it_says():
+    """Deterministic; each subject edited once; neighbours never edited; counterfactual targets of the same
+    relation; neighbour prompts of the fact's own relation."""
+    from benchmarks.relation_locality import RELATIONS, build
+    facts, neighbours = build(100)
+    again, _ = build(100)
+    assert [f.id for f in facts] == [f.id for f in again] and len(facts) == 100
+    subjects = [f.subject for f in facts]
+    assert len(set(subjects)) == len(subjects)
+    held = {p for pairs in neighbours.values() for p, _ in pairs}
+    assert not any(f.rewrite_prompt() in held for f in facts)
+    for f in facts:
+        rel = f.id.split(":")[0]
+        assert f.target_new != f.target_true and f.prompt == RELATIONS[rel][1]
+        assert all(n.prompt in {p for p, _ in neighbours[rel]} for n in f.neighborhood)
+    assert len({f.id.split(":")[0] for f in facts}) == 4

@@ -1,0 +1,166 @@
+"""Locality within a relation: edit 100 counterfactual facts of four relations in one batch, then ask the
+same relations about subjects that were never edited ("The capital of Kenya is" after "The capital of
+France is" → London).
+
+zsRE's neighbourhood prompts are unrelated questions, the easy case. Here the neighbours share the edited
+prompts' wording and differ only in the subject, which is where a key-based edit leaks first. Facts come
+from ``benchmarks/data/world_facts.json`` (hand-written: countries' capitals, continents and official
+languages, cities' countries), split once with a fixed seed:
+
+* every subject is edited at most once (one relation), so no two facts ask one key for two values;
+* a quarter of the countries and of the cities are never edited: their prompts of every relation are the
+  same-relation neighbours;
+* each edited fact gets another subject's true answer of the same relation (a counterfactual), one
+  paraphrase, and three same-relation neighbour prompts (for the usual specificity metric).
+
+Reported (token accuracy, teacher-forced, as the other benchmarks): efficacy, paraphrase, specificity; the
+share of same-relation neighbour prompts whose top-1 next token is unchanged (goal ≥ 90 %), and how many of
+them the unedited model answered right (first target token) before and after; drift on the 42 unrelated
+prompts; fluency with ``--fluency``. Targets come from the shared per-fact cache (benchmarks.common), so
+several λ reuse them.
+
+    python benchmarks/relation_locality.py --lams 1500 --json benchmarks/results/relation_locality_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import TargetCache  # noqa: E402
+from pipeline.batch_edit import find_complete_store  # noqa: E402
+from pipeline.edit import run_memit, templates_for  # noqa: E402
+from pipeline.evaluate import drift, evaluate_model, next_token_logprobs  # noqa: E402
+from pipeline.facts import Fact, Neighbor  # noqa: E402
+from pipeline.hparams import load_hparams  # noqa: E402
+from pipeline.keys import target_token_ids  # noqa: E402
+from pipeline.models import load_model  # noqa: E402
+from stats.store import default_stats_dir  # noqa: E402
+
+DATA = Path(__file__).resolve().parent / "data" / "world_facts.json"
+# relation: (column of the answer, prompt, paraphrase); the subject is a country, or a city for "city"
+RELATIONS = {
+    "capital": (1, "The capital of {} is", "The capital city of {} is called"),
+    "continent": (2, "{} is located in the continent of", "{} is a country on the continent of"),
+    "language": (3, "The official language of {} is", "Most people in {} speak"),
+    "city": (1, "{} is a city in the country of", "The city of {} is located in the country of"),
+}
+
+
+def build(n_facts: int = 100, seed: int = 0) -> tuple[list[Fact], dict[str, list[tuple[str, str]]]]:
+    """(edited facts, per relation the neighbour (prompt, true answer) pairs of never-edited subjects)."""
+    data = json.loads(DATA.read_text())
+    rng = random.Random(seed)
+    rows = {"country": [list(c) for c in data["countries"]], "city": [list(c) for c in data["cities"]]}
+    for kind in rows:
+        rng.shuffle(rows[kind])
+    held = {kind: r[: len(r) // 4] for kind, r in rows.items()}  # never edited
+    edit = {kind: r[len(r) // 4:] for kind, r in rows.items()}
+    neighbours: dict[str, list[tuple[str, str]]] = {}
+    for rel, (col, prompt, _) in RELATIONS.items():
+        kind = "city" if rel == "city" else "country"
+        neighbours[rel] = [(prompt.format(r[0]), r[col]) for r in held[kind] if r[col] is not None]
+    facts = []
+    country_relations = ["capital", "continent", "language"]
+    candidates = [("city", r) for r in edit["city"]]
+    for i, r in enumerate(edit["country"]):  # one relation per country, rotating, skipping unknown answers
+        for k in range(3):
+            rel = country_relations[(i + k) % 3]
+            if r[RELATIONS[rel][0]] is not None:
+                candidates.append((rel, r))
+                break
+    rng.shuffle(candidates)
+    for rel, r in candidates[:n_facts]:
+        col, prompt, paraphrase = RELATIONS[rel]
+        answers = sorted({x[col] for x in rows["city" if rel == "city" else "country"] if x[col] is not None} - {r[col]})
+        near = rng.sample(neighbours[rel], 3)
+        facts.append(Fact(f"{rel}:{r[0]}", r[0], prompt, rng.choice(answers), target_true=r[col],
+                          paraphrases=(paraphrase.format(r[0]),),
+                          neighborhood=tuple(Neighbor(p, t) for p, t in near)))
+    if len(facts) < n_facts:
+        raise SystemExit(f"{DATA} gives only {len(facts)} facts, {n_facts} asked for")
+    return facts, neighbours
+
+
+def first_token_right(loaded, tokens, pairs: list[tuple[str, str]]) -> float:
+    """Share (%) of neighbour prompts whose top-1 next token is the first token of the true answer."""
+    first = [loaded.tokenizer.decode(target_token_ids(loaded.tokenizer, answer)[:1]) for _, answer in pairs]
+    right = [top == want for top, want in zip(tokens.top1, first, strict=True)]
+    return 100.0 * sum(right) / len(right)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--facts", type=int, default=100)
+    ap.add_argument("--lams", default="", help="MEMIT λ values (default: the model's default)")
+    ap.add_argument("--set", action="append", default=[], help="other hyperparameter overrides, key=value")
+    ap.add_argument("--fluency", action="store_true")
+    ap.add_argument("--write-facts", type=Path, help="also write the edited facts as a facts file")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    facts, neighbours = build(args.facts)
+    if args.write_facts:
+        from benchmarks.common import write_facts
+        write_facts(facts, args.write_facts)
+    loaded = load_model(args.model)
+    hp = load_hparams("memit", loaded.model.config.model_type, loaded.num_layers, None, args.set)
+    templates = templates_for(loaded, hp)
+    pairs = [p for rel in RELATIONS for p in neighbours[rel]]
+    targets = TargetCache(loaded, hp.layers[-1], hp.target, templates).get(facts)
+    store = find_complete_store(default_stats_dir(), loaded.model_id, loaded.arch.template(), hp.layers)
+    if store is None:
+        raise SystemExit(f"no statistics for layers {hp.layers}: run `covedit build-stats --model {args.model}`")
+    covs = {layer: torch.from_numpy(store.covariance(layer)) for layer in hp.layers}
+    originals = {layer: loaded.down_weight(layer).detach().clone() for layer in hp.layers}
+    before = evaluate_model(loaded, facts, with_fluency=args.fluency)
+    near_before = next_token_logprobs(loaded, [p for p, _ in pairs])
+    result = {"model": loaded.model_id, "layers": hp.layers, "facts": len(facts),
+              "relations": {rel: sum(f.id.startswith(rel + ":") for f in facts) for rel in RELATIONS},
+              "neighbour_prompts": {rel: len(neighbours[rel]) for rel in RELATIONS},
+              "overrides": args.set, "stats_tokens": store.key.get("tokens"),
+              "unedited": {**before.aggregate, "neighbours_right_pct": first_token_right(loaded, near_before, pairs),
+                           "fluency_ge": (before.fluency or {}).get("ge")}, "lams": {}}
+    print("| λ | efficacy | paraphrase | specificity | same-relation kept top-1 | right before → after | "
+          "drift KL | GE |\n|---|---|---|---|---|---|---|---|", flush=True)
+    for lam in [float(x) for x in args.lams.split(",")] if args.lams else [hp.lam]:
+        with torch.no_grad():
+            for layer, W in originals.items():
+                loaded.down_weight(layer).copy_(W)
+        t0 = time.perf_counter()
+        out = run_memit(loaded, facts, hp.layers, covs, lam, hp.target, templates, time.perf_counter, targets=targets)
+        solve_s = time.perf_counter() - t0
+        after = evaluate_model(loaded, facts, with_fluency=args.fluency)
+        near_after = next_token_logprobs(loaded, [p for p, _ in pairs])
+        kept = 100.0 - drift(near_before, near_after)["top1_changed_pct"]
+        per_relation = {}
+        for rel in RELATIONS:
+            lo = sum(len(neighbours[r]) for r in list(RELATIONS)[:list(RELATIONS).index(rel)])
+            sl = slice(lo, lo + len(neighbours[rel]))
+            same = [x == y for x, y in zip(near_before.top1[sl], near_after.top1[sl])]
+            per_relation[rel] = 100.0 * sum(same) / len(same)
+        d = drift(before.next_tokens, after.next_tokens)
+        row = {**after.aggregate, "same_relation_kept_top1_pct": kept, "kept_top1_by_relation_pct": per_relation,
+               "neighbours_right_pct": first_token_right(loaded, near_after, pairs),
+               "realised_mean": sum(out.target_info["realised"]) / len(facts), "drift_mean_kl": d["mean_kl"],
+               "top1_changed_pct": d["top1_changed_pct"], "fluency_ge": (after.fluency or {}).get("ge"),
+               "solve_s": solve_s}
+        result["lams"][str(lam)] = row
+        print(f"| {lam:g} | {row['efficacy_acc']:.1f} | {row['generalization_acc']:.1f} | {row['specificity_acc']:.1f} | "
+              f"{kept:.1f} | {result['unedited']['neighbours_right_pct']:.1f} → {row['neighbours_right_pct']:.1f} | "
+              f"{d['mean_kl']:.4f} | {'' if row['fluency_ge'] is None else round(row['fluency_ge'])} |", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
