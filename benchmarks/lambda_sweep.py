@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--facts", type=int, default=50)
     ap.add_argument("--heldout-after", type=int, default=0, help="take held-out facts after this many tuning facts")
     ap.add_argument("--lams", default="15000,3000,1000,300")
+    ap.add_argument("--mus", default="0", help="preserve_prompts values μ to try with each λ (0: reference MEMIT)")
     ap.add_argument("--fluency", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -73,20 +74,22 @@ def main() -> None:
     print(f"| λ | efficacy | paraphrase | neighbourhood | realised | drift KL | top-1 changed | GE |\n|---|---|---|---|---|---|---|---|\n"
           f"| unedited | {before.aggregate['efficacy_acc']:.1f} | {before.aggregate['generalization_acc']:.1f} | "
           f"{before.aggregate['specificity_acc']:.1f} | | | | {result['unedited']['fluency_ge'] or ''} |", flush=True)
-    for lam in [float(x) for x in args.lams.split(",")]:
+    grid = [(float(lam), float(mu)) for lam in args.lams.split(",") for mu in args.mus.split(",")]
+    for lam, mu in grid:
         with torch.no_grad():
             for layer, W in originals.items():
                 loaded.down_weight(layer).copy_(W)
         t0 = time.perf_counter()
-        out = run_memit(loaded, facts, hp.layers, covs, lam, hp.target, templates, time.perf_counter, targets=targets)
+        out = run_memit(loaded, facts, hp.layers, covs, lam, hp.target, templates, time.perf_counter, targets=targets,
+                        preserve_prompts=mu)
         solve_s = time.perf_counter() - t0
         after = evaluate_model(loaded, facts, with_fluency=args.fluency)
         d = drift(before.next_tokens, after.next_tokens)
         realised = sum(out.target_info["realised"]) / len(facts)
         row = {**after.aggregate, "realised_mean": realised, "drift_mean_kl": d["mean_kl"],
                "top1_changed_pct": d["top1_changed_pct"], "fluency_ge": (after.fluency or {}).get("ge"), "solve_s": solve_s}
-        result["lams"][str(lam)] = row
-        print(f"| {lam:g} | {row['efficacy_acc']:.1f} | {row['generalization_acc']:.1f} | {row['specificity_acc']:.1f} | "
+        result["lams"][str(lam) if mu == 0 else f"{lam} mu={mu}"] = row
+        print(f"| {lam:g}{'' if mu == 0 else f' μ {mu:g}'} | {row['efficacy_acc']:.1f} | {row['generalization_acc']:.1f} | {row['specificity_acc']:.1f} | "
               f"{realised:.2f} | {d['mean_kl']:.4f} | {d['top1_changed_pct']:.1f} % | "
               f"{'' if row['fluency_ge'] is None else round(row['fluency_ge'])} |", flush=True)
         if args.json:

@@ -102,6 +102,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--facts", type=int, default=100)
     ap.add_argument("--lams", default="", help="MEMIT λ values (default: the model's default)")
+    ap.add_argument("--mus", default="", help="preserve_prompts values μ (default: the model's default)")
     ap.add_argument("--set", action="append", default=[], help="other hyperparameter overrides, key=value")
     ap.add_argument("--fluency", action="store_true")
     ap.add_argument("--write-facts", type=Path, help="also write the edited facts as a facts file")
@@ -132,12 +133,15 @@ def main() -> None:
                            "fluency_ge": (before.fluency or {}).get("ge")}, "lams": {}}
     print("| λ | efficacy | paraphrase | specificity | same-relation kept top-1 | right before → after | "
           "drift KL | GE |\n|---|---|---|---|---|---|---|---|", flush=True)
-    for lam in [float(x) for x in args.lams.split(",")] if args.lams else [hp.lam]:
+    lams = [float(x) for x in args.lams.split(",")] if args.lams else [hp.lam]
+    mus = [float(x) for x in args.mus.split(",")] if args.mus else [hp.preserve_prompts]
+    for lam, mu in [(lam, mu) for lam in lams for mu in mus]:
         with torch.no_grad():
             for layer, W in originals.items():
                 loaded.down_weight(layer).copy_(W)
         t0 = time.perf_counter()
-        out = run_memit(loaded, facts, hp.layers, covs, lam, hp.target, templates, time.perf_counter, targets=targets)
+        out = run_memit(loaded, facts, hp.layers, covs, lam, hp.target, templates, time.perf_counter, targets=targets,
+                        preserve_prompts=mu)
         solve_s = time.perf_counter() - t0
         after = evaluate_model(loaded, facts, with_fluency=args.fluency)
         near_after = next_token_logprobs(loaded, [p for p, _ in pairs])
@@ -154,8 +158,8 @@ def main() -> None:
                "realised_mean": sum(out.target_info["realised"]) / len(facts), "drift_mean_kl": d["mean_kl"],
                "top1_changed_pct": d["top1_changed_pct"], "fluency_ge": (after.fluency or {}).get("ge"),
                "solve_s": solve_s}
-        result["lams"][str(lam)] = row
-        print(f"| {lam:g} | {row['efficacy_acc']:.1f} | {row['generalization_acc']:.1f} | {row['specificity_acc']:.1f} | "
+        result["lams"][str(lam) if mu == 0 else f"{lam} mu={mu}"] = row
+        print(f"| {lam:g}{'' if mu == 0 else f' μ {mu:g}'} | {row['efficacy_acc']:.1f} | {row['generalization_acc']:.1f} | {row['specificity_acc']:.1f} | "
               f"{kept:.1f} | {result['unedited']['neighbours_right_pct']:.1f} → {row['neighbours_right_pct']:.1f} | "
               f"{d['mean_kl']:.4f} | {'' if row['fluency_ge'] is None else round(row['fluency_ge'])} |", flush=True)
         if args.json:

@@ -195,7 +195,8 @@ def run_batch_edit(cfg: BatchEditConfig) -> dict:
                            targets=cfg.targets)
     elif cfg.method == "memit":
         outcome = run_memit(loaded, facts, layers, covs, hp.lam, hp.target, templates, clock, targets=cfg.targets,
-                            keys_from=hp.keys_from, key_weights=key_weights_for(loaded, hp))
+                            keys_from=hp.keys_from, key_weights=key_weights_for(loaded, hp),
+                            preserve_prompts=hp.preserve_prompts)
     else:
         projectors = alphaedit_projectors(covs, hp.null_space_threshold)
         outcome = run_memit(loaded, facts, layers, None, 0.0, hp.target, templates, clock,

@@ -36,7 +36,7 @@ import torch
 
 from pipeline.delta import add_low_rank
 from pipeline.errors import DataError
-from pipeline.keys import compute_keys, context_templates, memit_key_weights
+from pipeline.keys import compute_keys, context_templates, memit_key_weights, prompt_token_moment
 from pipeline.memit import alphaedit_solve, memit_solve, null_space_projector
 from pipeline.models import LoadedModel
 from pipeline.rome import rome_update
@@ -75,8 +75,12 @@ def _keys(loaded, layer, facts, templates, weights: list[float] | None = None) -
 def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: dict[int, torch.Tensor] | None,
               lam: float, target_hp, templates: list[str], clock: Callable[[], float],
               alphaedit: dict | None = None, targets: TargetResult | None = None,
-              keys_from: str = "templates", key_weights: list[float] | None = None) -> EditOutcome:
+              keys_from: str = "templates", key_weights: list[float] | None = None,
+              preserve_prompts: float = 0.0) -> EditOutcome:
     """MEMIT (or AlphaEdit when ``alphaedit`` = {"P": {layer: P}, "prev_keys": {layer: K}, "alpha": a}).
+
+    ``preserve_prompts`` = μ > 0 adds μ Σ k kᵀ over the edited prompts' other tokens to MEMIT's λC
+    (memit.py); AlphaEdit ignores it.
 
     ``key_weights`` weigh ``templates`` in the key average (``key_weights_for``); None takes ``templates``
     as the bare ``"{}"`` followed by one group of prefixes (MEMIT's default). ``keys_from="prompt"`` takes
@@ -105,7 +109,11 @@ def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: 
         R = R.T.to(at)  # (d_model, n)
         if alphaedit is None:
             C = covariances[layer].to(at) if covariances is not None else torch.eye(K.shape[0], dtype=torch.float64, device=at)
-            up, down = memit_solve(K, R, C, lam)
+            C_keep = None
+            if preserve_prompts > 0:
+                C_keep = preserve_prompts * prompt_token_moment(
+                    loaded, layer, [f.prompt for f in facts], [f.subject for f in facts], [f.target_new for f in facts])
+            up, down = memit_solve(K, R, C, lam, C_keep)
         else:
             prev = alphaedit["prev_keys"].get(layer)
             C_prev = (prev.to(at).double().T @ prev.to(at).double()) if prev is not None and len(prev) else None

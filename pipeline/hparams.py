@@ -63,6 +63,9 @@ class MemitHParams:
     # Keys K: averaged over the context templates ("templates", MEMIT), or the bare rewrite prompt's own
     # ("prompt"), where the residual is measured. Targets always use the templates.
     keys_from: str = "templates"
+    # μ: weight of Σ k kᵀ over the other tokens of the edited prompts (and the target's teacher-forced
+    # tokens) added to λC, so the update leaves their outputs alone (memit.py). 0 is the reference MEMIT.
+    preserve_prompts: float = 0.0
     target: TargetHParams = field(default_factory=TargetHParams)
 
 
@@ -267,6 +270,8 @@ def validate(hp: HParams, num_layers: int | None = None) -> HParams:
         raise UsageError(f"Hyperparameter keys_from must be 'templates' or 'prompt', got {hp.keys_from!r}.")
     if isinstance(hp, MemitHParams) and hp.lam < 0:
         raise UsageError(f"Hyperparameter lam must be >= 0, got {hp.lam}.")
+    if isinstance(hp, MemitHParams) and hp.preserve_prompts < 0:
+        raise UsageError(f"Hyperparameter preserve_prompts must be >= 0, got {hp.preserve_prompts}.")
     if isinstance(hp, AlphaEditHParams) and (hp.alpha < 0 or hp.null_space_threshold < 0):
         raise UsageError("Hyperparameters alpha and null_space_threshold must be >= 0.")
     if hp.n_templates < 0 or any(n < 1 for n in hp.template_lengths):

@@ -176,6 +176,35 @@ def context_templates(loaded: LoadedModel, n_per_starter: int = 2, length: int =
     return list(_TEMPLATE_CACHE[key])
 
 
+@torch.no_grad()
+def prompt_token_moment(loaded: LoadedModel, layer: int, prompts: list[str], subjects: list[str],
+                        targets: list[str], batch_size: int = 64) -> torch.Tensor:
+    """Σ k kᵀ (d_ff × d_ff, float64, on the layer's device) of the down-projection inputs at every token of
+    each rewrite prompt with its target teacher-forced (all target tokens but the last), except the
+    subject's last token: the tokens an edit should leave alone (MEMIT's ``preserve_prompts``)."""
+    at = loaded.layer_device(layer)
+    total = torch.zeros(loaded.d_ff, loaded.d_ff, dtype=torch.float64, device=at)
+    module = loaded.down_proj(layer)
+    for lo in range(0, len(prompts), batch_size):
+        enc = encode_with_subject(loaded.tokenizer, prompts[lo:lo + batch_size], subjects[lo:lo + batch_size])
+        rows = [enc.input_ids[r, : int(enc.last[r]) + 1].tolist() + target_token_ids(loaded.tokenizer, t)[:-1]
+                for r, t in enumerate(targets[lo:lo + batch_size])]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), _pad_id(loaded.tokenizer), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):  # right padding: positions are the real ones
+            ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[r, : len(row)] = 1
+        keep = mask.bool()
+        keep[torch.arange(len(rows)), enc.subject_last] = False
+        with capture_inputs([module], stop_after=module) as seen:
+            run_until(loaded.model, input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device),
+                      use_cache=False)
+        k = seen[0].to(at)[keep.to(at)].double()  # (tokens, d_ff)
+        total += k.T @ k
+    return total
+
+
 def memit_key_weights(groups: list[list[str]]) -> list[float]:
     """Weights of the flattened ``groups`` for MEMIT's key average: each group weighs the same, and within a
     group each template. ``[["{}"], [five prefixes]]`` gives ``[1/2, 1/10, 1/10, 1/10, 1/10, 1/10]``."""

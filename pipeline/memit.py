@@ -8,7 +8,12 @@ symmetric MEMIT system and by LU for AlphaEdit's non-symmetric one; no explicit 
 as low-rank factors ΔW = up @ down with r = n.
 
 * MEMIT (kmeng01/memit): Δ = R Kᵀ (λC + K Kᵀ)⁻¹, the least-squares map of the new keys onto their
-  residuals, regularised by λ times the keys the layer already serves.
+  residuals, regularised by λ times the keys the layer already serves. Optionally (covedit's
+  ``preserve_prompts`` = μ, 0 in the reference) also μ·Σ k kᵀ over the *other* tokens of the edited prompts
+  (``C_keep``): Δ = R Kᵀ (λC + C_keep + K Kᵀ)⁻¹ minimises Σ‖Δk − r‖² over the edited keys, plus
+  μ Σ‖Δk‖² over the other tokens of those prompts (their outputs should stay as they were), plus λ
+  tr(Δ C Δᵀ). Those tokens ("The capital of", "?", the answer's first tokens) are exactly the ones that
+  prompts of the same relation about other subjects share.
 * AlphaEdit (jianghoucheng/AlphaEdit, AlphaEdit_main.py): Δᵀ = (P (K Kᵀ + C_prev) + α I)⁻¹ P K Rᵀ, where P
   projects onto the near-null space of C, so Δ k ≈ 0 for the keys the layer already serves, and C_prev
   holds K Kᵀ of earlier sequential batches so that later batches do not undo them.
@@ -35,10 +40,12 @@ def _check_keys(K: Tensor, R: Tensor, d_ff: int) -> None:
         raise DataError("The edit keys or residuals contain NaN or Inf values.")
 
 
-def memit_solve(K: Tensor, R: Tensor, C: Tensor, lam: float) -> tuple[Tensor, Tensor]:
-    """MEMIT's Δ = R Kᵀ (λC + K Kᵀ)⁻¹ as float64 factors up = R (d_model, n), down (n, d_ff).
+def memit_solve(K: Tensor, R: Tensor, C: Tensor, lam: float, C_keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """MEMIT's Δ = R Kᵀ (λC + C_keep + K Kᵀ)⁻¹ as float64 factors up = R (d_model, n), down (n, d_ff).
 
-    down = [(λC + K Kᵀ)⁻¹ K]ᵀ; the matrix is symmetric, so Kᵀ A⁻¹ = (A⁻¹ K)ᵀ exactly. Computed on C's device.
+    down = [(λC + C_keep + K Kᵀ)⁻¹ K]ᵀ; the matrix is symmetric, so Kᵀ A⁻¹ = (A⁻¹ K)ᵀ exactly. ``C_keep``
+    (d_ff, d_ff, PSD, None = 0) is a raw sum of k kᵀ over keys whose outputs should not move, already weighted.
+    Computed on C's device.
     """
     if not lam >= 0:
         raise UsageError(f"The MEMIT covariance weight λ must be zero or positive, got {lam}.")
@@ -48,6 +55,8 @@ def memit_solve(K: Tensor, R: Tensor, C: Tensor, lam: float) -> tuple[Tensor, Te
     R64 = R.detach().to(device, torch.float64)
     _check_keys(K64, R64, C64.shape[0])
     A = lam * C64 + K64 @ K64.T
+    if C_keep is not None:
+        A = A + C_keep.detach().to(device, torch.float64)
     L = cholesky_psd(A, "MEMIT system λC + KKᵀ")
     X = torch.cholesky_solve(K64, L)  # (d_ff, n) = A⁻¹ K
     if not torch.isfinite(X).all():

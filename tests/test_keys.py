@@ -178,3 +178,28 @@ def test_context_templates_on_the_real_model(smol):
     templates = context_templates(smol, n_per_starter=1, length=4)  # short: the KV-cached path on a real model
     assert templates[0] == "{}" and len(templates) == 1 + len(keys_module.STARTERS)
     assert all(t.count("{}") == 1 and t.startswith(keys_module.STARTERS) for t in templates[1:])
+
+
+def test_prompt_token_moment_sums_every_token_but_the_subjects_last(tiny):
+    """Σ k kᵀ over each rewrite prompt with its target teacher-forced (all but its last token), every
+    position except the subject's last token, read one unpadded prompt at a time by hand."""
+    from pipeline.keys import prompt_token_moment
+    tok = tiny.tokenizer
+    prompts, subjects = [f[0] for f in FACTS], [f[1] for f in FACTS]
+    targets = ["Rome", "the city of Paris", "Berlin"]
+    got = prompt_token_moment(tiny, 2, prompts, subjects, targets, batch_size=2)
+    want = torch.zeros(tiny.d_ff, tiny.d_ff, dtype=torch.float64)
+    for (prompt, subject), target in zip(FACTS, targets):
+        text = prompt.replace("{}", subject)
+        ids = tok(text).input_ids + tok(" " + target, add_special_tokens=False).input_ids[:-1]
+        subject_last = len(tok(text[: text.index(subject) + len(subject)]).input_ids) - 1
+        seen = []
+        handle = tiny.down_proj(2).register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        try:
+            tiny.model(input_ids=torch.tensor([ids]))
+        finally:
+            handle.remove()
+        k = seen[0][0].double()
+        k = torch.cat([k[:subject_last], k[subject_last + 1:]])
+        want += k.T @ k
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)

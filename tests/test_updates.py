@@ -217,3 +217,21 @@ def test_nan_in_a_factor_is_refused(tiny):
     with pytest.raises(DataError):
         check_finite(overflow)
     assert torch.equal(W, before)
+
+
+def test_memit_with_kept_tokens_is_the_stacked_least_squares():
+    """Δ = R Kᵀ (λC + C_keep + KKᵀ)⁻¹ minimises Σ‖Δk − r‖² + Σ‖Δ k_keep‖² + λ tr(Δ C Δᵀ): the same Δ as
+    the normal equations of that objective written out with the kept keys as extra zero-residual columns."""
+    torch.manual_seed(0)
+    d_ff, d, n, m = 12, 5, 3, 7
+    K, R, K_keep = torch.randn(d_ff, n, dtype=torch.float64), torch.randn(d, n, dtype=torch.float64), torch.randn(d_ff, m, dtype=torch.float64)
+    X = torch.randn(d_ff, 40, dtype=torch.float64)
+    C = X @ X.T / 40
+    up, down = memit_solve(K, R, C, 2.0, K_keep @ K_keep.T)
+    K_all = torch.cat([K, K_keep], 1)
+    R_all = torch.cat([R, torch.zeros(d, m, dtype=torch.float64)], 1)
+    want = R_all @ K_all.T @ torch.linalg.inv(2.0 * C + K_all @ K_all.T)
+    torch.testing.assert_close(up @ down, want, rtol=1e-9, atol=1e-10)
+    # and C_keep = None is the reference MEMIT
+    up0, down0 = memit_solve(K, R, C, 2.0)
+    torch.testing.assert_close(up0 @ down0, R @ K.T @ torch.linalg.inv(2.0 * C + K @ K.T), rtol=1e-9, atol=1e-10)
