@@ -40,7 +40,7 @@ from pipeline.batch_edit import BatchEditConfig, run_batch_edit  # noqa: E402
 from pipeline.edit import templates_for  # noqa: E402
 from pipeline.hparams import load_hparams  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
-from pipeline.targets import compute_targets  # noqa: E402
+from pipeline.targets import compute_targets, fact_groups  # noqa: E402
 
 from benchmarks.common import DEFAULT_DATA, TargetCache, memit_target_cache, write_facts, zsre_facts  # noqa: E402
 
@@ -50,9 +50,10 @@ def compare_target_optimisation(model: str, facts: list, overrides: list[str]) -
     templates = templates_for(loaded, hp)
     layer = hp.layers[-1]
     t = time.perf_counter()
-    batched = compute_targets(loaded, facts, layer, hp.target, templates)
+    batched = compute_targets(loaded, facts, layer, hp.target, templates, merge=False)  # as one at a time
     t_batched = time.perf_counter() - t
-    TargetCache(loaded, layer, hp.target, templates).put(facts, batched)  # the locality study reuses them
+    if all(len(g) == 1 for g in fact_groups(facts)):  # then they are the merged targets too: keep them
+        TargetCache(loaded, layer, hp.target, templates).put(facts, batched)  # the locality study reuses them
     t = time.perf_counter()
     singles = [compute_targets(loaded, [f], layer, hp.target, templates) for f in facts]
     t_single = time.perf_counter() - t

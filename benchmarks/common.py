@@ -30,8 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "zsre_eval_sample.jsonl"
 DEFAULT_CACHE = Path.home() / ".cache" / "covedit" / "bench-targets"
 # Bumped when compute_targets' loss or stopping rule changes (2: KL at the subject's last token, early stop on
-# the whole loss, merged facts), so that no target of older rules is read back.
-RULES = 2
+# the whole loss, merged facts; 3: a merged fact's scale is the mean over its facts), so that no target of
+# older rules is read back.
+RULES = 3
 
 
 def zsre_facts(path: Path, n: int, skip: int = 0) -> list:
@@ -110,6 +111,11 @@ class TargetCache:
             done += len(part)
             if progress:
                 progress(done, total)
+
+    def untimed(self, facts: list) -> list:
+        """The facts (keyed within ``facts``, as ``get`` keys them) that are cached without a time."""
+        return [f for f, key in zip(facts, _fact_keys(facts)) if key in self.entries
+                and self.entries[key].get("seconds") is None]
 
     def seconds(self, facts: list) -> float | None:
         """Measured optimisation time of ``facts`` (None if any was stored without a time)."""

@@ -26,7 +26,7 @@ from benchmarks.common import DEFAULT_DATA, TargetCache, memit_target_cache, zsr
 
 def record_seconds(cache: TargetCache, facts: list, seconds: float) -> None:
     """Give cached targets stored without a time their share of the measured time of their batch."""
-    untimed = [f for f in facts if not cache.missing([f]) and cache.seconds([f]) is None]
+    untimed = cache.untimed(facts)
     if len(untimed) not in (0, len(facts)):
         raise SystemExit("only some of those facts lack a time: they were not all optimised in that one batch")
     if untimed:

@@ -45,9 +45,9 @@ class TargetHParams:
     steps: int = 25  # forward passes; at most steps - 1 Adam updates (reference: v_num_grad_steps)
     lr: float = 0.5  # Adam learning rate for δ (v_lr)
     kl_factor: float = 0.0625  # weight of KL(p_edited ‖ p_initial) on the "{subject} is a" prompt
-    weight_decay: float = 0.5  # weight of ‖δ‖ / ‖s‖² (v_weight_decay); s = h, or W k behind a post-MLP norm
+    weight_decay: float = 0.5  # weight of ‖δ‖ / ‖s‖² (v_weight_decay); s = h (MEMIT), W k (ROME, post-MLP norms)
     clamp_norm_factor: float = 0.75  # ‖δ‖ ≤ clamp_norm_factor · ‖s‖ after every step
-    early_stop_loss: float = 0.05  # a fact stops once its mean NLL of target_new is below this
+    early_stop_loss: float = 0.05  # a fact stops once its whole loss (NLL + KL + decay) is below this
 
 
 @dataclass

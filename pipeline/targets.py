@@ -14,7 +14,8 @@ puts v*) at the subject's last token of each of its prompts, and trained with Ad
   (``kl_div(p_start, p_now)`` = KL(p_now ‖ p_start)).
 * weight decay ‖δ‖ / ‖s‖², as compute_z writes it (not squared: the published weight 0.5 with the clamp
   assumes this weak form), and after every Adam step ‖δᵢ‖ ≤ clamp_norm_factor · ‖sᵢ‖. The scale s is
-  taken at the subject's last token of the bare rewrite prompt: the block output h for MEMIT (compute_z,
+  taken at the subject's last token of the bare rewrite prompt (for merged facts, the mean of their
+  norms): the block output h for MEMIT (compute_z,
   ``relative_to="block"``), the MLP output m = W k for ROME (compute_v, ``relative_to="mlp"``). Where the
   block normalises its MLP output (Gemma-2/3, OLMo-2: the registry's ``post_mlp_norm``) it is always m:
   behind a scale-invariant norm only δ's size relative to m matters.
@@ -92,7 +93,7 @@ class TargetResult:
 
     z: torch.Tensor  # (n, d_model) float32, the block output the edit should produce there
     h: torch.Tensor  # (n, d_model) float32, the block output there before editing (bare rewrite prompt)
-    nll_before: torch.Tensor  # (n,) mean NLL of target_new over the templates, δ = 0
+    nll_before: torch.Tensor  # (n,) mean NLL of target_new over its (merged) prompts × templates, δ = 0
     nll_after: torch.Tensor  # (n,) the same with the final δ
     steps_taken: torch.Tensor  # (n,) Adam updates applied to each δ
 
@@ -101,7 +102,8 @@ class TargetResult:
         return self.z - self.h
 
     def select(self, index: list[int]) -> TargetResult:
-        """The results of some facts (a fact's target does not depend on the others in its batch)."""
+        """The results of some facts (a fact's target depends on no other fact of its batch but those it
+        was merged with)."""
         return TargetResult(self.z[index], self.h[index], self.nll_before[index], self.nll_after[index],
                             self.steps_taken[index])
 
@@ -127,7 +129,7 @@ def fact_groups(facts: list, merge: bool = True) -> list[list[int]]:
         return [[i] for i in range(len(facts))]
     groups: dict[tuple[str, str], list[int]] = {}
     for i, f in enumerate(facts):
-        groups.setdefault((f.subject.strip(), f.target_new.strip()), []).append(i)
+        groups.setdefault((f.subject, f.target_new.strip()), []).append(i)
     return list(groups.values())
 
 
@@ -426,10 +428,11 @@ def _optimise(loaded: LoadedModel, groups: list[list], layer: int, hp: TargetHPa
     runner = _Runner(loaded, layer, _pad_id(loaded.tokenizer))
     records = [f for g in groups for f in g]
     owner = torch.tensor([gi for gi, g in enumerate(groups) for _ in g], device=device)  # each fact's group
-    first = torch.tensor([0] + [len(g) for g in groups[:-1]], device=device).cumsum(0)  # its first fact
     h, m = (t.to(device) for t in subject_outputs(loaded, records, [loaded.block(layer), loaded.down_proj(layer)],
                                                    max_rows))
-    scale = (h if relative_to == "block" and runner.norm is None else m)[first].norm(dim=1)
+    # the scale of a merged fact: the mean over its facts (independent of their order)
+    per_fact = (h if relative_to == "block" and runner.norm is None else m).norm(dim=1)
+    scale = torch.zeros(n, device=device).index_add(0, owner, per_fact) / torch.bincount(owner, minlength=n)
     max_norm = hp.clamp_norm_factor * scale
 
     chunks = _chunks(fact_rows, max_rows, device)
