@@ -15,8 +15,8 @@ puts v*) at the subject's last token of each of its prompts, and trained with Ad
 * weight decay ‖δ‖ / ‖s‖², as compute_z writes it (not squared: the published weight 0.5 with the clamp
   assumes this weak form), and after every Adam step ‖δᵢ‖ ≤ clamp_norm_factor · ‖sᵢ‖. The scale s is
   taken at the subject's last token of the bare rewrite prompt (for merged facts, the mean of their
-  norms): the block output h for MEMIT (compute_z,
-  ``relative_to="block"``), the MLP output m = W k for ROME (compute_v, ``relative_to="mlp"``). Where the
+  norms): the block output h for MEMIT (compute_z, ``relative_to="block"``), the MLP output m = W k for
+  ROME (compute_v, ``relative_to="mlp"``). Where the
   block normalises its MLP output (Gemma-2/3, OLMo-2: the registry's ``post_mlp_norm``) it is always m:
   behind a scale-invariant norm only δ's size relative to m matters.
 * A fact stops once its whole loss_i is below ``early_stop_loss`` (compute_z's ``loss < 5e-2``).
