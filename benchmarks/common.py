@@ -130,6 +130,37 @@ class TargetCache:
                                     for key in _fact_keys(facts)])
 
 
+def covariances(loaded, layers: list[int]) -> dict[int, torch.Tensor]:
+    """C of each layer from the largest complete statistics store of this model in the default folder."""
+    from pipeline.batch_edit import find_complete_store
+    from stats.store import default_stats_dir
+    store = find_complete_store(default_stats_dir(), loaded.model_id, loaded.arch.template(), layers)
+    if store is None:
+        raise SystemExit(f"no statistics for layers {layers}: run `covedit build-stats --model {loaded.model_id}`")
+    return {layer: torch.from_numpy(store.covariance(layer)) for layer in layers}
+
+
+def memit_variants(loaded, hp, facts: list, targets: TargetResult, covs: dict, grid: list[tuple[float, float]],
+                   with_fluency: bool):
+    """For each (λ, μ) of ``grid``: MEMIT from the original weights with the same targets (``preserve_prompts``
+    μ), then the evaluation. Yields (label, outcome, evaluation, solve seconds); the weights are the last
+    variant's afterwards."""
+    from pipeline.edit import run_memit
+    from pipeline.evaluate import evaluate_model
+    templates = templates_for(loaded, hp)
+    originals = {layer: loaded.down_weight(layer).detach().clone() for layer in hp.layers}
+    for lam, mu in grid:
+        with torch.no_grad():
+            for layer, W in originals.items():
+                loaded.down_weight(layer).copy_(W)
+        t0 = time.perf_counter()
+        out = run_memit(loaded, facts, hp.layers, covs, lam, hp.target, templates, time.perf_counter, targets=targets,
+                        preserve_prompts=mu)
+        solve_s = time.perf_counter() - t0
+        label = f"{lam:g}" if mu == 0 else f"{lam:g} μ {mu:g}"
+        yield label, out, evaluate_model(loaded, facts, with_fluency=with_fluency), solve_s
+
+
 def memit_target_cache(model: str, overrides: list[str] | None = None) -> TargetCache:
     """The cache the benchmarks share: MEMIT's target settings (with ``overrides``) at its top layer."""
     loaded = load_model(model)

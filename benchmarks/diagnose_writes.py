@@ -29,16 +29,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import DEFAULT_DATA, TargetCache  # noqa: E402
+from benchmarks.common import DEFAULT_DATA, TargetCache, covariances  # noqa: E402
 from benchmarks.lambda_sweep import fact_slice  # noqa: E402
-from pipeline.batch_edit import find_complete_store  # noqa: E402
 from pipeline.edit import run_memit, templates_for  # noqa: E402
 from pipeline.errors import DataError  # noqa: E402
 from pipeline.hooks import edit_output  # noqa: E402
 from pipeline.hparams import load_hparams  # noqa: E402
 from pipeline.keys import encode_with_subject, target_token_ids  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
-from stats.store import default_stats_dir  # noqa: E402
 
 
 @torch.no_grad()
@@ -109,8 +107,7 @@ def main() -> None:
     facts = fact_slice(args.data, args.facts, args.heldout_after)
     top = hp.layers[-1]
     targets = TargetCache(loaded, top, hp.target, templates).get(facts)
-    store = find_complete_store(default_stats_dir(), loaded.model_id, loaded.arch.template(), hp.layers)
-    covs = {layer: torch.from_numpy(store.covariance(layer)) for layer in hp.layers}
+    covs = covariances(loaded, hp.layers)
     result = {"model": loaded.model_id, "facts": len(facts), "heldout_after": args.heldout_after, "lam": lam,
               "mu": args.mu, "layer": top, "unedited": measure(loaded, top, facts, targets.z)}
     print("unedited", result["unedited"], flush=True)

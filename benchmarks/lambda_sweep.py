@@ -18,20 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import DEFAULT_DATA, TargetCache, zsre_facts  # noqa: E402
-from pipeline.batch_edit import find_complete_store  # noqa: E402
-from pipeline.edit import run_memit, templates_for  # noqa: E402
+from benchmarks.common import DEFAULT_DATA, TargetCache, covariances, memit_variants, zsre_facts  # noqa: E402
+from pipeline.edit import templates_for  # noqa: E402
 from pipeline.evaluate import drift, evaluate_model  # noqa: E402
 from pipeline.hparams import load_hparams  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
-from stats.store import default_stats_dir  # noqa: E402
 
 
 def fact_slice(path: Path, n: int, heldout_after: int) -> list:
@@ -64,32 +60,22 @@ def main() -> None:
     templates = templates_for(loaded, hp)
     facts = fact_slice(args.data, args.facts, args.heldout_after)
     targets = TargetCache(loaded, hp.layers[-1], hp.target, templates).get(facts)
-    store = find_complete_store(default_stats_dir(), loaded.model_id, loaded.arch.template(), hp.layers)
-    covs = {layer: torch.from_numpy(store.covariance(layer)) for layer in hp.layers}
-    originals = {layer: loaded.down_weight(layer).detach().clone() for layer in hp.layers}
+    covs = covariances(loaded, hp.layers)
     before = evaluate_model(loaded, facts, with_fluency=args.fluency)
     result = {"model": loaded.model_id, "layers": hp.layers, "facts": len(facts), "heldout_after": args.heldout_after,
-              "subjects": len({f.subject for f in facts}), "stats_tokens": store.key.get("tokens"),
+              "subjects": len({f.subject for f in facts}),
               "unedited": {**before.aggregate, "fluency_ge": (before.fluency or {}).get("ge")}, "lams": {}}
     print(f"| λ | efficacy | paraphrase | neighbourhood | realised | drift KL | top-1 changed | GE |\n|---|---|---|---|---|---|---|---|\n"
           f"| unedited | {before.aggregate['efficacy_acc']:.1f} | {before.aggregate['generalization_acc']:.1f} | "
           f"{before.aggregate['specificity_acc']:.1f} | | | | {result['unedited']['fluency_ge'] or ''} |", flush=True)
     grid = [(float(lam), float(mu)) for lam in args.lams.split(",") for mu in args.mus.split(",")]
-    for lam, mu in grid:
-        with torch.no_grad():
-            for layer, W in originals.items():
-                loaded.down_weight(layer).copy_(W)
-        t0 = time.perf_counter()
-        out = run_memit(loaded, facts, hp.layers, covs, lam, hp.target, templates, time.perf_counter, targets=targets,
-                        preserve_prompts=mu)
-        solve_s = time.perf_counter() - t0
-        after = evaluate_model(loaded, facts, with_fluency=args.fluency)
+    for label, out, after, solve_s in memit_variants(loaded, hp, facts, targets, covs, grid, args.fluency):
         d = drift(before.next_tokens, after.next_tokens)
         realised = sum(out.target_info["realised"]) / len(facts)
         row = {**after.aggregate, "realised_mean": realised, "drift_mean_kl": d["mean_kl"],
                "top1_changed_pct": d["top1_changed_pct"], "fluency_ge": (after.fluency or {}).get("ge"), "solve_s": solve_s}
-        result["lams"][str(lam) if mu == 0 else f"{lam} mu={mu}"] = row
-        print(f"| {lam:g}{'' if mu == 0 else f' μ {mu:g}'} | {row['efficacy_acc']:.1f} | {row['generalization_acc']:.1f} | {row['specificity_acc']:.1f} | "
+        result["lams"][label] = row
+        print(f"| {label} | {row['efficacy_acc']:.1f} | {row['generalization_acc']:.1f} | {row['specificity_acc']:.1f} | "
               f"{realised:.2f} | {d['mean_kl']:.4f} | {d['top1_changed_pct']:.1f} % | "
               f"{'' if row['fluency_ge'] is None else round(row['fluency_ge'])} |", flush=True)
         if args.json:

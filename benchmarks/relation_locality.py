@@ -28,22 +28,18 @@ import argparse
 import json
 import random
 import sys
-import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import TargetCache  # noqa: E402
-from pipeline.batch_edit import find_complete_store  # noqa: E402
-from pipeline.edit import run_memit, templates_for  # noqa: E402
+from benchmarks.common import TargetCache, covariances, memit_variants  # noqa: E402
+from pipeline.edit import templates_for  # noqa: E402
 from pipeline.evaluate import drift, evaluate_model, next_token_logprobs  # noqa: E402
 from pipeline.facts import Fact, Neighbor  # noqa: E402
 from pipeline.hparams import load_hparams  # noqa: E402
 from pipeline.keys import target_token_ids  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
-from stats.store import default_stats_dir  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data" / "world_facts.json"
 # relation: (column of the answer, prompt, paraphrase); the subject is a country, or a city for "city"
@@ -118,32 +114,21 @@ def main() -> None:
     templates = templates_for(loaded, hp)
     pairs = [p for rel in RELATIONS for p in neighbours[rel]]
     targets = TargetCache(loaded, hp.layers[-1], hp.target, templates).get(facts)
-    store = find_complete_store(default_stats_dir(), loaded.model_id, loaded.arch.template(), hp.layers)
-    if store is None:
-        raise SystemExit(f"no statistics for layers {hp.layers}: run `covedit build-stats --model {args.model}`")
-    covs = {layer: torch.from_numpy(store.covariance(layer)) for layer in hp.layers}
-    originals = {layer: loaded.down_weight(layer).detach().clone() for layer in hp.layers}
+    covs = covariances(loaded, hp.layers)
     before = evaluate_model(loaded, facts, with_fluency=args.fluency)
     near_before = next_token_logprobs(loaded, [p for p, _ in pairs])
     result = {"model": loaded.model_id, "layers": hp.layers, "facts": len(facts),
               "relations": {rel: sum(f.id.startswith(rel + ":") for f in facts) for rel in RELATIONS},
               "neighbour_prompts": {rel: len(neighbours[rel]) for rel in RELATIONS},
-              "overrides": args.set, "stats_tokens": store.key.get("tokens"),
+              "overrides": args.set,
               "unedited": {**before.aggregate, "neighbours_right_pct": first_token_right(loaded, near_before, pairs),
                            "fluency_ge": (before.fluency or {}).get("ge")}, "lams": {}}
     print("| λ | efficacy | paraphrase | specificity | same-relation kept top-1 | right before → after | "
           "drift KL | GE |\n|---|---|---|---|---|---|---|---|", flush=True)
     lams = [float(x) for x in args.lams.split(",")] if args.lams else [hp.lam]
     mus = [float(x) for x in args.mus.split(",")] if args.mus else [hp.preserve_prompts]
-    for lam, mu in [(lam, mu) for lam in lams for mu in mus]:
-        with torch.no_grad():
-            for layer, W in originals.items():
-                loaded.down_weight(layer).copy_(W)
-        t0 = time.perf_counter()
-        out = run_memit(loaded, facts, hp.layers, covs, lam, hp.target, templates, time.perf_counter, targets=targets,
-                        preserve_prompts=mu)
-        solve_s = time.perf_counter() - t0
-        after = evaluate_model(loaded, facts, with_fluency=args.fluency)
+    grid = [(lam, mu) for lam in lams for mu in mus]
+    for label, out, after, solve_s in memit_variants(loaded, hp, facts, targets, covs, grid, args.fluency):
         near_after = next_token_logprobs(loaded, [p for p, _ in pairs])
         kept = 100.0 - drift(near_before, near_after)["top1_changed_pct"]
         per_relation = {}
@@ -158,8 +143,8 @@ def main() -> None:
                "realised_mean": sum(out.target_info["realised"]) / len(facts), "drift_mean_kl": d["mean_kl"],
                "top1_changed_pct": d["top1_changed_pct"], "fluency_ge": (after.fluency or {}).get("ge"),
                "solve_s": solve_s}
-        result["lams"][str(lam) if mu == 0 else f"{lam} mu={mu}"] = row
-        print(f"| {lam:g}{'' if mu == 0 else f' μ {mu:g}'} | {row['efficacy_acc']:.1f} | {row['generalization_acc']:.1f} | {row['specificity_acc']:.1f} | "
+        result["lams"][label] = row
+        print(f"| {label} | {row['efficacy_acc']:.1f} | {row['generalization_acc']:.1f} | {row['specificity_acc']:.1f} | "
               f"{kept:.1f} | {result['unedited']['neighbours_right_pct']:.1f} → {row['neighbours_right_pct']:.1f} | "
               f"{d['mean_kl']:.4f} | {'' if row['fluency_ge'] is None else round(row['fluency_ge'])} |", flush=True)
         if args.json:
