@@ -33,6 +33,7 @@ from benchmarks.common import DEFAULT_DATA, zsre_facts  # noqa: E402
 from pipeline import targets as T  # noqa: E402
 from pipeline.edit import templates_for  # noqa: E402
 from pipeline.hparams import load_hparams  # noqa: E402
+from pipeline.keys import pad_id  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 
 
@@ -41,7 +42,7 @@ def physical_limit(loaded, facts, layer, hp, templates, steps_taken: torch.Tenso
     over its facts and multiplied by each fact's forward passes (updates + the pass that stopped or measured)."""
     fact_rows = T._fact_rows(loaded.tokenizer, [[f] for f in facts], templates)
     per_fact = len(templates) + 1
-    runner = T._Runner(loaded, layer, T._pad_id(loaded.tokenizer))
+    runner = T._Runner(loaded, layer, pad_id(loaded.tokenizer))
     total = 0.0
     for chunk in T._chunks(fact_rows, max_rows, torch.device("cpu")):  # as compute_targets
         runner.prepare(chunk)

@@ -141,12 +141,12 @@ def covariances(loaded, layers: list[int]) -> dict[int, torch.Tensor]:
 
 
 def memit_variants(loaded, hp, facts: list, targets: TargetResult, covs: dict, grid: list[tuple[float, float]],
-                   with_fluency: bool):
+                   before, with_fluency: bool):
     """For each (λ, μ) of ``grid``: MEMIT from the original weights with the same targets (``preserve_prompts``
-    μ), then the evaluation. Yields (label, outcome, evaluation, solve seconds); the weights are the last
-    variant's afterwards."""
+    μ), then the evaluation against ``before`` (the unedited model's). Yields (label, row): the metrics, the
+    realised share, drift, fluency and solve seconds; while a variant is yielded its weights are in place."""
     from pipeline.edit import run_memit
-    from pipeline.evaluate import evaluate_model
+    from pipeline.evaluate import drift, evaluate_model
     templates = templates_for(loaded, hp)
     originals = {layer: loaded.down_weight(layer).detach().clone() for layer in hp.layers}
     for lam, mu in grid:
@@ -157,8 +157,12 @@ def memit_variants(loaded, hp, facts: list, targets: TargetResult, covs: dict, g
         out = run_memit(loaded, facts, hp.layers, covs, lam, hp.target, templates, time.perf_counter, targets=targets,
                         preserve_prompts=mu)
         solve_s = time.perf_counter() - t0
-        label = f"{lam:g}" if mu == 0 else f"{lam:g} μ {mu:g}"
-        yield label, out, evaluate_model(loaded, facts, with_fluency=with_fluency), solve_s
+        after = evaluate_model(loaded, facts, with_fluency=with_fluency)
+        d = drift(before.next_tokens, after.next_tokens)
+        yield (f"{lam:g}" if mu == 0 else f"{lam:g} μ {mu:g}",
+               {**after.aggregate, "realised_mean": sum(out.target_info["realised"]) / len(facts),
+                "drift_mean_kl": d["mean_kl"], "top1_changed_pct": d["top1_changed_pct"],
+                "fluency_ge": (after.fluency or {}).get("ge"), "solve_s": solve_s})
 
 
 def memit_target_cache(model: str, overrides: list[str] | None = None) -> TargetCache:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import DEFAULT_DATA, TargetCache, covariances, memit_variants, zsre_facts  # noqa: E402
 from pipeline.edit import templates_for  # noqa: E402
-from pipeline.evaluate import drift, evaluate_model  # noqa: E402
+from pipeline.evaluate import evaluate_model  # noqa: E402
 from pipeline.hparams import load_hparams  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 
@@ -69,14 +69,10 @@ def main() -> None:
           f"| unedited | {before.aggregate['efficacy_acc']:.1f} | {before.aggregate['generalization_acc']:.1f} | "
           f"{before.aggregate['specificity_acc']:.1f} | | | | {result['unedited']['fluency_ge'] or ''} |", flush=True)
     grid = [(float(lam), float(mu)) for lam in args.lams.split(",") for mu in args.mus.split(",")]
-    for label, out, after, solve_s in memit_variants(loaded, hp, facts, targets, covs, grid, args.fluency):
-        d = drift(before.next_tokens, after.next_tokens)
-        realised = sum(out.target_info["realised"]) / len(facts)
-        row = {**after.aggregate, "realised_mean": realised, "drift_mean_kl": d["mean_kl"],
-               "top1_changed_pct": d["top1_changed_pct"], "fluency_ge": (after.fluency or {}).get("ge"), "solve_s": solve_s}
+    for label, row in memit_variants(loaded, hp, facts, targets, covs, grid, before, args.fluency):
         result["lams"][label] = row
         print(f"| {label} | {row['efficacy_acc']:.1f} | {row['generalization_acc']:.1f} | {row['specificity_acc']:.1f} | "
-              f"{realised:.2f} | {d['mean_kl']:.4f} | {d['top1_changed_pct']:.1f} % | "
+              f"{row['realised_mean']:.2f} | {row['drift_mean_kl']:.4f} | {row['top1_changed_pct']:.1f} % | "
               f"{'' if row['fluency_ge'] is None else round(row['fluency_ge'])} |", flush=True)
         if args.json:
             args.json.write_text(json.dumps(result, indent=2) + "\n")

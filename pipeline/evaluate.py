@@ -29,7 +29,7 @@ from importlib import resources
 import torch
 
 from pipeline.errors import UsageError
-from pipeline.keys import target_token_ids
+from pipeline.keys import pad_id, pad_rows, target_token_ids
 from pipeline.models import LoadedModel
 
 
@@ -153,15 +153,7 @@ def load_prompts(name: str) -> list[str]:
 
 def _pad(loaded: LoadedModel, rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows padded into (ids, mask) on the model's device."""
-    pad = loaded.tokenizer.pad_token_id
-    pad = pad if pad is not None else (loaded.tokenizer.eos_token_id or 0)
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        lo = width - len(r) if side == "left" else 0
-        ids[i, lo:lo + len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, lo:lo + len(r)] = 1
+    ids, mask = pad_rows(rows, pad_id(loaded.tokenizer), side)
     return ids.to(loaded.device), mask.to(loaded.device)
 
 

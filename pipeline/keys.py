@@ -76,11 +76,26 @@ def _fill(prompt: str, subject: str) -> tuple[str, int, int]:
     return before + subject + after, start, end
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
+    """The id that fills padding: the tokenizer's pad token, else its EOS, else 0 (padding is masked out)."""
     for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if token_id is not None:
             return int(token_id)
-    return 0  # padding is masked out; any id will do
+    return 0
+
+
+def pad_rows(rows: list[list[int]], pad: int, side: str = "right", width: int | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as (ids, mask) of ``width`` columns (default: the longest row), padded on ``side``."""
+    width = max((len(r) for r in rows), default=0) if width is None else width
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            lo = width - len(r) if side == "left" else 0
+            ids[i, lo:lo + len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, lo:lo + len(r)] = 1
+    return ids, mask
 
 
 def encode_with_subject(tokenizer, prompts: list[str], subjects: list[str], padding_side: str = "right") -> Encoded:
@@ -108,7 +123,7 @@ def encode_with_subject(tokenizer, prompts: list[str], subjects: list[str], padd
         rows.append(list(ids))
         subject_last.append(j)
     width = max(len(r) for r in rows)
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     shift = torch.zeros(len(rows), dtype=torch.long)
@@ -189,12 +204,7 @@ def prompt_token_moment(loaded: LoadedModel, layer: int, prompts: list[str], sub
         enc = encode_with_subject(loaded.tokenizer, prompts[lo:lo + batch_size], subjects[lo:lo + batch_size])
         rows = [enc.input_ids[r, : int(enc.last[r]) + 1].tolist() + target_token_ids(loaded.tokenizer, t)[:-1]
                 for r, t in enumerate(targets[lo:lo + batch_size])]
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), _pad_id(loaded.tokenizer), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, row in enumerate(rows):  # right padding: positions are the real ones
-            ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[r, : len(row)] = 1
+        ids, mask = pad_rows(rows, pad_id(loaded.tokenizer))  # right padding: positions are the real ones
         keep = mask.bool()
         keep[torch.arange(len(rows)), enc.subject_last] = False
         with capture_inputs([module], stop_after=module) as seen:

@@ -79,7 +79,7 @@ from transformers import DynamicCache
 from pipeline.errors import DataError
 from pipeline.hooks import capture_outputs, edit_output, skip_blocks
 from pipeline.hparams import TargetHParams
-from pipeline.keys import encode_with_subject, target_token_ids
+from pipeline.keys import encode_with_subject, pad_id, pad_rows, target_token_ids
 from pipeline.models import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -213,18 +213,6 @@ def _chunks(fact_rows: list[_FactRows], max_rows: int, device: torch.device) -> 
     return [_make_chunk(fact_rows, part, device) for part in parts if part]
 
 
-def _left_padded(seqs: list[list[int]], pad_id: int, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask), each row right-aligned in ``width`` columns (default: the longest row)."""
-    width = max((len(s) for s in seqs), default=0) if width is None else width
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        if s:
-            ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[r, width - len(s):] = 1
-    return ids, mask
-
-
 def _positions(mask: torch.Tensor, offset: torch.Tensor | int = 0) -> torch.Tensor:
     """Position ids counted over real tokens (so left padding shifts nothing), starting at ``offset``."""
     return ((mask.cumsum(-1) - 1).clamp(min=0) + (offset.unsqueeze(1) if torch.is_tensor(offset) else offset))
@@ -271,7 +259,7 @@ class _Runner:
         """The whole rows through the whole model, δ added to the MLP output at each row's subject."""
         loaded = self.loaded
         seqs = [chunk.prefixes[r] + chunk.suffixes[r] for r in rows.tolist()]
-        ids, mask = _left_padded(seqs, self.pad_id)
+        ids, mask = pad_rows(seqs, self.pad_id, "left")
         subject_col = torch.tensor([ids.shape[1] - len(chunk.suffixes[r]) for r in rows.tolist()],
                                    device=delta_rows.device)
         index = (torch.arange(len(rows), device=delta_rows.device), subject_col)
@@ -287,8 +275,8 @@ class _Runner:
     def _suffix_inputs(self, chunk: _Chunk, rows: torch.Tensor) -> dict:
         loaded = self.loaded
         r = rows.tolist()  # padded to the whole chunk's widths, which its cached prefix and block output have
-        prefix_mask = _left_padded([chunk.prefixes[i] for i in r], self.pad_id, max(map(len, chunk.prefixes)))[1]
-        ids, mask = _left_padded([chunk.suffixes[i] for i in r], self.pad_id, max(map(len, chunk.suffixes)))
+        prefix_mask = pad_rows([chunk.prefixes[i] for i in r], self.pad_id, "left", max(map(len, chunk.prefixes)))[1]
+        ids, mask = pad_rows([chunk.suffixes[i] for i in r], self.pad_id, "left", max(map(len, chunk.suffixes)))
         inputs = dict(input_ids=ids, attention_mask=torch.cat([prefix_mask, mask], 1),
                       position_ids=_positions(mask, prefix_mask.sum(1)))
         inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
@@ -318,7 +306,7 @@ class _Runner:
         """Cache the prefix's keys and values and the suffix's block output; return the picked logits at δ = 0
         (the model's own forward and head, which the suffix path is checked against)."""
         loaded = self.loaded
-        ids, mask = _left_padded(chunk.prefixes, self.pad_id)
+        ids, mask = pad_rows(chunk.prefixes, self.pad_id, "left")
         if ids.shape[1]:
             out = loaded.model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device),
                                position_ids=_positions(mask).to(loaded.device), use_cache=True,
@@ -382,13 +370,6 @@ def block_outputs(loaded: LoadedModel, facts: list, layer: int, batch_rows: int)
 
 
 
-def _pad_id(tokenizer) -> int:
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
-            return int(token_id)
-    return 0  # padding is masked out; any id will do
-
-
 def compute_targets(loaded: LoadedModel, facts: list, layer: int, hp: TargetHParams, templates: list[str],
                     max_rows: int = 128, max_facts: int = 256, reuse_prefix: bool = True, merge: bool = True,
                     relative_to: str = "block") -> TargetResult:
@@ -425,7 +406,7 @@ def _optimise(loaded: LoadedModel, groups: list[list], layer: int, hp: TargetHPa
     """compute_targets for some groups of facts: one δ per group; results per fact, group after group."""
     device, n, d = loaded.layer_device(layer), len(groups), loaded.d_model  # δ lives with its layer
     fact_rows = _fact_rows(loaded.tokenizer, groups, templates)
-    runner = _Runner(loaded, layer, _pad_id(loaded.tokenizer))
+    runner = _Runner(loaded, layer, pad_id(loaded.tokenizer))
     records = [f for g in groups for f in g]
     owner = torch.tensor([gi for gi, g in enumerate(groups) for _ in g], device=device)  # each fact's group
     h, m = (t.to(device) for t in subject_outputs(loaded, records, [loaded.block(layer), loaded.down_proj(layer)],
