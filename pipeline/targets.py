@@ -372,7 +372,7 @@ def block_outputs(loaded: LoadedModel, facts: list, layer: int, batch_rows: int)
 
 def compute_targets(loaded: LoadedModel, facts: list, layer: int, hp: TargetHParams, templates: list[str],
                     max_rows: int = 128, max_facts: int = 256, reuse_prefix: bool = True, merge: bool = True,
-                    relative_to: str = "block") -> TargetResult:
+                    relative_to: str = "block", trace: list | None = None) -> TargetResult:
     """Optimise one δ per fact (per group of facts with one subject and target when ``merge``), all in shared
     forward passes; see the module docstring for the loss. Results come back in the order of ``facts``.
 
@@ -380,7 +380,8 @@ def compute_targets(loaded: LoadedModel, facts: list, layer: int, hp: TargetHPar
     are context templates such as ``["{}", "Prefix. {}"]``; ``max_rows`` bounds the rows of one forward,
     ``max_facts`` the (merged) facts of one optimisation loop; ``reuse_prefix=False`` runs the full forward
     each step; ``relative_to`` is where the clamp and weight decay take their scale: "block" (MEMIT) or
-    "mlp" (ROME).
+    "mlp" (ROME). ``trace``, if given, receives one dict per forward pass of each optimisation loop (of ``max_facts``
+    groups): the whole loss and the NLL of each of its groups, NaN once a group has stopped.
     """
     loaded.check_layers([layer])
     if not templates:
@@ -396,13 +397,13 @@ def compute_targets(loaded: LoadedModel, facts: list, layer: int, hp: TargetHPar
     groups = fact_groups(facts, merge)
     step = max(1, max_facts)
     parts = [_optimise(loaded, [[facts[i] for i in g] for g in groups[lo:lo + step]], layer, hp, templates,
-                       max_rows, reuse_prefix, relative_to) for lo in range(0, len(groups), step)]
+                       max_rows, reuse_prefix, relative_to, trace) for lo in range(0, len(groups), step)]
     order = [i for g in groups for i in g]  # the facts in the order the parts hold them
     return TargetResult.concat(parts).select(sorted(range(len(order)), key=order.__getitem__))
 
 
 def _optimise(loaded: LoadedModel, groups: list[list], layer: int, hp: TargetHParams, templates: list[str],
-              max_rows: int, reuse_prefix: bool, relative_to: str) -> TargetResult:
+              max_rows: int, reuse_prefix: bool, relative_to: str, trace: list | None = None) -> TargetResult:
     """compute_targets for some groups of facts: one δ per group; results per fact, group after group."""
     device, n, d = loaded.layer_device(layer), len(groups), loaded.d_model  # δ lives with its layer
     fact_rows = _fact_rows(loaded.tokenizer, groups, templates)
@@ -442,6 +443,7 @@ def _optimise(loaded: LoadedModel, groups: list[list], layer: int, hp: TargetHPa
         if frozen.all():
             break
         opt.zero_grad(set_to_none=False)
+        loss_now = torch.full((n,), float("nan"), device=device)
         for chunk in chunks:
             rows = (~frozen[chunk.row_fact]).nonzero()[:, 0]
             if len(rows) == 0:
@@ -458,11 +460,14 @@ def _optimise(loaded: LoadedModel, groups: list[list], layer: int, hp: TargetHPa
                     nll_before[idx] = nll.detach()
                 kl = (kl_logprobs.exp() * (kl_logprobs - kl_start[idx])).sum(-1)
                 loss = nll + hp.kl_factor * kl + hp.weight_decay * delta[idx].norm(dim=1) / scale[idx] ** 2
-            nll_now[idx] = nll.detach()
+            nll_now[idx], loss_now[idx] = nll.detach(), loss.detach()
             done = loss.detach() < hp.early_stop_loss
             frozen[idx[done]] = True
             if not measuring_only and not done.all():
                 loss[~done].sum().backward()
+        if trace is not None:
+            trace.append({"pass": it, "loss": loss_now.tolist(),
+                          "nll": torch.where(loss_now.isnan(), loss_now, nll_now).tolist()})
         training = (~frozen).nonzero()[:, 0]
         if measuring_only or len(training) == 0:
             break

@@ -136,9 +136,17 @@ def test_early_stopping_freezes_a_fact(tokenizer):
     others = [i for i in range(3) if i != likeliest]
     assert (two.nll_after[others] > threshold).all()  # only one fact can cross it early
 
-    stopped = compute_targets(m, FACTS, 2, dataclasses.replace(hp, steps=10, early_stop_loss=threshold), TEMPLATES)
+    trace: list = []
+    stopped = compute_targets(m, FACTS, 2, dataclasses.replace(hp, steps=10, early_stop_loss=threshold), TEMPLATES,
+                              trace=trace)
     assert stopped.steps_taken[likeliest] == 3
     assert stopped.steps_taken[others].tolist() == [9, 9]
+    # the trace: one entry per forward pass; the stopped fact's loss crosses the threshold at pass 3, then NaN
+    assert [t["pass"] for t in trace] == list(range(10))
+    losses = torch.tensor([t["loss"] for t in trace])
+    assert (losses[:3, likeliest] >= threshold).all() and losses[3, likeliest] < threshold
+    assert losses[4:, likeliest].isnan().all() and not losses[:, others].isnan().any()
+    torch.testing.assert_close(torch.tensor(trace[-1]["nll"])[others], stopped.nll_after[others], rtol=0, atol=1e-6)
     # frozen after 3 updates although Adam kept stepping the others with momentum
     torch.testing.assert_close(stopped.z[likeliest], three.z[likeliest], rtol=0, atol=1e-5)
     torch.testing.assert_close(stopped.nll_after[likeliest], three.nll_after[likeliest], rtol=0, atol=1e-5)
