@@ -142,24 +142,33 @@ def covariances(loaded, layers: list[int]) -> dict[int, torch.Tensor]:
 
 def memit_variants(loaded, hp, facts: list, targets: TargetResult, covs: dict, grid: list[tuple[float, float]],
                    before, with_fluency: bool):
-    """For each (λ, μ) of ``grid``: MEMIT from the original weights with the same targets (``preserve_prompts``
-    μ), then the evaluation against ``before`` (the unedited model's). Yields (label, row): the metrics, the
-    realised share, drift, fluency and solve seconds; while a variant is yielded its weights are in place."""
+    """For each (λ, μ) of ``grid``: MEMIT with ``preserve_prompts`` μ; see ``edit_variants``."""
+    variants = [(f"{lam:g}" if mu == 0 else f"{lam:g} μ {mu:g}", {"lam": lam, "preserve_prompts": mu}) for lam, mu in grid]
+    yield from edit_variants(loaded, hp, facts, targets, covs, variants, before, with_fluency)
+
+
+def edit_variants(loaded, hp, facts: list, targets: TargetResult, covs: dict, variants: list[tuple[str, dict]],
+                  before, with_fluency: bool):
+    """For each (label, keyword arguments of ``run_memit``: ``lam``, ``preserve_prompts``, ``alphaedit``):
+    the edit from the original weights with the same targets, then the evaluation against ``before`` (the
+    unedited model's). Yields (label, row): the metrics, the realised share, drift, fluency and solve
+    seconds; while a variant is yielded its weights are in place."""
     from pipeline.edit import run_memit
     from pipeline.evaluate import drift, evaluate_model
     templates = templates_for(loaded, hp)
     originals = {layer: loaded.down_weight(layer).detach().clone() for layer in hp.layers}
-    for lam, mu in grid:
+    for label, kwargs in variants:
         with torch.no_grad():
             for layer, W in originals.items():
                 loaded.down_weight(layer).copy_(W)
         t0 = time.perf_counter()
-        out = run_memit(loaded, facts, hp.layers, covs, lam, hp.target, templates, time.perf_counter, targets=targets,
-                        preserve_prompts=mu)
+        out = run_memit(loaded, facts, hp.layers, covs, kwargs.get("lam", 0.0), hp.target, templates, time.perf_counter,
+                        targets=targets, preserve_prompts=kwargs.get("preserve_prompts", 0.0),
+                        alphaedit=kwargs.get("alphaedit"))
         solve_s = time.perf_counter() - t0
         after = evaluate_model(loaded, facts, with_fluency=with_fluency)
         d = drift(before.next_tokens, after.next_tokens)
-        yield (f"{lam:g}" if mu == 0 else f"{lam:g} μ {mu:g}",
+        yield (label,
                {**after.aggregate, "realised_mean": sum(out.target_info["realised"]) / len(facts),
                 "drift_mean_kl": d["mean_kl"], "top1_changed_pct": d["top1_changed_pct"],
                 "fluency_ge": (after.fluency or {}).get("ge"), "solve_s": solve_s})

@@ -52,18 +52,24 @@ def main() -> None:
     ap.add_argument("--lams", default="15000,3000,1000,300")
     ap.add_argument("--mus", default="0", help="preserve_prompts values μ to try with each λ (0: reference MEMIT)")
     ap.add_argument("--fluency", action="store_true")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="hyperparameter override, e.g. target.lr=2 (targets are cached per setting)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
     loaded = load_model(args.model)
-    hp = load_hparams("memit", loaded.model.config.model_type, loaded.num_layers, None, [])
+    hp = load_hparams("memit", loaded.model.config.model_type, loaded.num_layers, None, args.overrides)
     templates = templates_for(loaded, hp)
     facts = fact_slice(args.data, args.facts, args.heldout_after)
-    targets = TargetCache(loaded, hp.layers[-1], hp.target, templates).get(facts)
+    cache = TargetCache(loaded, hp.layers[-1], hp.target, templates)
+    targets = cache.get(facts)
     covs = covariances(loaded, hp.layers)
     before = evaluate_model(loaded, facts, with_fluency=args.fluency)
     result = {"model": loaded.model_id, "layers": hp.layers, "facts": len(facts), "heldout_after": args.heldout_after,
               "subjects": len({f.subject for f in facts}),
+              "overrides": args.overrides, "target_hparams": vars(hp.target), "targets_s": cache.seconds(facts),
+              "target_updates_mean": float(targets.steps_taken.float().mean()),
+              "target_nll_after_mean": float(targets.nll_after.mean()),
               "unedited": {**before.aggregate, "fluency_ge": (before.fluency or {}).get("ge")}, "lams": {}}
     print(f"| λ | efficacy | paraphrase | neighbourhood | realised | drift KL | top-1 changed | GE |\n|---|---|---|---|---|---|---|---|\n"
           f"| unedited | {before.aggregate['efficacy_acc']:.1f} | {before.aggregate['generalization_acc']:.1f} | "

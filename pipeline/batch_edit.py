@@ -198,9 +198,10 @@ def run_batch_edit(cfg: BatchEditConfig) -> dict:
                             keys_from=hp.keys_from, key_weights=key_weights_for(loaded, hp),
                             preserve_prompts=hp.preserve_prompts)
     else:
-        projectors = alphaedit_projectors(covs, hp.null_space_threshold)
-        outcome = run_memit(loaded, facts, layers, None, 0.0, hp.target, templates, clock,
-                            alphaedit={"P": projectors, "prev_keys": prev_keys, "alpha": hp.alpha}, targets=cfg.targets,
+        projectors = alphaedit_projectors(covs, hp.null_space_threshold, hp.null_space_energy)
+        outcome = run_memit(loaded, facts, layers, covs if hp.lam > 0 else None, 0.0, hp.target, templates, clock,
+                            alphaedit={"P": projectors, "prev_keys": prev_keys, "alpha": hp.alpha, "lam": hp.lam},
+                            targets=cfg.targets,
                             keys_from=hp.keys_from, key_weights=key_weights_for(loaded, hp))
     edit_seconds = clock() - t0
     # Put the weights back and apply the delta exactly as `apply-delta` would, so the written model, the

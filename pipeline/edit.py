@@ -77,7 +77,8 @@ def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: 
               alphaedit: dict | None = None, targets: TargetResult | None = None,
               keys_from: str = "templates", key_weights: list[float] | None = None,
               preserve_prompts: float = 0.0) -> EditOutcome:
-    """MEMIT (or AlphaEdit when ``alphaedit`` = {"P": {layer: P}, "prev_keys": {layer: K}, "alpha": a}).
+    """MEMIT (or AlphaEdit when ``alphaedit`` = {"P": {layer: P}, "prev_keys": {layer: K}, "alpha": a}, and
+    optionally "lam": λ with ``covariances`` for λC inside the projected solve).
 
     ``preserve_prompts`` = μ > 0 adds μ Σ k kᵀ over the edited prompts' other tokens to MEMIT's λC
     (memit.py); AlphaEdit ignores it.
@@ -117,7 +118,9 @@ def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: 
         else:
             prev = alphaedit["prev_keys"].get(layer)
             C_prev = (prev.to(at).double().T @ prev.to(at).double()) if prev is not None and len(prev) else None
-            up, down = alphaedit_solve(K, R, alphaedit["P"][layer].to(at), C_prev, alphaedit["alpha"])
+            lam_c = alphaedit.get("lam", 0.0)
+            up, down = alphaedit_solve(K, R, alphaedit["P"][layer].to(at), C_prev, alphaedit["alpha"],
+                                       covariances[layer].to(at) if lam_c > 0 else None, lam_c)
         factors[layer] = _apply(loaded, layer, up, down)
         log.info("layer %d: update norm %.3g, mean residual norm %.3g", layer,
                  float((up.double() @ down.double()).norm()), float(R.norm(dim=0).mean()))
@@ -152,8 +155,9 @@ def realised_share(loaded: LoadedModel, facts: list, layer: int, z: torch.Tensor
     return (1 - (z - h_edited).norm(dim=1) / gap).tolist()
 
 
-def alphaedit_projectors(covariances: dict[int, torch.Tensor], threshold: float) -> dict[int, torch.Tensor]:
-    return {layer: null_space_projector(C, threshold) for layer, C in covariances.items()}
+def alphaedit_projectors(covariances: dict[int, torch.Tensor], threshold: float, energy: float = 0.0
+                         ) -> dict[int, torch.Tensor]:
+    return {layer: null_space_projector(C, threshold, energy) for layer, C in covariances.items()}
 
 
 def run_rome(loaded: LoadedModel, facts: list, layer: int, covariance: torch.Tensor | None, target_hp,

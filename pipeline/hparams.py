@@ -88,7 +88,10 @@ class AlphaEditHParams:
     method: ClassVar[str] = "alphaedit"
     layers: list[int]
     null_space_threshold: float = 2e-2  # eigenvalues of C below this span the null space
+    # > 0: instead, the smallest eigen-directions of C holding at most this fraction of its energy (memit.py)
+    null_space_energy: float = 0.0
     alpha: float = 10.0  # ridge added to P (K Kᵀ + C_prev) before the solve (the reference's L2)
+    lam: float = 0.0  # λ: λC kept inside the projected solve (0: the reference AlphaEdit)
     n_templates: int = 5
     template_lengths: list[int] = field(default_factory=lambda: [10])
     keys_from: str = "templates"  # as MEMIT's
@@ -272,8 +275,8 @@ def validate(hp: HParams, num_layers: int | None = None) -> HParams:
         raise UsageError(f"Hyperparameter lam must be >= 0, got {hp.lam}.")
     if isinstance(hp, MemitHParams) and hp.preserve_prompts < 0:
         raise UsageError(f"Hyperparameter preserve_prompts must be >= 0, got {hp.preserve_prompts}.")
-    if isinstance(hp, AlphaEditHParams) and (hp.alpha < 0 or hp.null_space_threshold < 0):
-        raise UsageError("Hyperparameters alpha and null_space_threshold must be >= 0.")
+    if isinstance(hp, AlphaEditHParams) and min(hp.alpha, hp.null_space_threshold, hp.null_space_energy, hp.lam) < 0:
+        raise UsageError("Hyperparameters alpha, null_space_threshold, null_space_energy and lam must be >= 0.")
     if hp.n_templates < 0 or any(n < 1 for n in hp.template_lengths):
         raise UsageError("Hyperparameter n_templates must be >= 0 and every template length >= 1.")
     t = hp.target

@@ -17,6 +17,13 @@ as low-rank factors ΔW = up @ down with r = n.
 * AlphaEdit (jianghoucheng/AlphaEdit, AlphaEdit_main.py): Δᵀ = (P (K Kᵀ + C_prev) + α I)⁻¹ P K Rᵀ, where P
   projects onto the near-null space of C, so Δ k ≈ 0 for the keys the layer already serves, and C_prev
   holds K Kᵀ of earlier sequential batches so that later batches do not undo them.
+  The reference takes P over the eigenvalues of C below an absolute threshold (2e-2). Where C has no
+  eigenvalue that small (SmolLM2: none below 1e-3, and 2e-2 is its median eigenvalue) that "null space"
+  holds a fifth to almost half of ordinary tokens' key energy, so covedit can instead take the smallest
+  eigen-directions that together hold at most a fraction ε of C's energy (``energy``: tr(P C) ≤ ε tr(C),
+  so ordinary keys keep at most ε of their mean squared norm inside the space the edit may write), and can
+  keep λC inside the solve: Δᵀ = (P (K Kᵀ + C_prev + λC) + α I)⁻¹ P K Rᵀ, which is MEMIT's solve when
+  P = I and α = 0.
 """
 
 from __future__ import annotations
@@ -64,8 +71,10 @@ def memit_solve(K: Tensor, R: Tensor, C: Tensor, lam: float, C_keep: Tensor | No
     return R64, X.T.contiguous()
 
 
-def null_space_projector(C: Tensor, threshold: float = 2e-2) -> Tensor:
-    """P = U Uᵀ over the eigenvectors of C with eigenvalue < threshold (float64, d_ff × d_ff).
+def null_space_projector(C: Tensor, threshold: float = 2e-2, energy: float = 0.0) -> Tensor:
+    """P = U Uᵀ over the eigenvectors of C (float64, d_ff × d_ff): those with eigenvalue < ``threshold``
+    (AlphaEdit), or, when ``energy`` > 0, the smallest ones whose eigenvalues sum to at most ``energy`` ×
+    tr(C) (so tr(P C) ≤ energy · tr(C); energy ≥ 1 gives P = I).
 
     C = E[k kᵀ] is symmetric, so eigh (not AlphaEdit's SVD, which gives the same vectors for a PSD matrix);
     it is symmetrised first so rounding in the stored sums cannot make eigh see an asymmetric matrix.
@@ -73,24 +82,36 @@ def null_space_projector(C: Tensor, threshold: float = 2e-2) -> Tensor:
     C64 = C.detach().to(torch.float64)
     if not torch.isfinite(C64).all():
         raise DataError("The key covariance C contains NaN or Inf values.")
-    evals, evecs = torch.linalg.eigh((C64 + C64.T) / 2)
-    U = evecs[:, evals < threshold]
-    log.info("null space: %d of %d directions have eigenvalue < %g", U.shape[1], C64.shape[0], threshold)
+    if energy < 0:
+        raise UsageError(f"The null-space energy fraction must be >= 0, got {energy}.")
+    evals, evecs = torch.linalg.eigh((C64 + C64.T) / 2)  # ascending
+    if energy > 0:
+        share = evals.clamp(min=0).cumsum(0) / evals.clamp(min=0).sum()
+        chosen = (share <= energy) if energy < 1 else torch.ones_like(share, dtype=torch.bool)
+        how = f"hold at most {energy:g} of C's energy"
+    else:
+        chosen = evals < threshold
+        how = f"have eigenvalue < {threshold:g}"
+    U = evecs[:, chosen]
+    log.info("null space: %d of %d directions %s", U.shape[1], C64.shape[0], how)
     if U.shape[1] == 0:
-        log.warning("no eigenvalue of C is below %g: the AlphaEdit projector is zero and no edit will be made",
-                    threshold)
+        log.warning("no direction of C qualifies (%s): the AlphaEdit projector is zero and no edit will be made", how)
     return U @ U.T
 
 
-def alphaedit_solve(K: Tensor, R: Tensor, P: Tensor, C_prev: Tensor | None, alpha: float) -> tuple[Tensor, Tensor]:
-    """AlphaEdit's Δ = ((P (K Kᵀ + C_prev) + α I)⁻¹ P K Rᵀ)ᵀ as float64 factors up = R, down (n, d_ff).
+def alphaedit_solve(K: Tensor, R: Tensor, P: Tensor, C_prev: Tensor | None, alpha: float,
+                    C: Tensor | None = None, lam: float = 0.0) -> tuple[Tensor, Tensor]:
+    """AlphaEdit's Δ = ((P (K Kᵀ + C_prev + λC) + α I)⁻¹ P K Rᵀ)ᵀ as float64 factors up = R, down (n, d_ff);
+    λC only when ``lam`` > 0 (0 in the reference).
 
     The reference solves for the (d_ff, d_model) matrix Δᵀ directly; solving for (P(KKᵀ+C_prev)+αI)⁻¹ P K
     (d_ff, n) and keeping R aside is the same product, cheaper. The system is not symmetric (P on the left
     only), hence LU (torch.linalg.solve). down's rows lie in the range of P, so Δ = Δ P.
     """
-    if not alpha > 0:
-        raise UsageError(f"The AlphaEdit ridge α must be positive, got {alpha}.")
+    if not alpha >= 0 or (alpha == 0 and lam == 0):
+        raise UsageError(f"The AlphaEdit ridge α must be positive (or zero with λ > 0), got {alpha}.")
+    if not lam >= 0:
+        raise UsageError(f"The AlphaEdit covariance weight λ must be zero or positive, got {lam}.")
     device = P.device
     P64 = P.detach().to(torch.float64)
     K64 = K.detach().to(device, torch.float64)
@@ -99,6 +120,10 @@ def alphaedit_solve(K: Tensor, R: Tensor, P: Tensor, C_prev: Tensor | None, alph
     M = K64 @ K64.T
     if C_prev is not None:
         M = M + C_prev.detach().to(device, torch.float64)
+    if lam > 0:
+        if C is None:
+            raise UsageError("AlphaEdit with λ > 0 needs the covariance C.")
+        M = M + lam * C.detach().to(device, torch.float64)
     A = P64 @ M + alpha * torch.eye(P64.shape[0], dtype=torch.float64, device=device)
     try:
         X = torch.linalg.solve(A, P64 @ K64)  # (d_ff, n)

@@ -173,6 +173,39 @@ def test_alphaedit_matches_the_formula_of_the_reference():
         alphaedit_solve(K, R, P, None, alpha=0.0)
 
 
+def test_null_space_by_energy_holds_at_most_that_share_of_c():
+    """energy ε: the smallest eigen-directions whose eigenvalues sum to ≤ ε tr(C), and not one more."""
+    C, Q_small, _ = spectrum_covariance(small=15)
+    evals = torch.linalg.eigvalsh(C)
+    for eps in (1e-3, 0.05, 0.3):
+        P = null_space_projector(C, energy=eps)
+        m = int(round(float(torch.trace(P))))
+        assert float(torch.trace(P @ C)) <= eps * float(torch.trace(C)) + 1e-12
+        assert float(evals[:m + 1].sum()) > eps * float(evals.sum())  # the next direction would exceed it
+        assert rel(P @ P, P) < 1e-10
+    # the 15 tiny eigenvalues (sum 0.08 of a total 106) fit in 1e-3 of the energy, the next one (0.5) does not
+    assert rel(null_space_projector(C, energy=1e-3), Q_small @ Q_small.T) < 1e-10
+    assert rel(null_space_projector(C, energy=1.0), torch.eye(D_FF, dtype=f64)) < 1e-10
+    with pytest.raises(UsageError):
+        null_space_projector(C, energy=-0.1)
+
+
+def test_alphaedit_with_lambda_c_is_memit_when_nothing_is_projected_away():
+    """λC inside the projected solve: P = I, α = 0 gives MEMIT's R Kᵀ (λC + KKᵀ)⁻¹ exactly, and with a real
+    projector the formula (P (KKᵀ + C_prev + λC) + αI)⁻¹ P K Rᵀ."""
+    C = covariance()
+    K, R, lam = rand(D_FF, 5, seed=31), rand(D_MODEL, 5, seed=32), 1.7
+    eye = torch.eye(D_FF, dtype=f64)
+    assert rel(torch.mm(*alphaedit_solve(K, R, eye, None, 0.0, C, lam)), torch.mm(*memit_solve(K, R, C, lam))) < 1e-10
+    P = null_space_projector(C, energy=0.2)
+    C_prev = covariance(seed=33)
+    got = torch.mm(*alphaedit_solve(K, R, P, C_prev, 0.5, C, lam))
+    expected_T = torch.linalg.inv(P @ (K @ K.T + C_prev + lam * C) + 0.5 * eye) @ P @ K @ R.T
+    assert rel(got, expected_T.T) < 1e-10
+    with pytest.raises(UsageError):
+        alphaedit_solve(K, R, P, None, 0.5, None, lam)  # λ > 0 needs C
+
+
 def test_alphaedit_with_full_projector_and_no_history_is_ridge_regression():
     """P = I, C_prev = 0: Δ = R Kᵀ (KKᵀ + αI)⁻¹, MEMIT with C = I and λ = α."""
     K, R = rand(D_FF, 5, seed=25), rand(D_MODEL, 5, seed=26)
