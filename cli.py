@@ -1,6 +1,6 @@
 """covedit command line: parses, calls the pipeline, prints, maps errors to exit codes.
 
-``python cli.py ...`` and the installed ``covedit ...`` are the same typer app.
+``python cli.py ...`` (from a checkout) and the installed ``covedit ...`` are the same typer app.
 """
 
 from __future__ import annotations
@@ -13,9 +13,21 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import typer
+# ``python cli.py`` runs this file as a script, not as covedit.cli. The repository root is the package
+# ``covedit`` (pyproject.toml's package-dir installs it under that name), so register this checkout's root
+# as ``covedit`` for the imports below: it works without an install and never mixes in another copy.
+if not __package__ and "covedit" not in sys.modules:
+    import importlib.util
 
-from pipeline.errors import EXIT_CODES, CoveditError, UsageError
+    _root = Path(__file__).resolve().parent
+    _spec = importlib.util.spec_from_file_location("covedit", _root / "__init__.py",
+                                                   submodule_search_locations=[str(_root)])
+    sys.modules["covedit"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["covedit"])
+
+import typer  # noqa: E402
+
+from covedit.pipeline.errors import EXIT_CODES, CoveditError, UsageError  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Edit facts inside language models with covariance-normalised updates (ROME, MEMIT, AlphaEdit).\n\n"
@@ -123,10 +135,10 @@ def build_stats_cmd(
 ):
     """Stream text through the model once and store Σ k kᵀ and the token count for every requested layer."""
     setup_logging(quiet or as_json)
-    from pipeline.models import count_layers, default_layers  # noqa: PLC0415 (slow imports after parsing)
-    from stats.corpus import CorpusSpec  # noqa: PLC0415
-    from stats.distributed import StatsJob, build_stats  # noqa: PLC0415
-    from stats.store import default_stats_dir  # noqa: PLC0415
+    from covedit.pipeline.models import count_layers, default_layers  # noqa: PLC0415 (slow imports after parsing)
+    from covedit.stats.corpus import CorpusSpec  # noqa: PLC0415
+    from covedit.stats.distributed import StatsJob, build_stats  # noqa: PLC0415
+    from covedit.stats.store import default_stats_dir  # noqa: PLC0415
 
     if tokens is not None and tokens <= 0:
         raise UsageError("--tokens must be a positive number of tokens.")
@@ -167,7 +179,7 @@ def build_stats_cmd(
 @user_errors
 def stats_info(stats_dir: StatsDir = None, as_json: Annotated[bool, typer.Option("--json")] = False):
     """List statistics stores with their keys and sizes."""
-    from stats.store import default_stats_dir, list_stores  # noqa: PLC0415
+    from covedit.stats.store import default_stats_dir, list_stores  # noqa: PLC0415
 
     stores = list_stores(stats_dir or default_stats_dir())
     if as_json:
@@ -191,7 +203,7 @@ def stats_export(store: Annotated[Path, typer.Argument(help="A complete store (.
                  fmt: Annotated[str, typer.Option("--format", help="Only rome-npz for now.")] = "rome-npz",
                  layer: Annotated[Optional[str], typer.Option(help="Layers to export (default all).")] = None):
     """Write one ROME/MEMIT-layout .npz per layer (mom2.mom2 = raw sum, mom2.count)."""
-    from stats.store import StatsStore, export_npz  # noqa: PLC0415
+    from covedit.stats.store import StatsStore, export_npz  # noqa: PLC0415
 
     if fmt != "rome-npz":
         raise UsageError("--format: only rome-npz is supported.")
@@ -213,11 +225,11 @@ def stats_import(npz: Annotated[Path, typer.Argument(help="A ROME/MEMIT/EasyEdit
                  corpus_name: Annotated[str, typer.Option(help="What the file was computed on (recorded in the key).")] = "imported",
                  stats_dir: StatsDir = None):
     """Turn a ROME-layout .npz into a complete covedit store the edit stage can use."""
-    from pipeline.models import describe_model  # noqa: PLC0415
-    from stats.store import canonical_key, default_stats_dir, import_npz  # noqa: PLC0415
+    from covedit.pipeline.models import describe_model  # noqa: PLC0415
+    from covedit.stats.store import canonical_key, default_stats_dir, import_npz  # noqa: PLC0415
 
     if not npz.exists():
-        from pipeline.errors import MissingInput  # noqa: PLC0415
+        from covedit.pipeline.errors import MissingInput  # noqa: PLC0415
         raise MissingInput(f"No such file: {npz}.")
     skeleton = describe_model(model, module_template=module_template)  # no weights loaded
     skeleton.check_layers([layer])
@@ -300,8 +312,8 @@ def batch_edit_cmd(
 ):
     """Apply MEMIT / ROME / AlphaEdit edits of many facts at once and write a revertible edited model."""
     setup_logging(quiet or as_json)
-    from pipeline.batch_edit import BatchEditConfig, run_batch_edit  # noqa: PLC0415
-    from pipeline.report import check_report_dir, report_from_summary, write_report  # noqa: PLC0415
+    from covedit.pipeline.batch_edit import BatchEditConfig, run_batch_edit  # noqa: PLC0415
+    from covedit.pipeline.report import check_report_dir, report_from_summary, write_report  # noqa: PLC0415
 
     if method not in ("memit", "rome", "alphaedit"):
         raise UsageError("--method must be memit, rome or alphaedit.")
@@ -358,11 +370,11 @@ def evaluate_cmd(
 ):
     """Score a model on facts (both metric families), drift on unrelated prompts and fluency; optionally against a base model."""
     setup_logging(quiet or as_json)
-    from pipeline.errors import MissingInput  # noqa: PLC0415
-    from pipeline.evaluate import evaluate_model  # noqa: PLC0415
-    from pipeline.facts import read_facts  # noqa: PLC0415
-    from pipeline.models import load_model  # noqa: PLC0415
-    from pipeline.report import build_report, check_report_dir, render_text, write_report  # noqa: PLC0415
+    from covedit.pipeline.errors import MissingInput  # noqa: PLC0415
+    from covedit.pipeline.evaluate import evaluate_model  # noqa: PLC0415
+    from covedit.pipeline.facts import read_facts  # noqa: PLC0415
+    from covedit.pipeline.models import load_model  # noqa: PLC0415
+    from covedit.pipeline.report import build_report, check_report_dir, render_text, write_report  # noqa: PLC0415
 
     if batch_size < 1 or fluency_tokens < 1:
         raise UsageError("--batch-size and --fluency-tokens must be at least 1.")
@@ -406,14 +418,14 @@ def probe_cmd(
 ):
     """What the model says now for each fact: its continuation, P(true), P(new), and whether it already knows the answer."""
     setup_logging(quiet or as_json)
-    from pipeline.evaluate import probe  # noqa: PLC0415
-    from pipeline.facts import read_facts  # noqa: PLC0415
-    from pipeline.models import load_model  # noqa: PLC0415
+    from covedit.pipeline.evaluate import probe  # noqa: PLC0415
+    from covedit.pipeline.facts import read_facts  # noqa: PLC0415
+    from covedit.pipeline.models import load_model  # noqa: PLC0415
 
     if tokens < 1:
         raise UsageError("--tokens must be at least 1.")
     if not facts.is_file():
-        from pipeline.errors import MissingInput  # noqa: PLC0415
+        from covedit.pipeline.errors import MissingInput  # noqa: PLC0415
         raise MissingInput(f"Facts file {facts} does not exist.")
     loaded = load_model(model, dtype, device, module_template)
     rows = probe(loaded, read_facts(facts, fmt, loaded.tokenizer), n_tokens=tokens)
@@ -437,8 +449,9 @@ def probe_cmd(
 
 def _delta_cmd(model: str, delta_path: Path, output: Path, dtype: str, device: str, module_template: str | None,
                overwrite: bool, revert: bool) -> None:
-    from pipeline.delta import Delta, apply_delta, layer_hashes, load_delta, revert_delta, write_edited_model  # noqa: PLC0415
-    from pipeline.models import load_model  # noqa: PLC0415
+    from covedit.pipeline.delta import (  # noqa: PLC0415
+        Delta, apply_delta, layer_hashes, load_delta, revert_delta, write_edited_model)
+    from covedit.pipeline.models import load_model  # noqa: PLC0415
 
     delta = load_delta(delta_path)
     loaded = load_model(model, dtype, device, module_template)

@@ -23,13 +23,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
 from benchmarks.common import DEFAULT_DATA, TargetCache, covariances, edit_variants  # noqa: E402
 from benchmarks.lambda_sweep import fact_slice  # noqa: E402
-from pipeline.edit import alphaedit_projectors, templates_for  # noqa: E402
-from pipeline.evaluate import evaluate_model  # noqa: E402
-from pipeline.hparams import load_hparams  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
+from covedit.pipeline.edit import alphaedit_projectors, templates_for  # noqa: E402
+from covedit.pipeline.evaluate import evaluate_model  # noqa: E402
+from covedit.pipeline.hparams import load_hparams  # noqa: E402
+from covedit.pipeline.models import load_model  # noqa: E402
 
 
 def energy_share(P: torch.Tensor, C: torch.Tensor) -> float:

@@ -49,11 +49,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.errors import DataError
-from pipeline.hooks import capture_outputs, edit_output
-from pipeline.hparams import TargetHParams
-from pipeline.keys import encode_with_subject, target_token_ids
-from pipeline.models import LoadedModel
+from covedit.pipeline.errors import DataError
+from covedit.pipeline.hooks import capture_outputs, edit_output
+from covedit.pipeline.hparams import TargetHParams
+from covedit.pipeline.keys import encode_with_subject, target_token_ids
+from covedit.pipeline.models import LoadedModel
 
 log = logging.getLogger(__name__)
 

@@ -35,12 +35,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
-from pipeline.batch_edit import BatchEditConfig, run_batch_edit  # noqa: E402
-from pipeline.edit import templates_for  # noqa: E402
-from pipeline.hparams import load_hparams  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
-from pipeline.targets import compute_targets, fact_groups  # noqa: E402
+from covedit.pipeline.batch_edit import BatchEditConfig, run_batch_edit  # noqa: E402
+from covedit.pipeline.edit import templates_for  # noqa: E402
+from covedit.pipeline.hparams import load_hparams  # noqa: E402
+from covedit.pipeline.models import load_model  # noqa: E402
+from covedit.pipeline.targets import compute_targets, fact_groups  # noqa: E402
 
 from benchmarks.common import DEFAULT_DATA, TargetCache, memit_target_cache, write_facts, zsre_facts  # noqa: E402
 

@@ -28,11 +28,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
-from pipeline.hooks import capture_inputs, run_until  # noqa: E402
-from pipeline.models import default_layers, load_model  # noqa: E402
-from stats.collect import SecondMoment, accumulate_batches  # noqa: E402
-from stats.corpus import CorpusSpec, iter_batches, make_plan, open_corpus  # noqa: E402
+from covedit.pipeline.hooks import capture_inputs, run_until  # noqa: E402
+from covedit.pipeline.models import default_layers, load_model  # noqa: E402
+from covedit.stats.collect import SecondMoment, accumulate_batches  # noqa: E402
+from covedit.stats.corpus import CorpusSpec, iter_batches, make_plan, open_corpus  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -63,8 +64,9 @@ def machine() -> str:
 def peak_rss_of_build(tokens: int, args) -> tuple[float, float]:
     """Run build-stats in a child process with a fresh store; return (peak RSS MiB, wall s)."""
     with tempfile.TemporaryDirectory() as d:
+        # Run from the repository root: importing benchmarks makes covedit this checkout (benchmarks/__init__.py).
         code = ("import resource, runpy, sys; sys.argv=['covedit'] + sys.argv[1:]; "
-                "import cli\ntry:\n    cli.app()\nexcept SystemExit:\n    pass\n"
+                "import benchmarks\nfrom covedit import cli\ntry:\n    cli.app()\nexcept SystemExit:\n    pass\n"
                 "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
         cmd = [sys.executable, "-c", code, "build-stats", "--model", args.model, "--tokens", str(tokens),
                "--layers", ",".join(map(str, args.layers)), "--stats-dir", d, "--quiet", "--json",

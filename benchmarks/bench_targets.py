@@ -27,14 +27,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
 from benchmarks import baseline_targets  # noqa: E402
 from benchmarks.common import DEFAULT_DATA, zsre_facts  # noqa: E402
-from pipeline import targets as T  # noqa: E402
-from pipeline.edit import templates_for  # noqa: E402
-from pipeline.hparams import load_hparams  # noqa: E402
-from pipeline.keys import pad_id  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
+from covedit.pipeline import targets as T  # noqa: E402
+from covedit.pipeline.edit import templates_for  # noqa: E402
+from covedit.pipeline.hparams import load_hparams  # noqa: E402
+from covedit.pipeline.keys import pad_id  # noqa: E402
+from covedit.pipeline.models import load_model  # noqa: E402
 
 
 def physical_limit(loaded, facts, layer, hp, templates, steps_taken: torch.Tensor, max_rows: int = 128) -> float:

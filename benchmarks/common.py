@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.edit import templates_for
-from pipeline.facts import from_zsre
-from pipeline.hparams import load_hparams
-from pipeline.models import load_model
-from pipeline.targets import TargetResult, compute_targets, fact_groups
+from covedit.pipeline.edit import templates_for
+from covedit.pipeline.facts import from_zsre
+from covedit.pipeline.hparams import load_hparams
+from covedit.pipeline.models import load_model
+from covedit.pipeline.targets import TargetResult, compute_targets, fact_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "zsre_eval_sample.jsonl"
@@ -132,8 +132,8 @@ class TargetCache:
 
 def covariances(loaded, layers: list[int]) -> dict[int, torch.Tensor]:
     """C of each layer from the largest complete statistics store of this model in the default folder."""
-    from pipeline.batch_edit import find_complete_store
-    from stats.store import default_stats_dir
+    from covedit.pipeline.batch_edit import find_complete_store
+    from covedit.stats.store import default_stats_dir
     store = find_complete_store(default_stats_dir(), loaded.model_id, loaded.arch.template(), layers)
     if store is None:
         raise SystemExit(f"no statistics for layers {layers}: run `covedit build-stats --model {loaded.model_id}`")
@@ -153,8 +153,8 @@ def edit_variants(loaded, hp, facts: list, targets: TargetResult, covs: dict, va
     the edit from the original weights with the same targets, then the evaluation against ``before`` (the
     unedited model's). Yields (label, row): the metrics, the realised share, drift, fluency and solve
     seconds; while a variant is yielded its weights are in place."""
-    from pipeline.edit import run_memit
-    from pipeline.evaluate import drift, evaluate_model
+    from covedit.pipeline.edit import run_memit
+    from covedit.pipeline.evaluate import drift, evaluate_model
     templates = templates_for(loaded, hp)
     originals = {layer: loaded.down_weight(layer).detach().clone() for layer in hp.layers}
     for label, kwargs in variants:

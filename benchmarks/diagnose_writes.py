@@ -28,15 +28,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
 from benchmarks.common import DEFAULT_DATA, TargetCache, covariances  # noqa: E402
 from benchmarks.lambda_sweep import fact_slice  # noqa: E402
-from pipeline.edit import run_memit, templates_for  # noqa: E402
-from pipeline.errors import DataError  # noqa: E402
-from pipeline.hooks import edit_output  # noqa: E402
-from pipeline.hparams import load_hparams  # noqa: E402
-from pipeline.keys import encode_with_subject, target_token_ids  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
+from covedit.pipeline.edit import run_memit, templates_for  # noqa: E402
+from covedit.pipeline.errors import DataError  # noqa: E402
+from covedit.pipeline.hooks import edit_output  # noqa: E402
+from covedit.pipeline.hparams import load_hparams  # noqa: E402
+from covedit.pipeline.keys import encode_with_subject, target_token_ids  # noqa: E402
+from covedit.pipeline.models import load_model  # noqa: E402
 
 
 @torch.no_grad()

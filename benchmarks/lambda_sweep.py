@@ -22,12 +22,13 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
 from benchmarks.common import DEFAULT_DATA, TargetCache, covariances, memit_variants, zsre_facts  # noqa: E402
-from pipeline.edit import templates_for  # noqa: E402
-from pipeline.evaluate import evaluate_model  # noqa: E402
-from pipeline.hparams import load_hparams  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
+from covedit.pipeline.edit import templates_for  # noqa: E402
+from covedit.pipeline.evaluate import evaluate_model  # noqa: E402
+from covedit.pipeline.hparams import load_hparams  # noqa: E402
+from covedit.pipeline.models import load_model  # noqa: E402
 
 
 def fact_slice(path: Path, n: int, heldout_after: int) -> list:

@@ -42,15 +42,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
-from pipeline.batch_edit import find_complete_store  # noqa: E402
-from pipeline.edit import alphaedit_projectors, run_memit, run_rome, templates_for  # noqa: E402
-from pipeline.evaluate import (aggregate, drift, fact_metrics, fluency, greedy_continuations,  # noqa: E402
-                               next_token_logprobs)
-from pipeline.facts import read_facts  # noqa: E402
-from pipeline.hparams import load_hparams  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
-from stats.store import default_stats_dir  # noqa: E402
+from covedit.pipeline.batch_edit import find_complete_store  # noqa: E402
+from covedit.pipeline.edit import alphaedit_projectors, run_memit, run_rome, templates_for  # noqa: E402
+from covedit.pipeline.evaluate import (aggregate, drift, fact_metrics, fluency, greedy_continuations,  # noqa: E402
+                                      next_token_logprobs)
+from covedit.pipeline.facts import read_facts  # noqa: E402
+from covedit.pipeline.hparams import load_hparams  # noqa: E402
+from covedit.pipeline.models import load_model  # noqa: E402
+from covedit.stats.store import default_stats_dir  # noqa: E402
 
 from benchmarks.common import DEFAULT_DATA, ROOT, TargetCache, zsre_facts  # noqa: E402
 

@@ -32,14 +32,15 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
 from benchmarks.common import TargetCache, covariances, memit_variants, write_facts  # noqa: E402
-from pipeline.edit import templates_for  # noqa: E402
-from pipeline.evaluate import evaluate_model, next_token_logprobs  # noqa: E402
-from pipeline.facts import Fact, Neighbor  # noqa: E402
-from pipeline.hparams import load_hparams  # noqa: E402
-from pipeline.keys import target_token_ids  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
+from covedit.pipeline.edit import templates_for  # noqa: E402
+from covedit.pipeline.evaluate import evaluate_model, next_token_logprobs  # noqa: E402
+from covedit.pipeline.facts import Fact, Neighbor  # noqa: E402
+from covedit.pipeline.hparams import load_hparams  # noqa: E402
+from covedit.pipeline.keys import target_token_ids  # noqa: E402
+from covedit.pipeline.models import load_model  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data" / "world_facts.json"
 # relation: (column of the answer, prompt, paraphrase); the subject is a country, or a city for "city"

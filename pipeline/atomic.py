@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.errors import CannotWrite
+from covedit.pipeline.errors import CannotWrite
 
 
 def replace_folder(target: Path, fill: Callable[[Path], None], what: str) -> None:

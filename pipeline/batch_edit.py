@@ -19,15 +19,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline import hparams as hparams_mod
-from pipeline.delta import make_and_apply_delta, write_edited_model
-from pipeline.edit import alphaedit_projectors, key_weights_for, run_memit, run_rome, templates_for
-from pipeline.errors import CannotWrite, DataError, MissingInput, UsageError
-from pipeline.evaluate import drift, evaluate_model
-from pipeline.facts import facts_sha256, read_facts
-from pipeline.models import load_model
-from pipeline.targets import TargetResult
-from stats.store import StatsStore, default_stats_dir
+from covedit.pipeline import hparams as hparams_mod
+from covedit.pipeline.delta import make_and_apply_delta, write_edited_model
+from covedit.pipeline.edit import alphaedit_projectors, key_weights_for, run_memit, run_rome, templates_for
+from covedit.pipeline.errors import CannotWrite, DataError, MissingInput, UsageError
+from covedit.pipeline.evaluate import drift, evaluate_model
+from covedit.pipeline.facts import facts_sha256, read_facts
+from covedit.pipeline.models import load_model
+from covedit.pipeline.targets import TargetResult
+from covedit.stats.store import StatsStore, default_stats_dir
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,8 @@ def load_covariances(cfg: BatchEditConfig, model_id: str, module: str, layers: l
     else:
         store = find_complete_store(stats_dir, model_id, module, layers)
         if store is None and cfg.build_stats:
-            from stats.corpus import CorpusSpec  # noqa: PLC0415
-            from stats.distributed import StatsJob, build_stats  # noqa: PLC0415
+            from covedit.stats.corpus import CorpusSpec  # noqa: PLC0415
+            from covedit.stats.distributed import StatsJob, build_stats  # noqa: PLC0415
 
             log.info("no statistics for layers %s yet: building them (--build-stats)", layers)
             build_stats(StatsJob(model=model_arg, layers=tuple(layers), corpus=CorpusSpec(), tokens=cfg.stats_tokens,
@@ -113,7 +113,7 @@ def load_covariances(cfg: BatchEditConfig, model_id: str, module: str, layers: l
 
 def find_complete_store(stats_dir: Path, model_id: str, module: str, layers: list[int]) -> StatsStore | None:
     """The complete store with the most tokens for this model and module covering ``layers``."""
-    from stats.store import list_stores  # noqa: PLC0415
+    from covedit.stats.store import list_stores  # noqa: PLC0415
 
     best = None
     for info in list_stores(stats_dir):

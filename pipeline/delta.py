@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from pipeline.atomic import replace_folder
-from pipeline.errors import CannotWrite, DataError, MissingInput
-from pipeline.models import LoadedModel
+from covedit.pipeline.atomic import replace_folder
+from covedit.pipeline.errors import CannotWrite, DataError, MissingInput
+from covedit.pipeline.models import LoadedModel
 
 log = logging.getLogger(__name__)
 

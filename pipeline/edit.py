@@ -34,14 +34,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.delta import add_low_rank
-from pipeline.errors import DataError
-from pipeline.keys import compute_keys, context_templates, memit_key_weights, prompt_token_moment
-from pipeline.memit import alphaedit_solve, memit_solve, null_space_projector
-from pipeline.models import LoadedModel
-from pipeline.rome import rome_update
-from pipeline.postnorm import mlp_residual
-from pipeline.targets import TargetResult, block_outputs, compute_targets, fact_groups, subject_outputs
+from covedit.pipeline.delta import add_low_rank
+from covedit.pipeline.errors import DataError
+from covedit.pipeline.keys import compute_keys, context_templates, memit_key_weights, prompt_token_moment
+from covedit.pipeline.memit import alphaedit_solve, memit_solve, null_space_projector
+from covedit.pipeline.models import LoadedModel
+from covedit.pipeline.rome import rome_update
+from covedit.pipeline.postnorm import mlp_residual
+from covedit.pipeline.targets import TargetResult, block_outputs, compute_targets, fact_groups, subject_outputs
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ from importlib import resources
 
 import torch
 
-from pipeline.errors import UsageError
-from pipeline.keys import pad_id, pad_rows, target_token_ids
-from pipeline.models import LoadedModel
+from covedit.pipeline.errors import UsageError
+from covedit.pipeline.keys import pad_id, pad_rows, target_token_ids
+from covedit.pipeline.models import LoadedModel
 
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def aggregate(rows: list[dict]) -> dict[str, float | int | None]:
 
 def load_prompts(name: str) -> list[str]:
     """A prompt set shipped in ``pipeline/data``: one prompt a line, blank and ``#`` lines skipped."""
-    text = resources.files("pipeline").joinpath("data", name).read_text(encoding="utf-8")
+    text = resources.files("covedit.pipeline").joinpath("data", name).read_text(encoding="utf-8")
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import DataError, MissingInput
+from covedit.pipeline.errors import DataError, MissingInput
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ def _cross_checks(facts: list[Fact]) -> list[Problem]:
 
 def _tokenizer_check(facts: list[Fact], tokenizer) -> list[Problem]:
     """The subject must be locatable in the tokens of its rewrite prompt (keys are read there)."""
-    from pipeline.keys import encode_with_subject  # noqa: PLC0415 (keys imports torch; facts need not)
+    from covedit.pipeline.keys import encode_with_subject  # noqa: PLC0415 (keys imports torch; facts need not)
 
     problems = []
     for f in facts:

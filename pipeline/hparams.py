@@ -3,7 +3,7 @@
 
 Defaults start from the published values (REFERENCE.md, "Reference hyperparameters"): MEMIT as on GPT-J,
 ROME as on GPT-2 XL / GPT-J, AlphaEdit as on Llama-3-8B. A small table keyed by ``config.model_type``
-then adjusts them per architecture. Layers always come from ``pipeline.models.default_layers``.
+then adjusts them per architecture. Layers always come from ``covedit.pipeline.models.default_layers``.
 
     hp = load_hparams("memit", "llama", 30, "my.yaml", ["target.lr=0.1", "layers=3-7", "lam=1500"])
     to_dict(hp)  # {"method": "memit", "layers": [3, 4, 5, 6, 7], "lam": 1500.0, ..., "target": {...}}
@@ -29,8 +29,8 @@ from typing import ClassVar, Union
 
 import yaml
 
-from pipeline.errors import DataError, MissingInput, UsageError
-from pipeline.models import default_layers
+from covedit.pipeline.errors import DataError, MissingInput, UsageError
+from covedit.pipeline.models import default_layers
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ KEYS_FROM = ("templates", "prompt")
 
 @dataclass
 class TargetHParams:
-    """The optimisation of target vectors z = h + δ (MEMIT's compute_z; see pipeline.targets)."""
+    """The optimisation of target vectors z = h + δ (MEMIT's compute_z; see covedit.pipeline.targets)."""
 
     steps: int = 25  # forward passes; at most steps - 1 Adam updates (reference: v_num_grad_steps)
     lr: float = 0.5  # Adam learning rate for δ (v_lr)

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.errors import DataError
-from pipeline.hooks import capture_inputs, run_until
-from pipeline.models import LoadedModel, ModelError
+from covedit.pipeline.errors import DataError
+from covedit.pipeline.hooks import capture_inputs, run_until
+from covedit.pipeline.models import LoadedModel, ModelError
 
 log = logging.getLogger(__name__)
 

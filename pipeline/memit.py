@@ -33,8 +33,8 @@ import logging
 import torch
 from torch import Tensor
 
-from pipeline.errors import DataError, UsageError
-from pipeline.rome import cholesky_psd
+from covedit.pipeline.errors import DataError, UsageError
+from covedit.pipeline.rome import cholesky_psd
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.errors import MissingInput, UsageError
+from covedit.pipeline.errors import MissingInput, UsageError
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pipeline.models import ModelError
+from covedit.pipeline.models import ModelError
 
 
 def rms_norm_parts(norm: nn.Module) -> tuple[Tensor, float]:

@@ -27,9 +27,9 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from pipeline.atomic import replace_folder
-from pipeline.errors import CannotWrite
-from pipeline.evaluate import METRICS, Evaluation, drift
+from covedit.pipeline.atomic import replace_folder
+from covedit.pipeline.errors import CannotWrite
+from covedit.pipeline.evaluate import METRICS, Evaluation, drift
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from pipeline.errors import DataError
+from covedit.pipeline.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -76,11 +76,11 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from pipeline.errors import DataError
-from pipeline.hooks import capture_outputs, edit_output, skip_blocks
-from pipeline.hparams import TargetHParams
-from pipeline.keys import encode_with_subject, pad_id, pad_rows, target_token_ids
-from pipeline.models import LoadedModel
+from covedit.pipeline.errors import DataError
+from covedit.pipeline.hooks import capture_outputs, edit_output, skip_blocks
+from covedit.pipeline.hparams import TargetHParams
+from covedit.pipeline.keys import encode_with_subject, pad_id, pad_rows, target_token_ids
+from covedit.pipeline.models import LoadedModel
 
 log = logging.getLogger(__name__)
 

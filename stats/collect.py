@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.hooks import capture_inputs, run_until
-from pipeline.models import LoadedModel
+from covedit.pipeline.hooks import capture_inputs, run_until
+from covedit.pipeline.models import LoadedModel
 
 ACCUMULATE = {"float64": (torch.float64, torch.float64), "mixed": (torch.float32, torch.float64),
               "float32": (torch.float32, torch.float32)}

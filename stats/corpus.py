@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.errors import DataError, MissingInput, UsageError
+from covedit.pipeline.errors import DataError, MissingInput, UsageError
 
 log = logging.getLogger(__name__)
 

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.errors import CannotWrite, Interrupted, UsageError
-from pipeline.models import describe_model, load_model, pick_device
-from stats.collect import SecondMoment, accumulate_batches
-from stats.corpus import CorpusSpec, Plan, iter_batches, make_plan, open_corpus, shard_ranges
-from stats.store import StatsStore, StoreLock, canonical_key, store_path
+from covedit.pipeline.errors import CannotWrite, Interrupted, UsageError
+from covedit.pipeline.models import describe_model, load_model, pick_device
+from covedit.stats.collect import SecondMoment, accumulate_batches
+from covedit.stats.corpus import CorpusSpec, Plan, iter_batches, make_plan, open_corpus, shard_ranges
+from covedit.stats.store import StatsStore, StoreLock, canonical_key, store_path
 
 log = logging.getLogger(__name__)
 

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pipeline.errors import CannotWrite, DataError, MissingInput, StoreConflict, UsageError
+from covedit.pipeline.errors import CannotWrite, DataError, MissingInput, StoreConflict, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def default_stats_dir() -> Path:
     env = os.environ.get("COVEDIT_STATS_DIR")
     if env:
         return Path(env)
-    from pipeline.models import cache_root
+    from covedit.pipeline.models import cache_root
 
     return cache_root() / "stats"
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from pipeline.models import LoadedModel, load_model, wrap_model
+from covedit.pipeline.models import LoadedModel, load_model, wrap_model
 
 SMALL = dict(num_hidden_layers=4, max_position_embeddings=512)
 
@@ -100,7 +100,7 @@ def tiny_dir(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory):
     """600 documents of real text taken from the embedded Wikipedia corpus, as a local jsonl file."""
-    from stats.corpus import CorpusSpec, open_corpus
+    from covedit.stats.corpus import CorpusSpec, open_corpus
 
     corpus = open_corpus(CorpusSpec())
     d = tmp_path_factory.mktemp("corpus")

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.edit import run_memit, run_rome
-from pipeline.facts import Fact
-from pipeline.hparams import TargetHParams
-from pipeline.targets import block_outputs
-from stats.corpus import CorpusSpec
-from stats.distributed import StatsJob, build_stats
+from covedit.pipeline.edit import run_memit, run_rome
+from covedit.pipeline.facts import Fact
+from covedit.pipeline.hparams import TargetHParams
+from covedit.pipeline.targets import block_outputs
+from covedit.stats.corpus import CorpusSpec
+from covedit.stats.distributed import StatsJob, build_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "facts.jsonl"
@@ -36,7 +36,7 @@ def cli(*args, env=None) -> subprocess.CompletedProcess:
 def test_memit_keys_weigh_the_bare_prompt_half_and_merged_facts_are_listed(tiny):
     """MEMIT's default key average is compute_ks' (bare 1/2, prefixes 1/2 together), and facts that share a
     subject and target (one δ) are named in target_info["merged"]."""
-    from pipeline.keys import compute_keys
+    from covedit.pipeline.keys import compute_keys
     templates = ["{}", "Hello there. {}", "Because of this, {}"]
     twin = Fact("a2", "Eiffel Tower", "Where is the {}? It is in", "Rome")
     facts = FACTS + [twin]
@@ -135,7 +135,7 @@ def test_eiffel_tower_moves_to_rome_and_paris_stays(smol_stats, tmp_path):
 
 
 def smol_model_folder() -> str:
-    from pipeline.models import resolve_source
+    from covedit.pipeline.models import resolve_source
     return resolve_source("smollm2-135m")[1]
 
 
@@ -204,7 +204,7 @@ def test_alphaedit_sequence_carries_keys_forward(tiny_dir, corpus_file, tmp_path
 
 def test_memit_with_given_targets_equals_memit_computing_them(tiny):
     """The locality study hands every method the same targets: that must be exactly MEMIT's own run."""
-    from pipeline.targets import compute_targets
+    from covedit.pipeline.targets import compute_targets
 
     originals = {layer: tiny.down_weight(layer).detach().clone() for layer in (1, 2)}
     own = run_memit(tiny, FACTS, [1, 2], None, 0.5, FAST, ["{}"], lambda: 0.0)
@@ -222,7 +222,7 @@ def test_memit_with_given_targets_equals_memit_computing_them(tiny):
 def test_rome_with_given_targets_reaches_each_target_in_sequence(tiny):
     """ROME fed precomputed z (bare template, no covariance): after all edits each fact's block output is at
     its z, because each rank-one update aims at z from wherever the earlier edits left h."""
-    from pipeline.targets import compute_targets
+    from covedit.pipeline.targets import compute_targets
 
     layer = 2
     targets = compute_targets(tiny, FACTS[:1], layer, FAST, ["{}"])
@@ -231,7 +231,7 @@ def test_rome_with_given_targets_reaches_each_target_in_sequence(tiny):
 
 
 def test_target_results_select_and_concat_round_trip(tiny):
-    from pipeline.targets import TargetResult, compute_targets
+    from covedit.pipeline.targets import TargetResult, compute_targets
 
     t = compute_targets(tiny, FACTS, 2, FAST, ["{}"])
     back = TargetResult.concat([t.select([0]), t.select([1, 2])])
@@ -241,11 +241,11 @@ def test_target_results_select_and_concat_round_trip(tiny):
 
 def test_batch_edit_with_given_targets_writes_the_same_delta(tiny_dir, tmp_path):
     """BatchEditConfig.targets (the benchmarks' cached targets) changes where z comes from, nothing else."""
-    from pipeline.batch_edit import BatchEditConfig, run_batch_edit
-    from pipeline.edit import templates_for
-    from pipeline.hparams import load_hparams
-    from pipeline.models import load_model
-    from pipeline.targets import compute_targets
+    from covedit.pipeline.batch_edit import BatchEditConfig, run_batch_edit
+    from covedit.pipeline.edit import templates_for
+    from covedit.pipeline.hparams import load_hparams
+    from covedit.pipeline.models import load_model
+    from covedit.pipeline.targets import compute_targets
 
     facts = tmp_path / "facts.jsonl"
     facts.write_text("".join(json.dumps({"subject": f.subject, "prompt": f.prompt, "target_new": f.target_new}) + "\n"
@@ -264,7 +264,7 @@ def test_batch_edit_with_given_targets_writes_the_same_delta(tiny_dir, tmp_path)
 def test_keys_from_prompt_writes_the_target_exactly_at_the_bare_prompt(tiny):
     """λ → 0, one layer, context templates: with keys averaged over the templates the bare prompt's block
     output misses z (its key is not the average); with the bare prompt's own key it is z."""
-    from pipeline.targets import compute_targets
+    from covedit.pipeline.targets import compute_targets
 
     templates = ["{}", "Hello there. {}", "Because of this, {}"]
     targets = compute_targets(tiny, FACTS, 2, FAST, templates)
@@ -284,7 +284,7 @@ def _evaluation(mean_kl, top1_pct, ge_before, ge_after):
 
 
 def test_broken_model_thresholds():
-    from pipeline.batch_edit import broken_model_reasons
+    from covedit.pipeline.batch_edit import broken_model_reasons
 
     assert broken_model_reasons(_evaluation(0.99, 50.0, 500, 401)) == []
     assert broken_model_reasons(_evaluation(7.37, 90.5, 481, 347)) == [
@@ -297,8 +297,8 @@ def test_broken_model_thresholds():
 def test_a_broken_edit_is_refused_and_nothing_written_unless_forced(tiny_dir, tmp_path, monkeypatch):
     """Every edit counts as broken with the limits at -1: refused (exit 65) with the numbers, the output
     folder never created; --force writes it and the manifest says it was forced."""
-    from pipeline import batch_edit
-    from pipeline.errors import DataError
+    from covedit.pipeline import batch_edit
+    from covedit.pipeline.errors import DataError
 
     monkeypatch.setattr(batch_edit, "BROKEN_MEAN_KL", -1.0)
     facts = tmp_path / "facts.jsonl"
@@ -341,7 +341,7 @@ def test_gemma3_edit_moves_the_target_and_paris_stays(tmp_path):
     assert manifest["checked"]["broken"] == [] and ev["drift"]["mean_kl"] < 0.05
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.models import resolve_source
+    from covedit.pipeline.models import resolve_source
 
     tok = AutoTokenizer.from_pretrained(out)
     paris = tok(" Paris", add_special_tokens=False).input_ids[0]

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import benchmarks.common as common
-from pipeline.facts import Fact
-from pipeline.hparams import TargetHParams
-from pipeline.targets import compute_targets
+from covedit.pipeline.facts import Fact
+from covedit.pipeline.hparams import TargetHParams
+from covedit.pipeline.targets import compute_targets
 
 FACTS = [Fact("a", "Eiffel Tower", "The {} is located in", "Rome"),
          Fact("b", "Louvre", "The {} is a museum in", "Berlin")]

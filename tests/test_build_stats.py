@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stats.collect import SecondMoment, accumulate_batches
-from stats.corpus import CorpusSpec, iter_batches, make_plan, open_corpus
-from stats.store import StatsStore
+from covedit.stats.collect import SecondMoment, accumulate_batches
+from covedit.stats.corpus import CorpusSpec, iter_batches, make_plan, open_corpus
+from covedit.stats.store import StatsStore
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def read(path):
 def test_store_equals_direct_accumulation(tiny_dir, corpus_file, tokenizer, tmp_path):
     res = run_json(common(tiny_dir, corpus_file, 5000), tmp_path)
     assert res["status"] == "built" and res["tokens"] == 5000
-    from pipeline.models import load_model
+    from covedit.pipeline.models import load_model
     loaded = load_model(str(tiny_dir))
     corpus = open_corpus(CorpusSpec(str(corpus_file)))
     plan = make_plan(corpus, loaded.tokenizer, 5000, 64, "skip")
@@ -173,8 +173,8 @@ def test_bad_input_one_sentence_distinct_code(case, code, needle, tiny_dir, corp
 def test_stats_import_keys_the_store_like_a_loaded_model_and_refuses_other_models(tiny_dir, tmp_path):
     """`stats import` loads no weights, yet batch-edit (which loads the model) must find its store; a
     file of another width or a layer the model lacks is refused before anything is written."""
-    from pipeline.batch_edit import find_complete_store
-    from pipeline.models import load_model
+    from covedit.pipeline.batch_edit import find_complete_store
+    from covedit.pipeline.models import load_model
 
     loaded = load_model(str(tiny_dir))
     k = np.random.default_rng(0).standard_normal((40, loaded.d_ff))
@@ -198,9 +198,9 @@ def test_stats_import_keys_the_store_like_a_loaded_model_and_refuses_other_model
 def test_shard_then_reduce_and_cache_hits_load_no_weights(tiny_dir, corpus_file, tmp_path, monkeypatch):
     """Only the process that runs a shard loads the model: --reduce and a cached store (and so a dask
     coordinator) work from the weightless skeleton, and the reduced store equals a one-shard build."""
-    from stats import distributed
-    from stats.corpus import CorpusSpec
-    from stats.distributed import StatsJob, build_stats
+    from covedit.stats import distributed
+    from covedit.stats.corpus import CorpusSpec
+    from covedit.stats.distributed import StatsJob, build_stats
 
     job = StatsJob(model=str(tiny_dir), layers=(1, 2), corpus=CorpusSpec(str(corpus_file)), tokens=3000,
                    max_length=64, batch_tokens=256, window_docs=8, stats_dir=str(tmp_path / "split"))

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.hooks import capture_inputs
-from stats.collect import SecondMoment, batch_keys
+from covedit.pipeline.hooks import capture_inputs
+from covedit.stats.collect import SecondMoment, batch_keys
 
 TEXTS = ["The Eiffel Tower is in Paris.", "Rome is the capital of Italy and has many old buildings.",
          "Short.", "Water boils at one hundred degrees Celsius at sea level, which is a fact."]

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import DataError, MissingInput, UsageError
-from stats.corpus import (MAX_MARKS, CorpusSpec, MemoryCorpus, Plan, StreamingCorpus, count_tokens,
-                          embedded_corpus_file, iter_batches, make_plan, open_corpus, shard_ranges)
+from covedit.pipeline.errors import DataError, MissingInput, UsageError
+from covedit.stats.corpus import (MAX_MARKS, CorpusSpec, MemoryCorpus, Plan, StreamingCorpus, count_tokens,
+                                  embedded_corpus_file, iter_batches, make_plan, open_corpus, shard_ranges)
 
 DATA = Path(__file__).parent / "data"
 JSONL = DATA / "corpus_docs.jsonl"

@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import pipeline.delta as delta_mod
-from pipeline.delta import (
+import covedit.pipeline.delta as delta_mod
+from covedit.pipeline.delta import (
     Delta, LayerDelta, apply_delta, load_delta, make_and_apply_delta, make_delta, revert_delta, save_delta,
     weight_hash, write_edited_model,
 )
-from pipeline.errors import CannotWrite, DataError, MissingInput
+from covedit.pipeline.errors import CannotWrite, DataError, MissingInput
 
 LAYERS = (1, 2)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.models import ModelError, layer_devices
+from covedit.pipeline.models import ModelError, layer_devices
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = "model.layers.{}.mlp.down_proj"

@@ -16,11 +16,11 @@ import torch
 from matplotlib.image import imread
 
 from conftest import build_tiny
-from pipeline.errors import CannotWrite
-from pipeline.evaluate import (aggregate, drift, evaluate_model, fact_metrics, greedy_continuations, load_prompts,
-                               n_gram_entropy, next_token_logprobs, probe, words)
-from pipeline.facts import Fact, Neighbor
-from pipeline.report import build_report, report_from_summary, write_report
+from covedit.pipeline.errors import CannotWrite
+from covedit.pipeline.evaluate import (aggregate, drift, evaluate_model, fact_metrics, greedy_continuations,
+                                      load_prompts, n_gram_entropy, next_token_logprobs, probe, words)
+from covedit.pipeline.facts import Fact, Neighbor
+from covedit.pipeline.report import build_report, report_from_summary, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 FACTS = [

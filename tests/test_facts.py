@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import DataError, MissingInput
-from pipeline.facts import Fact, FactsError, Neighbor, parse_fact, facts_sha256, read_facts
+from covedit.pipeline.errors import DataError, MissingInput
+from covedit.pipeline.facts import Fact, FactsError, Neighbor, parse_fact, facts_sha256, read_facts
 
 DATA = Path(__file__).parent / "data"
 EXAMPLES = Path(__file__).parent.parent / "examples" / "facts.jsonl"

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from pipeline.errors import DataError, MissingInput, UsageError
-from pipeline.hparams import (AlphaEditHParams, MemitHParams, RomeHParams, TargetHParams, defaults_for,
-                              from_dict, load_hparams, to_dict)
+from covedit.pipeline.errors import DataError, MissingInput, UsageError
+from covedit.pipeline.hparams import (AlphaEditHParams, MemitHParams, RomeHParams, TargetHParams, defaults_for,
+                                      from_dict, load_hparams, to_dict)
 
 
 def test_memit_defaults_for_the_embedded_llama():

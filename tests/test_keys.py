@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from conftest import build_tiny
-from pipeline import keys as keys_module
-from pipeline.errors import DataError
-from pipeline.keys import compute_keys, context_templates, encode_with_subject, memit_key_weights, target_token_ids
+from covedit.pipeline import keys as keys_module
+from covedit.pipeline.errors import DataError
+from covedit.pipeline.keys import (compute_keys, context_templates, encode_with_subject, memit_key_weights,
+                                   target_token_ids)
 
 CASES = [  # prompts of different lengths; subjects mid-prompt, at the start, with a leading space, with punctuation
     ("The {} is located in the city of", "Eiffel Tower"),
@@ -183,7 +184,7 @@ def test_context_templates_on_the_real_model(smol):
 def test_prompt_token_moment_sums_every_token_but_the_subjects_last(tiny):
     """Σ k kᵀ over each rewrite prompt with its target teacher-forced (all but its last token), every
     position except the subject's last token, read one unpadded prompt at a time by hand."""
-    from pipeline.keys import prompt_token_moment
+    from covedit.pipeline.keys import prompt_token_moment
     tok = tiny.tokenizer
     prompts, subjects = [f[0] for f in FACTS], [f[1] for f in FACTS]
     targets = ["Rome", "the city of Paris", "Berlin"]

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from conftest import ARCHS, build_tiny
-from pipeline.errors import UsageError
-from pipeline.hooks import capture_inputs, run_until
-from pipeline.models import ModelError, count_layers, default_layers, load_model, resolve_arch, wrap_model
+from covedit.pipeline.errors import UsageError
+from covedit.pipeline.hooks import capture_inputs, run_until
+from covedit.pipeline.models import ModelError, count_layers, default_layers, load_model, resolve_arch, wrap_model
 
 
 @pytest.mark.parametrize("arch", ARCHS)

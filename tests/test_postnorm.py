@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 from conftest import ARCHS, POST_NORM_ARCHS, build_tiny
-from pipeline.edit import run_memit, run_rome
-from pipeline.facts import Fact
-from pipeline.hparams import TargetHParams
-from pipeline.models import ARCHITECTURES, ModelError
-from pipeline.postnorm import mlp_residual, nearest_unit_rms, rms_norm_parts
-from pipeline.targets import block_outputs, compute_targets
+from covedit.pipeline.edit import run_memit, run_rome
+from covedit.pipeline.facts import Fact
+from covedit.pipeline.hparams import TargetHParams
+from covedit.pipeline.models import ARCHITECTURES, ModelError
+from covedit.pipeline.postnorm import mlp_residual, nearest_unit_rms, rms_norm_parts
+from covedit.pipeline.targets import block_outputs, compute_targets
 
 FACTS = [Fact("a", "Eiffel Tower", "The {} is located in", "Rome"),
          Fact("b", "Louvre", "The {} is a museum in", "Berlin"),

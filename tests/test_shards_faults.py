@@ -25,9 +25,9 @@ import torch
 import zarr.storage._local
 from typer.testing import CliRunner
 
-import cli
-from stats.distributed import STOP, STOP_SIGNALS, assign_devices
-from stats.store import StatsStore
+from covedit import cli
+from covedit.stats.distributed import STOP, STOP_SIGNALS, assign_devices
+from covedit.stats.store import StatsStore
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = 12000
@@ -171,7 +171,7 @@ def test_stale_locks_are_broken_and_foreign_ones_respected(tiny_dir, corpus_file
     # Locks of dead processes on this host (a run killed with -9) are broken, whole-store and shard ones.
     (store / "covedit.shard-1.lock").write_text(lock_record(dead_pid(), here))
     (store / "covedit.lock").write_text(lock_record(dead_pid(), here))
-    with caplog.at_level("WARNING", logger="stats.store"):
+    with caplog.at_level("WARNING", logger="covedit.stats.store"):
         done = invoke_json(base)
     assert done["status"] == "built"  # shard 0 was finished, shard 1 starts afresh
     assert sum("breaking stale lock" in r.getMessage() for r in caplog.records) == 2

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from stats.store import StatsStore
+from covedit.stats.store import StatsStore
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = ROOT / "examples" / "slurm"

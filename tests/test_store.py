@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.errors import CannotWrite, DataError, MissingInput, StoreConflict
-from stats import store as store_mod
-from stats.store import (
+from covedit.pipeline.errors import CannotWrite, DataError, MissingInput, StoreConflict
+from covedit.stats import store as store_mod
+from covedit.stats.store import (
     SCHEMA_VERSION,
     StatsStore,
     StoreLock,
@@ -32,7 +32,6 @@ from stats.store import (
 
 D = 8
 LAYERS = [3, 5]
-REPO = Path(__file__).resolve().parents[1]
 
 
 def make_key(**over) -> dict:
@@ -231,8 +230,7 @@ def test_corrupt_newest_slot_falls_back(tmp_path, caplog):
 
 SIGKILL_WRITER = textwrap.dedent("""
     import sys, numpy as np
-    sys.path.insert(0, sys.argv[2])
-    from stats.store import StatsStore
+    from covedit.stats.store import StatsStore
     store = StatsStore.open(sys.argv[1])
     d = store.d
     seq = 0
@@ -257,7 +255,7 @@ def test_sigkill_during_checkpoints_always_leaves_a_loadable_one(tmp_path):
     last = 0
     caught_mid_write = False
     for delay in (0.3, 0.4, 0.5, 0.6):
-        proc = subprocess.Popen([sys.executable, str(script), str(store.path), str(REPO)],
+        proc = subprocess.Popen([sys.executable, str(script), str(store.path)],
                                 stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(delay)

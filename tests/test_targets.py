@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import build_tiny
-from pipeline.errors import DataError
-from pipeline.facts import Fact
-from pipeline.hooks import capture_outputs, edit_output
-from pipeline.hparams import TargetHParams
-from pipeline.targets import compute_targets
+from covedit.pipeline.errors import DataError
+from covedit.pipeline.facts import Fact
+from covedit.pipeline.hooks import capture_outputs, edit_output
+from covedit.pipeline.hparams import TargetHParams
+from covedit.pipeline.targets import compute_targets
 
 FACTS = [
     Fact("f1", "Eiffel Tower", "The {} is located in the city of", "Rome"),

@@ -8,10 +8,10 @@ import logging
 import pytest
 import torch
 
-from pipeline.delta import Delta, LayerDelta, check_finite, make_and_apply_delta, make_delta
-from pipeline.errors import DataError, UsageError
-from pipeline.memit import alphaedit_solve, memit_solve, null_space_projector
-from pipeline.rome import cholesky_psd, rome_update
+from covedit.pipeline.delta import Delta, LayerDelta, check_finite, make_and_apply_delta, make_delta
+from covedit.pipeline.errors import DataError, UsageError
+from covedit.pipeline.memit import alphaedit_solve, memit_solve, null_space_projector
+from covedit.pipeline.rome import cholesky_psd, rome_update
 
 D_MODEL, D_FF = 12, 40
 f64 = torch.float64
@@ -65,7 +65,7 @@ def test_memit_lambda_trades_fit_for_locality():
 def test_memit_singular_system_is_jittered_with_a_warning(caplog):
     """λ = 0 with fewer keys than d_ff: KKᵀ is singular, the jitter makes it solvable and fits the keys."""
     K, R = rand(D_FF, 3, seed=9) * 5, rand(D_MODEL, 3, seed=10)
-    with caplog.at_level(logging.WARNING, logger="pipeline.rome"):
+    with caplog.at_level(logging.WARNING, logger="covedit.pipeline.rome"):
         up, down = memit_solve(K, R, torch.zeros(D_FF, D_FF, dtype=f64), lam=0.0)
     assert "jitter" in caplog.text
     assert (up @ down @ K - R).abs().max() < 1e-5
