@@ -22,7 +22,7 @@ Quirks:
   ``compute_u`` takes the plain mean over all its templates (``weights=None``).
 * Context templates are deterministic: sampled like MEMIT's (top 5 tokens) but from a seeded CPU
   generator, so a model gets the same templates on every run (up to the logits' own rounding on a
-  different device). They are cached per model id in this process.
+  different device). They are cached on the loaded model (``LoadedModel.template_cache``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ from covedit.pipeline.models import LoadedModel, ModelError
 log = logging.getLogger(__name__)
 
 STARTERS = ("The", "Therefore", "Because", "I", "You")
-_TEMPLATE_CACHE: dict[tuple[str, int, int, int], list[str]] = {}
 
 
 @dataclass
@@ -172,13 +171,14 @@ def _generate_prefixes(loaded: LoadedModel, starter: str, n: int, length: int, g
 
 
 def context_templates(loaded: LoadedModel, n_per_starter: int = 2, length: int = 10, seed: int = 0) -> list[str]:
-    """``["{}"]`` plus short generated prefixes ending in ``". {}"``; deterministic, cached per model id.
+    """``["{}"]`` plus short generated prefixes ending in ``". {}"``; deterministic, cached on ``loaded``.
 
     As MEMIT's ``generate_fast``: top-5 sampling, ``length`` tokens per prefix with the starter word
     (``max_out_len``), but from a seeded generator so the same model always gets the same templates.
     """
-    key = (loaded.model_id, n_per_starter, length, seed)
-    if key not in _TEMPLATE_CACHE:
+    cache = loaded.template_cache
+    key = (n_per_starter, length, seed)
+    if key not in cache:
         templates = ["{}"]
         generator = torch.Generator().manual_seed(seed)
         for starter in STARTERS:
@@ -187,8 +187,8 @@ def context_templates(loaded: LoadedModel, n_per_starter: int = 2, length: int =
                 if template not in templates:
                     templates.append(template)
         log.debug("context templates for %s: %s", loaded.model_id, templates)
-        _TEMPLATE_CACHE[key] = templates
-    return list(_TEMPLATE_CACHE[key])
+        cache[key] = templates
+    return list(cache[key])
 
 
 @torch.no_grad()

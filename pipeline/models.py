@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -133,6 +133,9 @@ class LoadedModel:
     arch: ArchSpec
     model_id: str  # canonical identity (name + revision or content fingerprint) for cache keys
     source: str  # what the user asked for
+    # Context templates generated from this model (pipeline.keys.context_templates), by their settings. They
+    # live and die with this object: another LoadedModel (dataclasses.replace included) starts empty.
+    template_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def blocks(self) -> nn.ModuleList:

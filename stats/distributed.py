@@ -17,6 +17,7 @@ start one worker per GPU there with ``CUDA_VISIBLE_DEVICES`` set (see examples/s
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -26,6 +27,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -37,7 +39,6 @@ from covedit.stats.store import StatsStore, StoreLock, canonical_key, store_path
 
 log = logging.getLogger(__name__)
 
-STOP = threading.Event()  # set by a signal: checkpoint at the next resumable batch, then exit 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
@@ -63,14 +64,29 @@ class StatsJob:
     window_docs: int = 512  # documents sorted by length together: less padding, coarser resume points
 
 
-def install_signal_handlers() -> None:
-    """SIGTERM, SIGINT and SIGUSR1 ask for a checkpoint and a clean exit 75 (Slurm sends USR1 before the end)."""
+@contextlib.contextmanager
+def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[threading.Event]:
+    """For the duration of a build: SIGTERM, SIGINT and SIGUSR1 ask for a checkpoint and a clean exit 75
+    (Slurm sends USR1 before the end). Yields the build's own stop event, set by those signals.
+
+    The previous handlers are put back on exit, and the event belongs to this build alone: after it,
+    Ctrl-C and SIGTERM do again what they did before (a KeyboardInterrupt, the end of the process).
+    """
+    stop = threading.Event()
+
     def request_stop(signum, _frame):
         log.warning("signal %s: checkpointing, then exiting 75 (rerun the same command to resume)", signum)
-        STOP.set()
+        stop.set()
 
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, request_stop)
+    previous = {}
+    try:
+        for sig in signals:
+            previous[sig] = signal.signal(sig, request_stop)
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            # None: a handler not installed from Python, which cannot be put back from here; the default then.
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def job_key(job: StatsJob, loaded, corpus) -> dict:
@@ -87,20 +103,30 @@ def provenance() -> dict:
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def _fault_injection(shard: int) -> None:
-    """Test aids, each firing once per MARKER file, right after a checkpoint of shard I.
+@dataclass(frozen=True)
+class Fault:
+    """A test aid: a fault right after a checkpoint of ``shard``, firing once per ``marker`` file.
 
-    COVEDIT_FAULT_SHARD='I:MARKER' raises (a failed task that dask retries); COVEDIT_FAULT_KILL='I:MARKER'
-    SIGKILLs the process running the shard (a lost worker that dask's nanny restarts).
+    ``kind`` "raise" fails the task (dask retries it), "kill" SIGKILLs the process running the shard (a lost
+    worker that dask's nanny restarts). The marker (created when it fires, holding that process's pid) makes
+    it fire once across retries and worker restarts. Faults are passed to ``build_stats(faults=...)`` and
+    travel with each shard's task, so they reach dask workers in other processes.
     """
-    for name in ("COVEDIT_FAULT_SHARD", "COVEDIT_FAULT_KILL"):
-        spec = os.environ.get(name)
-        if not spec:
-            continue
-        target, marker = spec.split(":", 1)
-        if int(target) == shard and not Path(marker).exists():
-            Path(marker).write_text(str(os.getpid()))
-            if name == "COVEDIT_FAULT_KILL":
+
+    shard: int
+    marker: str
+    kind: str = "raise"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("raise", "kill"):
+            raise ValueError(f"Fault.kind must be 'raise' or 'kill', not {self.kind!r}")
+
+
+def _inject_faults(faults: tuple[Fault, ...], shard: int) -> None:
+    for fault in faults:
+        if fault.shard == shard and not Path(fault.marker).exists():
+            Path(fault.marker).write_text(str(os.getpid()))
+            if fault.kind == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected fault in shard {shard}")
 
@@ -114,17 +140,20 @@ def assign_devices(device: str, workers: int, n_visible: int) -> list[str]:
 
 
 def run_shard(job: StatsJob, path: str, shard: int, n_shards: int, progress=None, threads: int | None = None,
-              loaded=None) -> dict:
+              loaded=None, stop: threading.Event | None = None, faults: tuple[Fault, ...] = ()) -> dict:
     """Collect one shard into the store at ``path``, resuming from its last checkpoint. Returns its totals.
 
     ``loaded``: the job's model, already in memory (the in-process path); workers load their own copy.
+    ``stop``: once set, the shard checkpoints at the next resumable batch and raises Interrupted.
+    ``faults``: test aids (``Fault``).
     """
+    stop = stop if stop is not None else threading.Event()
     if threads:
         torch.set_num_threads(threads)
     store = StatsStore.open(path, verify=False)
     plan_info = store.get_plan()
     plan = Plan.from_dict(plan_info["plan"])
-    start, stop = plan_info["ranges"][shard]
+    start, end = plan_info["ranges"][shard]
     if loaded is None:
         loaded = load_model(job.model, job.dtype, job.device, job.module_template)
     layers = sorted(job.layers)
@@ -156,7 +185,7 @@ def run_shard(job: StatsJob, path: str, shard: int, n_shards: int, progress=None
                               ) from exc
 
     corpus = open_corpus(job.corpus)
-    batches = iter_batches(corpus, loaded.tokenizer, next_doc, stop, plan, job.max_length, job.batch_tokens, job.bos,
+    batches = iter_batches(corpus, loaded.tokenizer, next_doc, end, plan, job.max_length, job.batch_tokens, job.bos,
                            plan_info.get("window_docs", job.window_docs))
     last_tokens, last_time = tokens, time.monotonic()
     for batch in accumulate_batches(loaded, layers, batches, moments):
@@ -168,14 +197,14 @@ def run_shard(job: StatsJob, path: str, shard: int, n_shards: int, progress=None
         next_doc = batch.resume_doc
         due = ((job.checkpoint_tokens and tokens - last_tokens >= job.checkpoint_tokens)
                or (job.checkpoint_seconds and time.monotonic() - last_time >= job.checkpoint_seconds))
-        if due or STOP.is_set():
+        if due or stop.is_set():
             checkpoint(done=False)
             last_tokens, last_time = tokens, time.monotonic()
-            _fault_injection(shard)
-        if STOP.is_set():
+            _inject_faults(faults, shard)
+        if stop.is_set():
             raise Interrupted(f"Interrupted after a checkpoint at {tokens:,} tokens of shard {shard}: "
                               "rerun the same command to resume.")
-    next_doc = stop
+    next_doc = end
     checkpoint(done=True)
     return {"shard": shard, "tokens": tokens, "resumed": saved is not None}
 
@@ -232,12 +261,22 @@ def aligned_ranges(ranges: list[tuple[int, int]], window: int, n_docs: int) -> l
 
 
 def build_stats(job: StatsJob, workers: int = 1, scheduler: str | None = None, shard: tuple[int, int] | None = None,
-                reduce_only: bool = False, show_progress: bool = True) -> BuildResult:
-    """The whole statistics stage; returns at once if the store for this key is already complete."""
+                reduce_only: bool = False, show_progress: bool = True, faults: tuple[Fault, ...] = ()) -> BuildResult:
+    """The whole statistics stage; returns at once if the store for this key is already complete.
+
+    While it runs, SIGTERM, SIGINT and SIGUSR1 checkpoint and stop it (Interrupted, exit 75); the process's
+    own handlers are back when it returns or raises (``stop_on_signals``). ``faults``: test aids (``Fault``).
+    """
+    with stop_on_signals() as stop:
+        return _build_stats(job, workers, scheduler, shard, reduce_only, show_progress, faults, stop)
+
+
+def _build_stats(job: StatsJob, workers: int, scheduler: str | None, shard: tuple[int, int] | None,
+                 reduce_only: bool, show_progress: bool, faults: tuple[Fault, ...], stop: threading.Event
+                 ) -> BuildResult:
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     t0 = time.monotonic()
-    install_signal_handlers()
     n_shards = shard[1] if shard else max(1, workers)
     store = prepare(job, n_shards, check_device=not scheduler)
     plan_info = store.get_plan()
@@ -271,11 +310,12 @@ def build_stats(job: StatsJob, workers: int = 1, scheduler: str | None = None, s
             bar.update(n)
 
         if scheduler or workers > 1:
-            _run_dask(job, store, todo, n_shards, workers, scheduler, progress)
+            _run_dask(job, store, todo, n_shards, workers, scheduler, progress, stop, faults)
         else:
             loaded = load_model(job.model, job.dtype, job.device, job.module_template)  # once for all its shards
             for i in todo:
-                run_shard(job, str(store.path), i, n_shards, progress=progress, threads=job.threads, loaded=loaded)
+                run_shard(job, str(store.path), i, n_shards, progress=progress, threads=job.threads, loaded=loaded,
+                          stop=stop, faults=faults)
         bar.close()
         if shard:
             return result("shard-done")
@@ -290,8 +330,8 @@ def _shard_tokens(store: StatsStore, shard: int, n_shards: int) -> int:
 
 
 def _run_dask(job: StatsJob, store: StatsStore, todo: list[int], n_shards: int, workers: int,
-              scheduler: str | None, progress) -> None:
-    """Run the shards as dask tasks; SIGUSR1/SIGTERM on the coordinator cancels them after a checkpoint."""
+              scheduler: str | None, progress, stop: threading.Event, faults: tuple[Fault, ...] = ()) -> None:
+    """Run the shards as dask tasks; ``stop`` (a signal on the coordinator) cancels them after a checkpoint."""
     from distributed import Client, Event, LocalCluster, wait  # noqa: PLC0415
 
     if scheduler:
@@ -308,7 +348,7 @@ def _run_dask(job: StatsJob, store: StatsStore, todo: list[int], n_shards: int, 
         stop_event = Event(f"covedit-stop-{store.key_hash}", client=client)
         stop_event.clear()
         futures = [client.submit(_dask_shard, job, str(store.path), i, n_shards, threads, stop_event.name, devices,
-                                 key=f"covedit-shard-{store.key_hash}-{i}-of-{n_shards}", retries=3, pure=False)
+                                 faults, key=f"covedit-shard-{store.key_hash}-{i}-of-{n_shards}", retries=3, pure=False)
                    for i in todo]
         seen = sum(_shard_tokens(store, i, n_shards) for i in todo)
         while not all(f.done() for f in futures):
@@ -317,7 +357,7 @@ def _run_dask(job: StatsJob, store: StatsStore, todo: list[int], n_shards: int, 
             if now > seen:
                 progress(now - seen)
                 seen = now
-            if STOP.is_set():
+            if stop.is_set():
                 stop_event.set()
                 wait(futures)
                 raise Interrupted("Interrupted after the shards checkpointed: rerun the same command to resume.")
@@ -331,29 +371,31 @@ def _run_dask(job: StatsJob, store: StatsStore, todo: list[int], n_shards: int, 
 
 
 def _dask_shard(job: StatsJob, path: str, shard: int, n_shards: int, threads: int | None, stop_name: str,
-                devices: list[str] | None = None) -> dict:
+                devices: list[str] | None = None, faults: tuple[Fault, ...] = ()) -> dict:
     """A dask task: run one shard, polling the coordinator's stop event at each resumable batch.
 
     ``devices`` (LocalCluster only) maps the worker's name 0..N-1 to its device; a restarted worker keeps
-    its name, so it keeps its GPU.
+    its name, so it keeps its GPU. The task's own stop flag mirrors the coordinator's event, so a stop
+    never outlives the task on a worker that runs later ones.
     """
     from distributed import Event, get_client, get_worker  # noqa: PLC0415
 
     if devices:
         job = replace(job, device=devices[int(get_worker().name) % len(devices)])
     event = Event(stop_name, client=get_client())
+    stop = threading.Event()
     watcher_done = threading.Event()
 
     def watch() -> None:
         while not watcher_done.is_set():
             if event.is_set():
-                STOP.set()
+                stop.set()
                 return
             time.sleep(1.0)
 
     threading.Thread(target=watch, daemon=True).start()
     try:
-        return run_shard(job, path, shard, n_shards, threads=threads)
+        return run_shard(job, path, shard, n_shards, threads=threads, stop=stop, faults=faults)
     except Interrupted:
         return {"shard": shard, "interrupted": True}
     finally:

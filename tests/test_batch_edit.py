@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -154,6 +155,50 @@ def test_missing_statistics_names_the_command(tmp_path):
     assert res.returncode == 66
     assert "covedit build-stats --model smollm2-135m --layers 4,5,6,7,8" in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_during_the_edit_after_build_stats_stops_it_and_writes_nothing(tiny_dir, tmp_path, monkeypatch, caplog):
+    """batch-edit --build-stats builds the missing statistics, then edits. The build's signal handlers end
+    with the build: a Ctrl-C during the edit is a KeyboardInterrupt again (not "checkpointing, then exiting
+    75" and carrying on), so the command stops with a non-zero exit and no output folder."""
+    from typer.testing import CliRunner
+
+    from covedit import cli as cli_module
+    from covedit.pipeline import batch_edit
+    from covedit.stats.store import list_stores
+
+    stats_dir, out, facts = tmp_path / "stats", tmp_path / "out", tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps({"subject": f.subject, "prompt": f.prompt, "target_new": f.target_new}) + "\n"
+                             for f in FACTS[:2]))
+    real_run_memit, sent = batch_edit.run_memit, []
+
+    def ctrl_c_then_run_memit(*args, **kwargs):
+        assert [s for s in list_stores(stats_dir) if s.get("complete")], "the statistics were not built first"
+        sent.append(signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C in the terminal: to this process, now
+        return real_run_memit(*args, **kwargs)
+
+    monkeypatch.setattr(batch_edit, "run_memit", ctrl_c_then_run_memit)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    argv = ["batch-edit", str(facts), "--model", str(tiny_dir), "-o", str(out), "--build-stats", "--stats-tokens", "2000",
+            "--stats-dir", str(stats_dir), "--set", "layers=1-2", "--set", "target.steps=2", "--no-eval", "--quiet"]
+    try:
+        with caplog.at_level("WARNING"):
+            try:
+                result = CliRunner().invoke(cli_module.app, argv)
+                code, err = result.exit_code, result.stderr
+            except KeyboardInterrupt:  # should click ever let it through
+                code, err = 130, ""
+    finally:
+        now = {sig: signal.getsignal(sig) for sig in handlers}
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert sent == [signal.SIGINT], "the edit never ran"
+    assert code != 0 and code != 75, err
+    assert "Aborted" in err or code == 130
+    assert "checkpointing" not in caplog.text
+    assert not out.exists() and not list(tmp_path.glob(".out*")), "an output folder was left"
+    assert now == handlers, "batch-edit --build-stats left its signal handlers installed"
 
 
 def test_existing_output_refused_without_overwrite(tmp_path):

@@ -120,17 +120,55 @@ def test_sigusr1_checkpoints_and_exits_75_then_resumes(tiny_dir, corpus_file, tm
 
 
 def test_two_workers_equal_one_and_failed_shard_is_retried_once(tiny_dir, corpus_file, tmp_path):
+    """A fault raised in shard 1 right after a checkpoint (passed to build_stats, it travels with the task to
+    the dask worker): dask retries the task, which resumes from that checkpoint and counts nothing twice."""
+    from covedit.stats.distributed import Fault, StatsJob, build_stats
+
     # Same thread count in both runs: BLAS results depend on it, and the claim is "equal to float64 rounding".
     args = common(tiny_dir, corpus_file, 12000) + ["--checkpoint-every", 1000, "--threads", 1]
     one = run_json(args, tmp_path / "one")
     marker = tmp_path / "fault-marker"
-    two = run_json(args + ["--workers", 2], tmp_path / "two",
-                   env={"COVEDIT_FAULT_SHARD": f"1:{marker}"})
+    job = StatsJob(model=str(tiny_dir), layers=(1, 2), corpus=CorpusSpec(str(corpus_file)), tokens=12000,
+                   max_length=64, batch_tokens=256, window_docs=8, checkpoint_tokens=1000, checkpoint_seconds=None,
+                   threads=1, stats_dir=str(tmp_path / "two"))
+    two = build_stats(job, workers=2, show_progress=False, faults=(Fault(1, str(marker)),))
+    assert two.status == "built"
     assert marker.exists(), "the injected fault never fired"
-    a, b = read(one["path"]), read(two["path"])
+    a, b = read(one["path"]), read(two.path)
     for L in a:
         assert a[L][1] == b[L][1] == 12000  # nothing counted twice or lost
         np.testing.assert_allclose(b[L][0], a[L][0], rtol=1e-12, atol=1e-12 * np.abs(a[L][0]).max())
+
+
+def test_signal_handlers_are_the_builds_only(tiny_dir, corpus_file, tmp_path):
+    """stop_on_signals installs its handlers for the duration of the block and puts the previous ones back,
+    on a normal exit and on an exception; each block has its own stop event. So does a whole build_stats."""
+    from covedit.stats.distributed import STOP_SIGNALS, StatsJob, build_stats, stop_on_signals
+
+    def mine(signum, frame):
+        raise AssertionError("not expected to run")
+
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    try:
+        signal.signal(signal.SIGUSR1, mine)
+        previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+        with stop_on_signals() as stop:
+            assert all(signal.getsignal(sig) not in (previous[sig], None) for sig in STOP_SIGNALS)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert stop.wait(5), "the signal did not set the build's stop event"
+        assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == previous
+        with pytest.raises(RuntimeError, match="inside"):
+            with stop_on_signals() as again:
+                assert not again.is_set()  # a new build starts unstopped
+                raise RuntimeError("inside")
+        assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == previous
+        job = StatsJob(model=str(tiny_dir), layers=(1,), corpus=CorpusSpec(str(corpus_file)), tokens=500,
+                       max_length=64, batch_tokens=256, window_docs=8, stats_dir=str(tmp_path))
+        assert build_stats(job, show_progress=False).status == "built"
+        assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == previous
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 @pytest.mark.parametrize("case,code,needle", [

@@ -158,7 +158,7 @@ def test_one_forward_per_batch_that_stops_after_the_deepest_layer(tokenizer):
 def test_context_templates_are_deterministic(tokenizer):
     loaded = build_tiny("llama", tokenizer)
     first = context_templates(loaded, n_per_starter=2, length=6)
-    keys_module._TEMPLATE_CACHE.clear()  # generate again, not from the cache
+    loaded.template_cache.clear()  # generate again, not from the cache
     second = context_templates(loaded, n_per_starter=2, length=6)
     assert first == second
     assert first[0] == "{}" and 1 < len(first) <= 11
@@ -173,6 +173,25 @@ def test_context_templates_are_deterministic(tokenizer):
     finally:
         handle.remove()
     assert calls == []
+
+
+def test_context_templates_are_cached_on_the_model_object_not_in_the_process(tokenizer):
+    """The cache lives on the LoadedModel: another object with the same model id generates its own (the
+    same templates, from its own forward passes), and nothing module-wide remembers them."""
+    first = build_tiny("llama", tokenizer)
+    templates = context_templates(first, n_per_starter=1, length=4)
+    assert first.template_cache == {(1, 4, 0): templates}
+    other = build_tiny("llama", tokenizer)
+    assert other.model_id == first.model_id and other.template_cache == {}
+    calls = []
+    handle = other.block(0).register_forward_hook(lambda *_: calls.append(1))
+    try:
+        assert context_templates(other, n_per_starter=1, length=4) == templates
+    finally:
+        handle.remove()
+    assert calls, "the templates of another model object came from a cache"
+    assert not [name for name, value in vars(keys_module).items()  # no module-level cache of any kind
+                if isinstance(value, (dict, list, set)) and not name.startswith("__")]
 
 
 def test_context_templates_on_the_real_model(smol):

@@ -3,8 +3,9 @@ shard and is never counted twice, ``--reduce`` refuses while a shard is missing 
 one-worker run, two runs on one store exclude each other, stale locks are broken, a SIGKILLed dask worker's
 shard is redone, and a full disk stops the run with one sentence and an intact last checkpoint.
 
-Runs that need their own process (locks held by another pid, dask workers, SIGKILL) go through a subprocess;
-the rest call the typer app in this process, which is quicker and lets a test make the disk fail."""
+Runs that need their own process (a lock held by another pid) go through a subprocess; the rest call the typer
+app in this process, which is quicker and lets a test make the disk fail, or build_stats itself where a test
+injects a fault (dask workers are processes of their own either way)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ import zarr.storage._local
 from typer.testing import CliRunner
 
 from covedit import cli
-from covedit.stats.distributed import STOP, STOP_SIGNALS, assign_devices
+from covedit.stats.corpus import CorpusSpec
+from covedit.stats.distributed import STOP_SIGNALS, Fault, StatsJob, assign_devices, build_stats
 from covedit.stats.store import StatsStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,18 +43,24 @@ def args(tiny_dir, corpus_file, stats_dir, *extra) -> list[str]:
             *map(str, extra)]
 
 
+def job(tiny_dir, corpus_file, stats_dir) -> StatsJob:
+    """The job that ``args`` describes, for calling build_stats in this process."""
+    return StatsJob(model=str(tiny_dir), layers=(1, 2), corpus=CorpusSpec(str(corpus_file)), tokens=TOKENS,
+                    max_length=64, batch_tokens=256, window_docs=8, threads=1, checkpoint_tokens=1000,
+                    checkpoint_seconds=None, stats_dir=str(stats_dir))
+
+
 @contextlib.contextmanager
 def process_state_kept():
-    """build-stats installs signal handlers and sets torch's thread count: give the test process its own back."""
+    """build-stats sets torch's thread count: give the test process its own back. Its signal handlers are
+    the build's only (stats.distributed.stop_on_signals): check that the test process has its own back."""
     handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     threads = torch.get_num_threads()
     try:
         yield
     finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
         torch.set_num_threads(threads)
-        STOP.clear()
+    assert {sig: signal.getsignal(sig) for sig in STOP_SIGNALS} == handlers, "build-stats left its signal handlers"
 
 
 def invoke(argv: list[str]):
@@ -208,23 +216,19 @@ def test_two_runs_on_one_store_one_proceeds_the_other_refuses(tiny_dir, corpus_f
 
 
 def test_sigkilled_dask_worker_shard_is_redone(tiny_dir, corpus_file, tmp_path, reference):
-    """COVEDIT_FAULT_KILL SIGKILLs the worker running shard 1 right after a checkpoint; the nanny restarts it,
-    dask reruns the task, which resumes from that checkpoint."""
+    """A Fault of kind "kill" SIGKILLs the worker running shard 1 right after a checkpoint; the nanny restarts
+    it, dask reruns the task, which resumes from that checkpoint."""
     marker = tmp_path / "killed-pid"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args(tiny_dir, corpus_file, tmp_path / "stats",
-                                                                         "--workers", 2, "--json")],
-                            cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "COVEDIT_FAULT_KILL": f"1:{marker}"})
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+    with process_state_kept():
+        result = build_stats(job(tiny_dir, corpus_file, tmp_path / "stats"), workers=2, show_progress=False,
+                             faults=(Fault(1, str(marker), kind="kill"),))
     assert marker.exists(), "the injected kill never fired"
     killed = int(marker.read_text())
-    assert killed != proc.pid
+    assert killed != os.getpid()
     with pytest.raises(ProcessLookupError):
         os.kill(killed, 0)
-    result = json.loads(out)
-    assert result["status"] == "built"
-    assert_sums_equal(read(result["path"]), reference)
+    assert result.status == "built"
+    assert_sums_equal(read(result.path), reference)
 
 
 def test_full_disk_stops_with_one_sentence_and_the_last_checkpoint_survives(tiny_dir, corpus_file, tmp_path,
