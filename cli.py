@@ -29,6 +29,8 @@ import typer  # noqa: E402
 
 from covedit.pipeline.errors import EXIT_CODES, CoveditError, UsageError  # noqa: E402
 
+log = logging.getLogger("covedit.cli")  # not __name__: that is "__main__" under ``python cli.py``
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Edit facts inside language models with covariance-normalised updates (ROME, MEMIT, AlphaEdit).\n\n"
                        "Exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()))
@@ -283,6 +285,33 @@ def _evaluation_brief(ev: dict | None) -> dict | None:
     return {"before": ev["before"], "after": ev["after"], "drift": drift, "fluency": fluency}
 
 
+def batch_edit_building_stats(cfg, build_stats: bool = False, stats_tokens: int | None = None) -> dict:
+    """``run_batch_edit(cfg)``; with ``build_stats``, statistics it lacks are built first (embedded corpus,
+    ``stats_tokens`` tokens; what ``batch-edit --build-stats`` does) and the edit runs again.
+
+    The edit stage only reads statistics (MissingStatistics says which are missing): running the statistics
+    stage for it is this layer's job. The checks before the statistics (facts, output folder, settings) are
+    cheap and repeat; a store that is still missing after the build is the same MissingStatistics.
+    """
+    from covedit.pipeline.batch_edit import run_batch_edit  # noqa: PLC0415
+    from covedit.pipeline.errors import MissingStatistics  # noqa: PLC0415
+
+    try:
+        return run_batch_edit(cfg)
+    except MissingStatistics as missing:
+        if not build_stats:
+            raise
+        need = missing  # built below, outside the handler: a failure of the build is not one "during" this
+    from covedit.stats.corpus import CorpusSpec  # noqa: PLC0415
+    from covedit.stats.distributed import StatsJob, build_stats as build  # noqa: PLC0415
+
+    log.info("no statistics for layers %s yet: building them (--build-stats)", need.layers)
+    build(StatsJob(model=need.model, layers=tuple(need.layers), corpus=CorpusSpec(), tokens=stats_tokens,
+                   dtype="float32", device=cfg.device, module_template=cfg.module_template,
+                   stats_dir=str(need.stats_dir)), show_progress=True)
+    return run_batch_edit(cfg)
+
+
 @app.command("batch-edit")
 @user_errors
 def batch_edit_cmd(
@@ -312,7 +341,7 @@ def batch_edit_cmd(
 ):
     """Apply MEMIT / ROME / AlphaEdit edits of many facts at once and write a revertible edited model."""
     setup_logging(quiet or as_json)
-    from covedit.pipeline.batch_edit import BatchEditConfig, run_batch_edit  # noqa: PLC0415
+    from covedit.pipeline.batch_edit import BatchEditConfig  # noqa: PLC0415
     from covedit.pipeline.report import check_report_dir, report_from_summary, write_report  # noqa: PLC0415
 
     if method not in ("memit", "rome", "alphaedit"):
@@ -325,12 +354,11 @@ def batch_edit_cmd(
         if no_eval:
             raise UsageError("--report needs the before/after evaluation: drop --no-eval.")
         check_report_dir(report)
-    summary = run_batch_edit(BatchEditConfig(
+    summary = batch_edit_building_stats(BatchEditConfig(
         facts=facts, output=output, method=method, covariance=covariance, fmt=fmt, model=model, dtype=dtype,
         device=device, device_map=device_map, module_template=module_template, hparams_file=hparams,
-        overrides=list(set_ or []),
-        stats_dir=stats_dir, stats=stats, build_stats=build_stats, stats_tokens=stats_tokens, base=base,
-        overwrite=overwrite, evaluate=not no_eval, force=force))
+        overrides=list(set_ or []), stats_dir=stats_dir, stats=stats, base=base,
+        overwrite=overwrite, evaluate=not no_eval, force=force), build_stats=build_stats, stats_tokens=stats_tokens)
     if report is not None:
         write_report(report, report_from_summary(summary))
     if as_json:

@@ -132,9 +132,8 @@ class TargetCache:
 
 def covariances(loaded, layers: list[int]) -> dict[int, torch.Tensor]:
     """C of each layer from the largest complete statistics store of this model in the default folder."""
-    from covedit.pipeline.batch_edit import find_complete_store
-    from covedit.stats.store import default_stats_dir
-    store = find_complete_store(default_stats_dir(), loaded.model_id, loaded.arch.template(), layers)
+    from covedit.stats.store import default_stats_dir, find_store
+    store = find_store(default_stats_dir(), {"model_id": loaded.model_id, "module": loaded.arch.template()}, layers)
     if store is None:
         raise SystemExit(f"no statistics for layers {layers}: run `covedit build-stats --model {loaded.model_id}`")
     return {layer: torch.from_numpy(store.covariance(layer)) for layer in layers}

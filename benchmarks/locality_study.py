@@ -44,14 +44,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
-from covedit.pipeline.batch_edit import find_complete_store  # noqa: E402
 from covedit.pipeline.edit import alphaedit_projectors, run_memit, run_rome, templates_for  # noqa: E402
 from covedit.pipeline.evaluate import (aggregate, drift, fact_metrics, fluency, greedy_continuations,  # noqa: E402
                                       next_token_logprobs)
 from covedit.pipeline.facts import read_facts  # noqa: E402
 from covedit.pipeline.hparams import load_hparams  # noqa: E402
 from covedit.pipeline.models import load_model  # noqa: E402
-from covedit.stats.store import default_stats_dir  # noqa: E402
+from covedit.stats.store import default_stats_dir, find_store  # noqa: E402
 
 from benchmarks.common import DEFAULT_DATA, ROOT, TargetCache, zsre_facts  # noqa: E402
 
@@ -84,7 +83,8 @@ class Study:
 
     def covariances(self, stats_dir: Path) -> tuple[dict[int, torch.Tensor], int | None]:
         """C of every edited layer from the complete store in ``stats_dir``, and its token count."""
-        store = find_complete_store(Path(stats_dir).expanduser(), self.loaded.model_id, self.loaded.arch.template(), self.layers)
+        store = find_store(Path(stats_dir).expanduser(),
+                           {"model_id": self.loaded.model_id, "module": self.loaded.arch.template()}, self.layers)
         if store is None:
             raise SystemExit(f"no complete statistics for layers {self.layers} in {stats_dir}: run "
                              f"`covedit build-stats --layers {self.layers[0]}-{self.layers[-1]} --stats-dir {stats_dir}`")

@@ -22,12 +22,12 @@ from safetensors.torch import load_file, save_file
 from covedit.pipeline import hparams as hparams_mod
 from covedit.pipeline.delta import make_and_apply_delta, write_edited_model
 from covedit.pipeline.edit import alphaedit_projectors, key_weights_for, run_memit, run_rome, templates_for
-from covedit.pipeline.errors import CannotWrite, DataError, MissingInput, UsageError
+from covedit.pipeline.errors import CannotWrite, DataError, MissingInput, MissingStatistics, UsageError
 from covedit.pipeline.evaluate import drift, evaluate_model
 from covedit.pipeline.facts import facts_sha256, read_facts
 from covedit.pipeline.models import load_model
 from covedit.pipeline.targets import TargetResult
-from covedit.stats.store import StatsStore, default_stats_dir
+from covedit.stats.store import StatsStore, default_stats_dir, find_store
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,6 @@ class BatchEditConfig:
     overrides: list[str] = field(default_factory=list)
     stats_dir: Path | None = None
     stats: Path | None = None  # an explicit store
-    build_stats: bool = False
-    stats_tokens: int | None = None
     base: Path | None = None
     overwrite: bool = False
     evaluate: bool = True
@@ -84,45 +82,27 @@ def stats_command(model: str, layers: list[int]) -> str:
 
 def load_covariances(cfg: BatchEditConfig, model_id: str, module: str, layers: list[int], model_arg: str
                      ) -> tuple[dict[int, torch.Tensor], dict]:
-    """C = sum / count per layer from a complete store; a clear MissingInput naming the command if none."""
+    """C = sum / count per layer from a complete store; MissingStatistics naming the command if none.
+
+    The edit stage only reads statistics: building missing ones (``--build-stats``) is the command line's
+    job, which catches MissingStatistics, builds, and runs the edit again.
+    """
     stats_dir = cfg.stats_dir or default_stats_dir()
     if cfg.stats is not None:
         store = StatsStore.open(cfg.stats)
         if store.key.get("model_id") != model_id:
             raise UsageError(f"--stats {cfg.stats} was built for {store.key.get('model_id')}, not {model_id}.")
     else:
-        store = find_complete_store(stats_dir, model_id, module, layers)
-        if store is None and cfg.build_stats:
-            from covedit.stats.corpus import CorpusSpec  # noqa: PLC0415
-            from covedit.stats.distributed import StatsJob, build_stats  # noqa: PLC0415
-
-            log.info("no statistics for layers %s yet: building them (--build-stats)", layers)
-            build_stats(StatsJob(model=model_arg, layers=tuple(layers), corpus=CorpusSpec(), tokens=cfg.stats_tokens,
-                                 dtype="float32", device=cfg.device, module_template=cfg.module_template,
-                                 stats_dir=str(stats_dir)), show_progress=True)
-            store = find_complete_store(stats_dir, model_id, module, layers)
+        store = find_store(stats_dir, {"model_id": model_id, "module": module}, layers)
         if store is None:
-            raise MissingInput(f"No statistics for {model_id} layers {layers} in {stats_dir}: run "
-                               f"`{stats_command(model_arg, layers)}` first, or pass --build-stats.")
+            raise MissingStatistics(f"No statistics for {model_id} layers {layers} in {stats_dir}: run "
+                                    f"`{stats_command(model_arg, layers)}` first, or pass --build-stats.",
+                                    model=model_arg, model_id=model_id, layers=layers, stats_dir=stats_dir)
     missing = [layer for layer in layers if layer not in store.layers]
     if missing:
         raise UsageError(f"The statistics store {store.path} has no layers {missing}.")
     covs = {layer: torch.from_numpy(store.covariance(layer)) for layer in layers}
     return covs, {"path": str(store.path), "key": store.key}
-
-
-def find_complete_store(stats_dir: Path, model_id: str, module: str, layers: list[int]) -> StatsStore | None:
-    """The complete store with the most tokens for this model and module covering ``layers``."""
-    from covedit.stats.store import list_stores  # noqa: PLC0415
-
-    best = None
-    for info in list_stores(stats_dir):
-        key = info.get("key") or {}
-        if (info.get("complete") and key.get("model_id") == model_id and key.get("module") == module
-                and set(layers) <= set(key.get("layers", []))):
-            if best is None or (info.get("tokens") or 0) > (best.get("tokens") or 0):
-                best = info
-    return StatsStore.open(best["path"]) if best else None
 
 
 def _evaluation_summary(before, after) -> dict:

@@ -30,6 +30,20 @@ class MissingInput(CoveditError):
     exit_code = 66
 
 
+class MissingStatistics(MissingInput):
+    """No complete statistics store for the edit's model and layers (C is needed).
+
+    Carries what building them takes, so the command line's ``--build-stats`` can build them and rerun.
+    """
+
+    def __init__(self, message: str, *, model: str, model_id: str, layers: list[int], stats_dir):
+        super().__init__(message)
+        self.model = model  # what to pass to build-stats --model (the original model of a --base sequence)
+        self.model_id = model_id
+        self.layers = list(layers)
+        self.stats_dir = stats_dir
+
+
 class CannotWrite(CoveditError):
     """An output place that cannot be written (unwritable stats dir, existing output folder)."""
 

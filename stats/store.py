@@ -616,27 +616,34 @@ def _store_dirs(stats_dir: Path) -> list[Path]:
     return sorted(p for p in stats_dir.iterdir() if p.suffix == ".zarr" and p.is_dir())
 
 
-def find_store(stats_dir: Path, key_without_layers: dict, layers: list[int]) -> StatsStore | None:
-    """A complete store for this key whose layers include ``layers`` (the fewest extra layers wins)."""
-    wanted = canonical_key(**{k: v for k, v in key_without_layers.items() if k != "layers"})
+def find_store(stats_dir: Path, match: dict, layers: list[int]) -> StatsStore | None:
+    """The complete store under ``stats_dir`` to read the statistics of ``layers`` from, or None.
+
+    ``match`` names the key fields that must agree (compared in canonical form; a ``layers`` entry is
+    ignored): a whole key finds the statistics of that key, ``{"model_id": ..., "module": ...}``
+    any statistics of that model's down-projections, which is what the edit stage asks for. A store
+    qualifies when it is complete and its layers include ``layers``; of several, the one with the most
+    tokens wins, then the one with the fewest other layers. Folders that are not readable covedit stores of
+    this schema are passed over; the winner is opened with its checks, so a damaged one is a DataError
+    (delete it and rebuild), never a silent fallback to other statistics.
+    """
+    named = [name for name in match if name != "layers"]
+    wanted = {name: value for name, value in canonical_key(**{n: match[n] for n in named}).items() if name in named}
     need = {int(layer) for layer in layers}
     candidates = []
     for path in _store_dirs(stats_dir):
         try:
             attrs = StatsStore._root_attrs(path)
-        except DataError:
+            if attrs is None:
+                continue
+            StatsStore._check_schema(path, attrs)
+        except (DataError, StoreConflict):
             continue
-        if not attrs or not attrs.get("complete") or "key" not in attrs:
-            continue
-        have = {k: v for k, v in attrs["key"].items() if k != "layers"}
-        if have == wanted and need <= set(attrs["key"].get("layers", [])):
-            candidates.append((len(attrs["key"]["layers"]), str(path)))
-    for _n, path in sorted(candidates):
-        try:
-            return StatsStore.open(path)
-        except (DataError, StoreConflict) as exc:
-            log.warning("ignoring damaged statistics store: %s", exc)
-    return None
+        key = attrs["key"]
+        have = set(key.get("layers") or [])
+        if attrs.get("complete") and need <= have and all(key.get(n) == v for n, v in wanted.items()):
+            candidates.append((-(attrs.get("tokens") or 0), len(have), str(path)))
+    return StatsStore.open(min(candidates)[2]) if candidates else None
 
 
 def list_stores(stats_dir: Path) -> list[dict]:

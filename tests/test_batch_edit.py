@@ -157,6 +157,33 @@ def test_missing_statistics_names_the_command(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_build_stats_fallback_builds_once_then_edits(tiny_dir, tmp_path, caplog):
+    """batch-edit --build-stats on a stats folder without the statistics: the command line builds them (the
+    embedded corpus, --stats-tokens), then the edit reads them from the store; a second edit reuses them."""
+    from typer.testing import CliRunner
+
+    from covedit import cli as cli_module
+    from covedit.stats.store import list_stores
+
+    stats_dir, facts = tmp_path / "stats", tmp_path / "facts.jsonl"
+    facts.write_text(json.dumps({"subject": "Eiffel Tower", "prompt": "The {} is located in", "target_new": "Rome"}) + "\n")
+    common = ["--model", str(tiny_dir), "--stats-dir", str(stats_dir), "--set", "layers=1-2", "--set", "target.steps=2",
+              "--no-eval", "--json"]
+    with caplog.at_level("INFO", logger="covedit.cli"):
+        first = CliRunner().invoke(cli_module.app, ["batch-edit", str(facts), "-o", str(tmp_path / "e1"), "--build-stats",
+                                                    "--stats-tokens", "2000", *common])
+    assert first.exit_code == 0, first.stderr
+    assert "no statistics for layers [1, 2] yet: building them (--build-stats)" in caplog.text
+    stores = list_stores(stats_dir)
+    assert len(stores) == 1 and stores[0]["complete"] and stores[0]["key"]["tokens"] == 2000
+    manifest = json.loads((tmp_path / "e1" / "manifest.json").read_text())
+    assert manifest["stats"]["path"] == stores[0]["path"]
+    caplog.clear()
+    second = CliRunner().invoke(cli_module.app, ["batch-edit", str(facts), "-o", str(tmp_path / "e2"), *common])
+    assert second.exit_code == 0, second.stderr
+    assert "building them" not in caplog.text and len(list_stores(stats_dir)) == 1
+
+
 def test_ctrl_c_during_the_edit_after_build_stats_stops_it_and_writes_nothing(tiny_dir, tmp_path, monkeypatch, caplog):
     """batch-edit --build-stats builds the missing statistics, then edits. The build's signal handlers end
     with the build: a Ctrl-C during the edit is a KeyboardInterrupt again (not "checkpointing, then exiting

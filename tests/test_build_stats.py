@@ -211,8 +211,8 @@ def test_bad_input_one_sentence_distinct_code(case, code, needle, tiny_dir, corp
 def test_stats_import_keys_the_store_like_a_loaded_model_and_refuses_other_models(tiny_dir, tmp_path):
     """`stats import` loads no weights, yet batch-edit (which loads the model) must find its store; a
     file of another width or a layer the model lacks is refused before anything is written."""
-    from covedit.pipeline.batch_edit import find_complete_store
     from covedit.pipeline.models import load_model
+    from covedit.stats.store import find_store
 
     loaded = load_model(str(tiny_dir))
     k = np.random.default_rng(0).standard_normal((40, loaded.d_ff))
@@ -229,7 +229,7 @@ def test_stats_import_keys_the_store_like_a_loaded_model_and_refuses_other_model
 
     out = cli("stats", "import", good, "--layer", 1, "--model", tiny_dir, "--stats-dir", stats_dir)
     assert out.returncode == 0, out.stderr
-    store = find_complete_store(stats_dir, loaded.model_id, loaded.arch.template(), [1])
+    store = find_store(stats_dir, {"model_id": loaded.model_id, "module": loaded.arch.template()}, [1])
     assert store is not None and np.array_equal(store.covariance(1), k.T @ k / 40)
 
 

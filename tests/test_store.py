@@ -407,6 +407,61 @@ def test_find_store_prefers_the_tightest_store(tmp_path):
     assert find_store(tmp_path, make_key(), [3, 4]).path == wide.path
 
 
+def finished_store(stats_dir: Path, count: int, **over) -> StatsStore:
+    """A complete one-shard store that counted ``count`` tokens (``over``: fields of its key)."""
+    store = make_store(stats_dir, **over)
+    store.save_checkpoint(0, 1, moments(count, layers=store.layers), {layer: count for layer in store.layers},
+                          {"next_doc": 1, "tokens": count, "done": True})
+    store.finalize(1)
+    return store
+
+
+def test_find_store_by_model_and_module_takes_the_most_tokens(tmp_path):
+    """The edit stage's question: any complete statistics of this model's down-projections (whatever corpus,
+    budget or accumulation), the one with the most tokens first; never another model's or module's, never
+    an incomplete store."""
+    small = finished_store(tmp_path, 20)
+    large = finished_store(tmp_path, 60, corpus={"name": "other"}, tokens=None, layers=[3, 4, 5, 6])
+    finished_store(tmp_path, 90, model_id="another/model")
+    finished_store(tmp_path, 90, module="model.layers.{}.mlp.up_proj")
+    make_store(tmp_path, tokens=5000)  # incomplete
+    edit = {"model_id": make_key()["model_id"], "module": make_key()["module"]}
+    assert find_store(tmp_path, edit, [3, 5]).path == large.path
+    assert find_store(tmp_path, {**edit, "layers": [1]}, [5]).path == large.path  # layers in ``match``: ignored
+    assert find_store(tmp_path, edit, [5, 7]) is None
+    assert find_store(tmp_path, make_key(), [5]).path == small.path  # a whole key: the statistics of that key
+    assert find_store(tmp_path / "absent", edit, [5]) is None
+
+
+def test_find_store_refuses_a_damaged_winner_and_passes_over_foreign_folders(tmp_path):
+    """A damaged best store is a DataError (delete it and rebuild), not a silent fallback to other
+    statistics; folders that are not covedit stores (or of another schema) are passed over."""
+    finished_store(tmp_path, 20)
+    best = finished_store(tmp_path, 60, tokens=None)
+    (tmp_path / "junk.zarr").mkdir()
+    (tmp_path / "junk.zarr" / "zarr.json").write_text('{"node_type": "group", "attributes": {}}')
+    edit = {"model_id": make_key()["model_id"], "module": make_key()["module"]}
+    assert find_store(tmp_path, edit, [5]).path == best.path
+    (best.path / "layer_5/sum/c/0/0").unlink()
+    with pytest.raises(DataError, match="missing 1 of 1 chunk"):
+        find_store(tmp_path, edit, [5])
+
+
+def test_the_edit_stage_reads_statistics_only_through_the_store():
+    """One-way imports: nothing in covedit.pipeline imports covedit.stats except covedit.stats.store (the
+    statistics stage itself, corpus and distributed, is run by the command line, never by the edit stage)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "pipeline"
+    found = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [(path.name, n) for n in names if n.startswith(("covedit.stats", "stats"))]
+    assert found and all(name == "covedit.stats.store" for _, name in found), found
+
+
 # ------------------------------------------------------------------------------------------- npz interop
 
 
