@@ -206,7 +206,11 @@ def test_ctrl_c_during_the_edit_after_build_stats_stops_it_and_writes_nothing(ti
         return real_run_memit(*args, **kwargs)
 
     monkeypatch.setattr(batch_edit, "run_memit", ctrl_c_then_run_memit)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    original = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    # Ctrl-C as an interactive process has it: a process started in the background by a non-interactive
+    # shell (nohup ... &, some CI runners) inherits SIGINT ignored, and Python then keeps it ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    handlers = {sig: signal.getsignal(sig) for sig in original}
     argv = ["batch-edit", str(facts), "--model", str(tiny_dir), "-o", str(out), "--build-stats", "--stats-tokens", "2000",
             "--stats-dir", str(stats_dir), "--set", "layers=1-2", "--set", "target.steps=2", "--no-eval", "--quiet"]
     try:
@@ -218,7 +222,7 @@ def test_ctrl_c_during_the_edit_after_build_stats_stops_it_and_writes_nothing(ti
                 code, err = 130, ""
     finally:
         now = {sig: signal.getsignal(sig) for sig in handlers}
-        for sig, handler in handlers.items():
+        for sig, handler in original.items():
             signal.signal(sig, handler)
     assert sent == [signal.SIGINT], "the edit never ran"
     assert code != 0 and code != 75, err

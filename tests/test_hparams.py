@@ -16,7 +16,8 @@ def test_memit_defaults_for_the_embedded_llama():
     assert hp.layers == [4, 5, 6, 7, 8]
     assert hp.lam == 1500.0  # published 15,000 swamps SmolLM2's small keys
     assert hp.covariance == "C" and hp.keys_from == "templates"
-    assert hp.target == TargetHParams(steps=25, lr=0.5, kl_factor=0.0625, weight_decay=0.5,
+    # lr 2 for 15 passes: the step rule chosen on SmolLM2 (hparams.ARCH_DEFAULTS), else the published values
+    assert hp.target == TargetHParams(steps=15, lr=2.0, kl_factor=0.0625, weight_decay=0.5,
                                       clamp_norm_factor=0.75, early_stop_loss=0.05)
 
 
