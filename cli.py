@@ -285,31 +285,20 @@ def _evaluation_brief(ev: dict | None) -> dict | None:
     return {"before": ev["before"], "after": ev["after"], "drift": drift, "fluency": fluency}
 
 
-def batch_edit_building_stats(cfg, build_stats: bool = False, stats_tokens: int | None = None) -> dict:
-    """``run_batch_edit(cfg)``; with ``build_stats``, statistics it lacks are built first (embedded corpus,
-    ``stats_tokens`` tokens; what ``batch-edit --build-stats`` does) and the edit runs again.
+def stats_builder(cfg_device: str, module_template: str | None, stats_tokens: int | None):
+    """What ``batch-edit --build-stats`` hands the edit stage: build the statistics it lacks (embedded corpus,
+    ``stats_tokens`` tokens) when it asks; the edit stage itself only reads statistics."""
 
-    The edit stage only reads statistics (MissingStatistics says which are missing): running the statistics
-    stage for it is this layer's job. The checks before the statistics (facts, output folder, settings) are
-    cheap and repeat; a store that is still missing after the build is the same MissingStatistics.
-    """
-    from covedit.pipeline.batch_edit import run_batch_edit  # noqa: PLC0415
-    from covedit.pipeline.errors import MissingStatistics  # noqa: PLC0415
+    def build_missing(need) -> None:
+        from covedit.stats.corpus import CorpusSpec  # noqa: PLC0415
+        from covedit.stats.distributed import StatsJob, build_stats  # noqa: PLC0415
 
-    try:
-        return run_batch_edit(cfg)
-    except MissingStatistics as missing:
-        if not build_stats:
-            raise
-        need = missing  # built below, outside the handler: a failure of the build is not one "during" this
-    from covedit.stats.corpus import CorpusSpec  # noqa: PLC0415
-    from covedit.stats.distributed import StatsJob, build_stats as build  # noqa: PLC0415
+        log.info("no statistics for layers %s yet: building them (--build-stats)", need.layers)
+        build_stats(StatsJob(model=need.model, layers=tuple(need.layers), corpus=CorpusSpec(), tokens=stats_tokens,
+                             dtype="float32", device=cfg_device, module_template=module_template,
+                             stats_dir=str(need.stats_dir)), show_progress=True)
 
-    log.info("no statistics for layers %s yet: building them (--build-stats)", need.layers)
-    build(StatsJob(model=need.model, layers=tuple(need.layers), corpus=CorpusSpec(), tokens=stats_tokens,
-                   dtype="float32", device=cfg.device, module_template=cfg.module_template,
-                   stats_dir=str(need.stats_dir)), show_progress=True)
-    return run_batch_edit(cfg)
+    return build_missing
 
 
 @app.command("batch-edit")
@@ -341,7 +330,7 @@ def batch_edit_cmd(
 ):
     """Apply MEMIT / ROME / AlphaEdit edits of many facts at once and write a revertible edited model."""
     setup_logging(quiet or as_json)
-    from covedit.pipeline.batch_edit import BatchEditConfig  # noqa: PLC0415
+    from covedit.pipeline.batch_edit import BatchEditConfig, run_batch_edit  # noqa: PLC0415
     from covedit.pipeline.report import check_report_dir, report_from_summary, write_report  # noqa: PLC0415
 
     if method not in ("memit", "rome", "alphaedit"):
@@ -354,11 +343,12 @@ def batch_edit_cmd(
         if no_eval:
             raise UsageError("--report needs the before/after evaluation: drop --no-eval.")
         check_report_dir(report)
-    summary = batch_edit_building_stats(BatchEditConfig(
+    summary = run_batch_edit(BatchEditConfig(
         facts=facts, output=output, method=method, covariance=covariance, fmt=fmt, model=model, dtype=dtype,
         device=device, device_map=device_map, module_template=module_template, hparams_file=hparams,
         overrides=list(set_ or []), stats_dir=stats_dir, stats=stats, base=base,
-        overwrite=overwrite, evaluate=not no_eval, force=force), build_stats=build_stats, stats_tokens=stats_tokens)
+        overwrite=overwrite, evaluate=not no_eval, force=force,
+        build_missing_stats=stats_builder(device, module_template, stats_tokens) if build_stats else None))
     if report is not None:
         write_report(report, report_from_summary(summary))
     if as_json:

@@ -37,8 +37,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
-from covedit.cli import batch_edit_building_stats  # noqa: E402
-from covedit.pipeline.batch_edit import BatchEditConfig  # noqa: E402
+from covedit.cli import stats_builder  # noqa: E402
+from covedit.pipeline.batch_edit import BatchEditConfig, run_batch_edit  # noqa: E402
 from covedit.pipeline.edit import templates_for  # noqa: E402
 from covedit.pipeline.hparams import load_hparams  # noqa: E402
 from covedit.pipeline.models import load_model  # noqa: E402
@@ -85,9 +85,9 @@ def edit_at_size(model: str, facts: list, stats_dir: Path | None, overrides: lis
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "facts.jsonl"
         write_facts(facts, path)
-        summary = batch_edit_building_stats(
-            BatchEditConfig(facts=path, output=Path(d) / "out", model=model, stats_dir=stats_dir, overrides=overrides,
-                            targets=targets), build_stats=tokens is not None, stats_tokens=tokens)
+        summary = run_batch_edit(BatchEditConfig(
+            facts=path, output=Path(d) / "out", model=model, stats_dir=stats_dir, overrides=overrides, targets=targets,
+            build_missing_stats=stats_builder("cpu", None, tokens) if tokens is not None else None))
     ev, t = summary["evaluation"], summary["timings"]
     # Cached: this run's edit holds no target optimisation, their recorded time is added (unknown: no time).
     edit_s = t["edit_s"] if cache is None else None if targets_s is None else t["edit_s"] + targets_s

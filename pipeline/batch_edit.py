@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,9 @@ class BatchEditConfig:
     evaluate: bool = True
     force: bool = False  # write the model even when the evaluation says the edit broke it
     targets: TargetResult | None = None  # precomputed targets of these facts (benchmarks share them); None: optimise
+    # Called with the MissingStatistics about to be raised, to build them (the command line's --build-stats:
+    # the edit stage itself only reads statistics); the store is then looked up once more.
+    build_missing_stats: Callable[[MissingStatistics], None] | None = None
 
 
 def _check_output(cfg: BatchEditConfig) -> None:
@@ -85,7 +89,7 @@ def load_covariances(cfg: BatchEditConfig, model_id: str, module: str, layers: l
     """C = sum / count per layer from a complete store; MissingStatistics naming the command if none.
 
     The edit stage only reads statistics: building missing ones (``--build-stats``) is the command line's
-    job, which catches MissingStatistics, builds, and runs the edit again.
+    job, handed in as ``cfg.build_missing_stats``.
     """
     stats_dir = cfg.stats_dir or default_stats_dir()
     if cfg.stats is not None:
@@ -93,11 +97,18 @@ def load_covariances(cfg: BatchEditConfig, model_id: str, module: str, layers: l
         if store.key.get("model_id") != model_id:
             raise UsageError(f"--stats {cfg.stats} was built for {store.key.get('model_id')}, not {model_id}.")
     else:
-        store = find_store(stats_dir, {"model_id": model_id, "module": module}, layers)
+        match = {"model_id": model_id, "module": module}
+        store = find_store(stats_dir, match, layers)
         if store is None:
-            raise MissingStatistics(f"No statistics for {model_id} layers {layers} in {stats_dir}: run "
-                                    f"`{stats_command(model_arg, layers)}` first, or pass --build-stats.",
-                                    model=model_arg, model_id=model_id, layers=layers, stats_dir=stats_dir)
+            missing = MissingStatistics(f"No statistics for {model_id} layers {layers} in {stats_dir}: run "
+                                        f"`{stats_command(model_arg, layers)}` first, or pass --build-stats.",
+                                        model=model_arg, model_id=model_id, layers=layers, stats_dir=stats_dir)
+            if cfg.build_missing_stats is None:
+                raise missing
+            cfg.build_missing_stats(missing)
+            store = find_store(stats_dir, match, layers)
+            if store is None:
+                raise missing
     missing = [layer for layer in layers if layer not in store.layers]
     if missing:
         raise UsageError(f"The statistics store {store.path} has no layers {missing}.")
@@ -179,7 +190,7 @@ def run_batch_edit(cfg: BatchEditConfig) -> dict:
                             preserve_prompts=hp.preserve_prompts)
     else:
         projectors = alphaedit_projectors(covs, hp.null_space_threshold, hp.null_space_energy)
-        outcome = run_memit(loaded, facts, layers, covs if hp.lam > 0 else None, 0.0, hp.target, templates, clock,
+        outcome = run_memit(loaded, facts, layers, covs, 0.0, hp.target, templates, clock,
                             alphaedit={"P": projectors, "prev_keys": prev_keys, "alpha": hp.alpha, "lam": hp.lam},
                             targets=cfg.targets,
                             keys_from=hp.keys_from, key_weights=key_weights_for(loaded, hp))

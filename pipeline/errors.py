@@ -33,7 +33,7 @@ class MissingInput(CoveditError):
 class MissingStatistics(MissingInput):
     """No complete statistics store for the edit's model and layers (C is needed).
 
-    Carries what building them takes, so the command line's ``--build-stats`` can build them and rerun.
+    Carries what building them takes, for the command line's ``--build-stats`` (BatchEditConfig.build_missing_stats).
     """
 
     def __init__(self, message: str, *, model: str, model_id: str, layers: list[int], stats_dir):

@@ -86,7 +86,8 @@ def null_space_projector(C: Tensor, threshold: float = 2e-2, energy: float = 0.0
         raise UsageError(f"The null-space energy fraction must be >= 0, got {energy}.")
     evals, evecs = torch.linalg.eigh((C64 + C64.T) / 2)  # ascending
     if energy > 0:
-        share = evals.clamp(min=0).cumsum(0) / evals.clamp(min=0).sum()
+        energy_of = evals.clamp(min=0)
+        share = energy_of.cumsum(0) / energy_of.sum()
         chosen = (share <= energy) if energy < 1 else torch.ones_like(share, dtype=torch.bool)
         how = f"hold at most {energy:g} of C's energy"
     else:
