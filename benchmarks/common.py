@@ -35,8 +35,9 @@ DEFAULT_CACHE = Path.home() / ".cache" / "covedit" / "bench-targets"
 RULES = 3
 
 
-def zsre_facts(path: Path, n: int, skip: int = 0) -> list:
-    """zsRE records with distinct (subject, question), in file order: the n after the first ``skip``."""
+def zsre_facts(path: Path, n: int | None, skip: int = 0) -> list:
+    """zsRE records with distinct (subject, question), in file order: the n after the first ``skip`` (all of
+    them if n is None)."""
     facts, seen = [], set()
     for line_no, line in enumerate(path.read_text().splitlines(), 1):
         fact = from_zsre(json.loads(line), line_no)
@@ -45,8 +46,10 @@ def zsre_facts(path: Path, n: int, skip: int = 0) -> list:
             continue
         seen.add(key)
         facts.append(fact)
-        if len(facts) == skip + n:
+        if n is not None and len(facts) == skip + n:
             return facts[skip:]
+    if n is None:
+        return facts[skip:]
     raise SystemExit(f"{path} has only {len(facts)} distinct facts, {skip + n} asked for")
 
 

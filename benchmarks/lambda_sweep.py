@@ -36,11 +36,9 @@ def fact_slice(path: Path, n: int, heldout_after: int) -> list:
     if not heldout_after:
         return zsre_facts(path, n)
     tuning_subjects = {f.subject for f in zsre_facts(path, heldout_after)}
-    out, skip = [], heldout_after
-    while len(out) < n:
-        batch = zsre_facts(path, n, skip=skip)
-        out += [f for f in batch if f.subject not in tuning_subjects][:n - len(out)]
-        skip += n
+    out = [f for f in zsre_facts(path, None, skip=heldout_after) if f.subject not in tuning_subjects][:n]
+    if len(out) < n:
+        raise SystemExit(f"{path} has only {len(out)} facts after the first {heldout_after} with other subjects")
     return out
 
 
