@@ -27,7 +27,8 @@ import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedi
 
 from benchmarks.common import DEFAULT_DATA, TargetCache, covariances, edit_variants  # noqa: E402
 from benchmarks.lambda_sweep import fact_slice  # noqa: E402
-from covedit.pipeline.edit import alphaedit_projectors, templates_for  # noqa: E402
+from covedit.pipeline.edit import templates_for  # noqa: E402
+from covedit.pipeline.memit import alphaedit_projectors  # noqa: E402
 from covedit.pipeline.evaluate import evaluate_model  # noqa: E402
 from covedit.pipeline.hparams import load_hparams  # noqa: E402
 from covedit.pipeline.models import load_model  # noqa: E402

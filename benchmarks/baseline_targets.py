@@ -54,6 +54,7 @@ from covedit.pipeline.hooks import capture_outputs, edit_output
 from covedit.pipeline.hparams import TargetHParams
 from covedit.pipeline.keys import encode_with_subject, target_token_ids
 from covedit.pipeline.models import LoadedModel
+from covedit.pipeline.tokens import pad_id
 
 log = logging.getLogger(__name__)
 
@@ -218,13 +219,6 @@ def block_outputs(loaded: LoadedModel, facts: list, layer: int, batch_rows: int)
     return torch.cat(out)
 
 
-def _pad_id(tokenizer) -> int:
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
-            return int(token_id)
-    return 0  # padding is masked out; any id will do
-
-
 def compute_targets(loaded: LoadedModel, facts: list, layer: int, hp: TargetHParams, templates: list[str],
                     max_rows: int = 128, max_facts: int = 256) -> TargetResult:
     """Optimise one δ per fact, all facts in shared forward passes; see the module docstring for the loss.
@@ -254,7 +248,7 @@ def _optimise(loaded: LoadedModel, facts: list, layer: int, hp: TargetHParams, t
     fact_rows = _fact_rows(loaded.tokenizer, facts, templates)
     per_fact = len(templates) + 1
     facts_per_chunk = max(1, max_rows // per_fact)
-    pad_id = _pad_id(loaded.tokenizer)
+    pad = pad_id(loaded.tokenizer)
     h = block_outputs(loaded, facts, layer, max_rows)
     h_norm = h.norm(dim=1)
     max_norm = hp.clamp_norm_factor * h_norm
@@ -278,7 +272,7 @@ def _optimise(loaded: LoadedModel, facts: list, layer: int, hp: TargetHParams, t
         opt.zero_grad(set_to_none=False)
         for lo in range(0, len(active), facts_per_chunk):
             idx = active[lo:lo + facts_per_chunk]
-            chunk = _build_chunk(fact_rows, idx.tolist(), pad_id, loaded.device, device)
+            chunk = _build_chunk(fact_rows, idx.tolist(), pad, loaded.device, device)
             with torch.set_grad_enabled(not measuring_only):
                 nll, kl_logprobs = _forward(loaded, chunk, delta, layer, len(templates))
                 if kl_start is None:  # first pass: δ = 0 for every fact

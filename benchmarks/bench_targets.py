@@ -34,8 +34,8 @@ from benchmarks.common import DEFAULT_DATA, zsre_facts  # noqa: E402
 from covedit.pipeline import targets as T  # noqa: E402
 from covedit.pipeline.edit import templates_for  # noqa: E402
 from covedit.pipeline.hparams import load_hparams  # noqa: E402
-from covedit.pipeline.keys import pad_id  # noqa: E402
 from covedit.pipeline.models import load_model  # noqa: E402
+from covedit.pipeline.tokens import pad_id  # noqa: E402
 
 
 def physical_limit(loaded, facts, layer, hp, templates, steps_taken: torch.Tensor, max_rows: int = 128) -> float:

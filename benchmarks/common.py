@@ -155,7 +155,7 @@ def edit_variants(loaded, hp, facts: list, targets: TargetResult, covs: dict, va
     the edit from the original weights with the same targets, then the evaluation against ``before`` (the
     unedited model's). Yields (label, row): the metrics, the realised share, drift, fluency and solve
     seconds; while a variant is yielded its weights are in place."""
-    from covedit.pipeline.edit import run_memit
+    from covedit.pipeline.memit import run_memit
     from covedit.pipeline.evaluate import drift, evaluate_model
     templates = templates_for(loaded, hp)
     originals = {layer: loaded.down_weight(layer).detach().clone() for layer in hp.layers}

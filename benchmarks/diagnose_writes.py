@@ -32,7 +32,8 @@ import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedi
 
 from benchmarks.common import DEFAULT_DATA, TargetCache, covariances  # noqa: E402
 from benchmarks.lambda_sweep import fact_slice  # noqa: E402
-from covedit.pipeline.edit import run_memit, templates_for  # noqa: E402
+from covedit.pipeline.edit import templates_for  # noqa: E402
+from covedit.pipeline.memit import run_memit  # noqa: E402
 from covedit.pipeline.errors import DataError  # noqa: E402
 from covedit.pipeline.hooks import edit_output  # noqa: E402
 from covedit.pipeline.hparams import load_hparams  # noqa: E402

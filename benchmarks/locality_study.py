@@ -44,7 +44,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
-from covedit.pipeline.edit import alphaedit_projectors, run_memit, run_rome, templates_for  # noqa: E402
+from covedit.pipeline.edit import templates_for  # noqa: E402
+from covedit.pipeline.memit import alphaedit_projectors, run_memit  # noqa: E402
+from covedit.pipeline.rome import run_rome  # noqa: E402
 from covedit.pipeline.evaluate import (aggregate, drift, fact_metrics, fluency, greedy_continuations,  # noqa: E402
                                       next_token_logprobs)
 from covedit.pipeline.facts import read_facts  # noqa: E402

@@ -22,7 +22,9 @@ from safetensors.torch import load_file, save_file
 
 from covedit.pipeline import hparams as hparams_mod
 from covedit.pipeline.delta import make_and_apply_delta, write_edited_model
-from covedit.pipeline.edit import alphaedit_projectors, key_weights_for, run_memit, run_rome, templates_for
+from covedit.pipeline.edit import key_weights_for, templates_for
+from covedit.pipeline.memit import alphaedit_projectors, run_memit
+from covedit.pipeline.rome import run_rome
 from covedit.pipeline.errors import CannotWrite, DataError, MissingInput, MissingStatistics, UsageError
 from covedit.pipeline.evaluate import drift, evaluate_model
 from covedit.pipeline.facts import facts_sha256, read_facts

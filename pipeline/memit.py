@@ -1,5 +1,14 @@
 """MEMIT and AlphaEdit: the closed-form batch updates of one down-projection, then the multi-layer driver.
 
+The driver (``run_memit``) is the loop the papers describe: targets z at the top edited layer for all facts
+at once (facts that share a subject and a new target share one δ, see targets.py); then for layers
+l₁ < … < l_L bottom-up, keys K at lᵢ (the bare prompt's key weighing 1/2 against the mean of the prefixed
+ones, as compute_ks), residual R = z − h (h recomputed after each layer's update, so later layers only fix
+what earlier ones left), Δᵢ = (R / (L − i)) Kᵀ (λC + K Kᵀ)⁻¹. AlphaEdit runs the same loop with the
+projected solve below, the keys of earlier sequential batches (``prev_keys``) kept fixed. ``targets``
+computed elsewhere (compute_targets on the unedited model at the top layer) may be passed in, so that
+studies compare update rules on the same targets.
+
 The mathematics comes first in this file. Conventions as in rome.py: W is (d_model, d_ff) with
 ``out = W @ k``; K (d_ff, n) holds one key per column, R (d_model, n) the residuals each key's output
 should move by; C = E[k kᵀ] (sum / count, uncentred, which is what MEMIT's λ ≈ 15,000-20,000 and
@@ -29,12 +38,17 @@ as low-rank factors ΔW = up @ down with r = n.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from covedit.pipeline.edit import EditOutcome, Factors, apply_update, keys_at, realised_share, residual
 from covedit.pipeline.errors import DataError, UsageError
+from covedit.pipeline.keys import memit_key_weights, prompt_token_moment
+from covedit.pipeline.models import LoadedModel
 from covedit.pipeline.rome import cholesky_psd
+from covedit.pipeline.targets import TargetResult, compute_targets, fact_groups
 
 log = logging.getLogger(__name__)
 
@@ -133,3 +147,68 @@ def alphaedit_solve(K: Tensor, R: Tensor, P: Tensor, C_prev: Tensor | None, alph
     if not torch.isfinite(X).all():
         raise DataError("The AlphaEdit solve produced NaN or Inf values (check the keys and C_prev).")
     return R64, X.T.contiguous()
+
+
+def alphaedit_projectors(covariances: dict[int, torch.Tensor], threshold: float, energy: float = 0.0
+                         ) -> dict[int, torch.Tensor]:
+    return {layer: null_space_projector(C, threshold, energy) for layer, C in covariances.items()}
+
+
+def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: dict[int, torch.Tensor] | None,
+              lam: float, target_hp, templates: list[str], clock: Callable[[], float],
+              alphaedit: dict | None = None, targets: TargetResult | None = None,
+              keys_from: str = "templates", key_weights: list[float] | None = None,
+              preserve_prompts: float = 0.0) -> EditOutcome:
+    """MEMIT (or AlphaEdit when ``alphaedit`` = {"P": {layer: P}, "prev_keys": {layer: K}, "alpha": a}, and
+    optionally "lam": λ with ``covariances`` for λC inside the projected solve).
+
+    ``preserve_prompts`` = μ > 0 adds μ Σ k kᵀ over the edited prompts' other tokens to MEMIT's λC
+    (memit.py); AlphaEdit ignores it.
+
+    ``key_weights`` weigh ``templates`` in the key average (``key_weights_for``); None takes ``templates``
+    as the bare ``"{}"`` followed by one group of prefixes (MEMIT's default). ``keys_from="prompt"`` takes
+    each fact's key at its bare rewrite prompt instead (the targets still use the templates)."""
+    if keys_from == "prompt":
+        key_templates, key_weights = ["{}"], None
+    else:
+        key_templates = templates
+        if key_weights is None:
+            key_weights = memit_key_weights([templates[:1], templates[1:]] if templates[0] == "{}" else [templates])
+    layers = sorted(layers)
+    t0 = clock()
+    result = targets if targets is not None else compute_targets(loaded, facts, layers[-1], target_hp, templates)
+    timings = {"targets_s": clock() - t0}
+    z = result.z.double()
+    factors: Factors = {}
+    keys_out: dict[int, torch.Tensor] = {}
+    t1 = clock()
+    for i, layer in enumerate(layers):
+        at = loaded.layer_device(layer)  # every tensor of this layer's update lives with its weight
+        K = keys_at(loaded, layer, facts, key_templates, key_weights).double().T.to(at)  # (d_ff, n)
+        keys_out[layer] = K.T.float().cpu()
+        R, h = residual(loaded, facts, layer, layers[-1], z, len(layers) - i)
+        if i == 0:
+            h_unedited = h
+        R = R.T.to(at)  # (d_model, n)
+        if alphaedit is None:
+            C = covariances[layer].to(at) if covariances is not None else torch.eye(K.shape[0], dtype=torch.float64, device=at)
+            C_keep = None
+            if preserve_prompts > 0:
+                C_keep = preserve_prompts * prompt_token_moment(
+                    loaded, layer, [f.prompt for f in facts], [f.subject for f in facts], [f.target_new for f in facts])
+            up, down = memit_solve(K, R, C, lam, C_keep)
+        else:
+            prev = alphaedit["prev_keys"].get(layer)
+            C_prev = (prev.to(at).double().T @ prev.to(at).double()) if prev is not None and len(prev) else None
+            lam_c = alphaedit.get("lam", 0.0)
+            up, down = alphaedit_solve(K, R, alphaedit["P"][layer].to(at), C_prev, alphaedit["alpha"],
+                                       covariances[layer].to(at) if lam_c > 0 else None, lam_c)
+        factors[layer] = apply_update(loaded, layer, up, down)
+        log.info("layer %d: update norm %.3g, mean residual norm %.3g", layer,
+                 float((up.double() @ down.double()).norm()), float(R.norm(dim=0).mean()))
+    timings["solve_s"] = clock() - t1
+    info = {"nll_before": result.nll_before.tolist(), "nll_after": result.nll_after.tolist(),
+            "steps": result.steps_taken.tolist(), "realised": realised_share(loaded, facts, layers[-1], z, h_unedited)}
+    if targets is None:  # the facts that shared one δ (same subject and target), by id
+        info["merged"] = [[facts[i].id for i in g] for g in fact_groups(facts) if len(g) > 1]
+    return EditOutcome(factors, keys_out, timings, info, result.z)

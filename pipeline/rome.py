@@ -11,17 +11,27 @@ Two variants:
   update explode). W' k* = v*, and W' x = W x for every x with uᵀ x = 0.
 * identity (``--covariance identity``, the plain update of the seed study): ΔW = (v* − W k*) k*ᵀ / (k*ᵀ k*),
   the least-norm change that maps k* to v*; it leaves x ⟂ k* unchanged.
+
+The driver (``run_rome``) edits one fact after another (each sees the previous edits) at one layer, with
+the same averaged k* in both places (the plain mean over its templates, as compute_u) and
+v* = W k_bare + δ, δ optimised at the MLP output and clamped and decayed relative to ‖W k_bare‖ (compute_v).
+Given ``targets`` from elsewhere, it aims each fact at its target z from wherever the earlier edits left
+the block output.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from covedit.pipeline.edit import EditOutcome, Factors, apply_update, keys_at, residual
 from covedit.pipeline.errors import DataError
+from covedit.pipeline.models import LoadedModel
+from covedit.pipeline.targets import TargetResult, compute_targets
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +89,37 @@ def rome_update(W: Tensor, k: Tensor, v: Tensor, C: Tensor | None) -> tuple[Tens
     if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
         raise DataError("The ROME update contains NaN or Inf values (check the key and target vectors).")
     return up, down
+
+
+def run_rome(loaded: LoadedModel, facts: list, layer: int, covariance: torch.Tensor | None, target_hp,
+             templates: list[str], clock: Callable[[], float], targets: TargetResult | None = None) -> EditOutcome:
+    """ROME, one fact after another (each sees the previous edits), rank one each."""
+    factors: Factors = {}
+    keys_out = []
+    timings = {"targets_s": 0.0, "solve_s": 0.0}
+    infos = []
+    for i, fact in enumerate(facts):
+        t0 = clock()
+        result = (compute_targets(loaded, [fact], layer, target_hp, templates, relative_to="mlp")
+                  if targets is None else targets.select([i]))
+        delta = residual(loaded, [fact], layer, layer, result.z.double(), 1)[0][0]  # W k_bare moves by this
+        timings["targets_s"] += clock() - t0
+        t1 = clock()
+        k_star = keys_at(loaded, layer, [fact], templates)[0].double()
+        k_bare = keys_at(loaded, layer, [fact], ["{}"])[0].double()
+        W = loaded.down_weight(layer).double()
+        delta = delta.double().to(W.device)
+        v_star = W @ k_bare.to(W.device) + delta
+        C = covariance.to(W.device) if covariance is not None else None
+        up, down = rome_update(W, k_star.to(W.device), v_star, C)
+        up, down = apply_update(loaded, layer, up, down)
+        if layer in factors:
+            old_up, old_down = factors[layer]
+            factors[layer] = (torch.cat([old_up, up], 1), torch.cat([old_down, down], 0))
+        else:
+            factors[layer] = (up, down)
+        keys_out.append(k_star.float().cpu())
+        timings["solve_s"] += clock() - t1
+        infos.append({"nll_before": result.nll_before.tolist()[0], "nll_after": result.nll_after.tolist()[0]})
+    return EditOutcome(factors, {layer: torch.stack(keys_out)}, timings,
+                       {"nll_before": [i["nll_before"] for i in infos], "nll_after": [i["nll_after"] for i in infos]})

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from covedit.pipeline.edit import run_memit, run_rome
+from covedit.pipeline.memit import run_memit
+from covedit.pipeline.rome import run_rome
 from covedit.pipeline.facts import Fact
 from covedit.pipeline.hparams import TargetHParams
 from covedit.pipeline.targets import block_outputs

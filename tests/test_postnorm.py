@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from conftest import ARCHS, POST_NORM_ARCHS, build_tiny
-from covedit.pipeline.edit import run_memit, run_rome
+from covedit.pipeline.memit import run_memit
+from covedit.pipeline.rome import run_rome
 from covedit.pipeline.facts import Fact
 from covedit.pipeline.hparams import TargetHParams
 from covedit.pipeline.models import ARCHITECTURES, ModelError
