@@ -138,6 +138,7 @@ def build_stats_cmd(
     """Stream text through the model once and store Σ k kᵀ and the token count for every requested layer."""
     setup_logging(quiet or as_json)
     from covedit.pipeline.models import count_layers, default_layers  # noqa: PLC0415 (slow imports after parsing)
+    from covedit.pipeline.tokens import check_bos_policy  # noqa: PLC0415
     from covedit.stats.corpus import CorpusSpec  # noqa: PLC0415
     from covedit.stats.distributed import StatsJob, build_stats  # noqa: PLC0415
     from covedit.stats.store import default_stats_dir  # noqa: PLC0415
@@ -146,8 +147,7 @@ def build_stats_cmd(
         raise UsageError("--tokens must be a positive number of tokens.")
     if max_length <= 1:
         raise UsageError("--max-length must be at least 2.")
-    if bos not in ("skip", "keep"):
-        raise UsageError("--bos must be 'skip' or 'keep'.")
+    check_bos_policy(bos, "--bos")
     if accumulate not in ("float64", "mixed", "float32"):
         raise UsageError("--accumulate must be float64, mixed or float32.")
     if window_docs < 1:
@@ -205,7 +205,8 @@ def stats_export(store: Annotated[Path, typer.Argument(help="A complete store (.
                  fmt: Annotated[str, typer.Option("--format", help="Only rome-npz for now.")] = "rome-npz",
                  layer: Annotated[Optional[str], typer.Option(help="Layers to export (default all).")] = None):
     """Write one ROME/MEMIT-layout .npz per layer (mom2.mom2 = raw sum, mom2.count)."""
-    from covedit.stats.store import StatsStore, export_npz  # noqa: PLC0415
+    from covedit.stats.interop import export_npz  # noqa: PLC0415
+    from covedit.stats.store import StatsStore  # noqa: PLC0415
 
     if fmt != "rome-npz":
         raise UsageError("--format: only rome-npz is supported.")
@@ -228,7 +229,8 @@ def stats_import(npz: Annotated[Path, typer.Argument(help="A ROME/MEMIT/EasyEdit
                  stats_dir: StatsDir = None):
     """Turn a ROME-layout .npz into a complete covedit store the edit stage can use."""
     from covedit.pipeline.models import describe_model  # noqa: PLC0415
-    from covedit.stats.store import canonical_key, default_stats_dir, import_npz  # noqa: PLC0415
+    from covedit.stats.interop import import_npz  # noqa: PLC0415
+    from covedit.stats.store import canonical_key, default_stats_dir  # noqa: PLC0415
 
     if not npz.exists():
         from covedit.pipeline.errors import MissingInput  # noqa: PLC0415
@@ -240,40 +242,6 @@ def stats_import(npz: Annotated[Path, typer.Argument(help="A ROME/MEMIT/EasyEdit
                         max_length=None, bos=None, accumulate="float32", seed=None)
     st = import_npz(npz, stats_dir or default_stats_dir(), key, layer, expected_dim=skeleton.d_ff)
     typer.echo(f"imported layer {layer} into {st.path}")
-
-
-def quick_look(summary: dict, n: int = 5) -> str:
-    """A small before/after table: P(new target) on the rewrite prompt and paraphrases, P(own target) nearby."""
-    ev = summary.get("evaluation")
-    if not ev:
-        return ""
-
-    def pct(x):
-        return "  -  " if x is None else f"{100 * x:5.1f}"
-
-    lines = ["", "fact                       P(new) rewrite    P(new) paraphrase   P(true) neighbourhood",
-             "                           before  after     before  after       before  after"]
-    for row in ev["per_fact"][:n]:
-        b, a = row["before"], row["after"]
-        lines.append(f"{row['id'][:26]:<26} {pct(b['p_new_rewrite'])}  {pct(a['p_new_rewrite'])}     "
-                     f"{pct(b['p_new_paraphrase'])}  {pct(a['p_new_paraphrase'])}       "
-                     f"{pct(b['p_own_neighborhood'])}  {pct(a['p_own_neighborhood'])}")
-    if len(ev["per_fact"]) > n:
-        lines.append(f"... and {len(ev['per_fact']) - n} more facts (manifest.json has them all)")
-    lines.append("")
-    lines.append("aggregate (%)              " + "  ".join(f"{k}" for k in ("efficacy", "generalization", "specificity")))
-    for fam in ("success", "acc"):
-        for when in ("before", "after"):
-            vals = [ev[when].get(f"{m}_{fam}") for m in ("efficacy", "generalization", "specificity")]
-            label = {"success": "success P(new)>P(true)", "acc": "top-1 token accuracy"}[fam]
-            lines.append(f"{label:<22} {when:<6} " + "  ".join("   -   " if v is None else f"{v:7.1f}" for v in vals))
-    d, flu = ev.get("drift"), ev.get("fluency") or {}
-    if d:
-        lines.append(f"drift on {d['n_prompts']} unrelated prompts: mean KL {d['mean_kl']:.4f} nats, "
-                     f"top-1 token changed on {d['top1_changed_pct']:.1f} %")
-    if flu.get("before") and flu.get("after"):
-        lines.append(f"fluency (GE, n-gram entropy x100): {flu['before']['ge']:.1f} -> {flu['after']['ge']:.1f}")
-    return "\n".join(lines)
 
 
 def _evaluation_brief(ev: dict | None) -> dict | None:
@@ -331,7 +299,7 @@ def batch_edit_cmd(
     """Apply MEMIT / ROME / AlphaEdit edits of many facts at once and write a revertible edited model."""
     setup_logging(quiet or as_json)
     from covedit.pipeline.batch_edit import BatchEditConfig, run_batch_edit  # noqa: PLC0415
-    from covedit.pipeline.report import check_report_dir, report_from_summary, write_report  # noqa: PLC0415
+    from covedit.pipeline.report import check_report_dir, quick_look, report_from_summary, write_report  # noqa: PLC0415
 
     if method not in ("memit", "rome", "alphaedit"):
         raise UsageError("--method must be memit, rome or alphaedit.")
@@ -343,27 +311,27 @@ def batch_edit_cmd(
         if no_eval:
             raise UsageError("--report needs the before/after evaluation: drop --no-eval.")
         check_report_dir(report)
-    summary = run_batch_edit(BatchEditConfig(
+    result = run_batch_edit(BatchEditConfig(
         facts=facts, output=output, method=method, covariance=covariance, fmt=fmt, model=model, dtype=dtype,
         device=device, device_map=device_map, module_template=module_template, hparams_file=hparams,
         overrides=list(set_ or []), stats_dir=stats_dir, stats=stats, base=base,
         overwrite=overwrite, evaluate=not no_eval, force=force,
         build_missing_stats=stats_builder(device, module_template, stats_tokens) if build_stats else None))
     if report is not None:
-        write_report(report, report_from_summary(summary))
+        write_report(report, report_from_summary(result.manifest))
     if as_json:
-        typer.echo(json.dumps({k: v for k, v in summary.items() if k != "evaluation"} |
-                              {"evaluation": _evaluation_brief(summary["evaluation"])},
+        typer.echo(json.dumps({k: v for k, v in result.manifest.items() if k != "evaluation"} |
+                              {"evaluation": _evaluation_brief(result.evaluation)},
                               indent=2, default=str))
         return
-    t = summary["timings"]
-    typer.echo(f"edited {summary['n_facts']} facts with {method} at layers {summary['layers']} in {t['edit_s']:.1f} s "
-               f"({t['seconds_per_fact']:.2f} s per fact; targets {t.get('targets_s', 0):.1f} s, solve {t.get('solve_s', 0):.1f} s)")
-    typer.echo(quick_look(summary))
+    t = result.timings
+    typer.echo(f"edited {result.n_facts} facts with {method} at layers {result.layers} in {t.edit_s:.1f} s "
+               f"({result.seconds_per_fact:.2f} s per fact; targets {t.targets_s:.1f} s, solve {t.solve_s:.1f} s)")
+    typer.echo(quick_look(result.evaluation))
     if no_eval:
         typer.echo("\nnot evaluated (--no-eval): nothing checked that the edited model still works")
-    elif summary["checked"]["forced"]:
-        typer.echo(f"\nWARNING: written with --force although broken: {'; '.join(summary['checked']['broken'])}")
+    elif result.forced:
+        typer.echo(f"\nWARNING: written with --force although broken: {'; '.join(result.broken)}")
     typer.echo(f"\nwrote {output}/ (model, delta.safetensors, manifest.json)")
     if report is not None:
         typer.echo(f"wrote {report}/ (report.md, report.json, plots)")

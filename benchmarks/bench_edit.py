@@ -85,22 +85,22 @@ def edit_at_size(model: str, facts: list, stats_dir: Path | None, overrides: lis
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "facts.jsonl"
         write_facts(facts, path)
-        summary = run_batch_edit(BatchEditConfig(
+        result = run_batch_edit(BatchEditConfig(
             facts=path, output=Path(d) / "out", model=model, stats_dir=stats_dir, overrides=overrides, targets=targets,
             build_missing_stats=stats_builder("cpu", None, tokens) if tokens is not None else None))
-    ev, t = summary["evaluation"], summary["timings"]
+    ev, t = result.evaluation, result.timings
     # Cached: this run's edit holds no target optimisation, their recorded time is added (unknown: no time).
-    edit_s = t["edit_s"] if cache is None else None if targets_s is None else t["edit_s"] + targets_s
+    edit_s = t.edit_s if cache is None else None if targets_s is None else t.edit_s + targets_s
     return {"facts": len(facts), "seconds_per_edit": edit_s and edit_s / len(facts), "edit_s": edit_s,
-            "targets_s": targets_s if cache is not None else t.get("targets_s"),
-            "targets_from_cache": cache is not None, "solve_s": t.get("solve_s"), "eval_s": t["eval_s"],
-            "targets_reached_pct": 100 * sum(x < 0.693 for x in summary["targets"]["nll_after"]) / len(facts),
-            "realised_mean": sum(summary["targets"]["realised"]) / len(facts),
-            "eval_over_edit": edit_s and t["eval_s"] / edit_s,
+            "targets_s": targets_s if cache is not None else t.targets_s,
+            "targets_from_cache": cache is not None, "solve_s": t.solve_s, "eval_s": t.eval_s,
+            "targets_reached_pct": 100 * sum(x < 0.693 for x in result.targets["nll_after"]) / len(facts),
+            "realised_mean": sum(result.targets["realised"]) / len(facts),
+            "eval_over_edit": edit_s and t.eval_s / edit_s,
             "drift_mean_kl": ev["drift"]["mean_kl"], "drift_top1_changed_pct": ev["drift"]["top1_changed_pct"],
             "ge_before": ev["fluency"]["before"]["ge"], "ge_after": ev["fluency"]["after"]["ge"],
-            "before": ev["before"], "after": ev["after"], "hparams": summary["hparams"],
-            "stats_tokens": (summary["stats"] or {}).get("key", {}).get("tokens")}
+            "before": ev["before"], "after": ev["after"], "hparams": result.manifest["hparams"],
+            "stats_tokens": (result.manifest["stats"] or {}).get("key", {}).get("tokens")}
 
 
 def num(x: float | None, spec: str) -> str:

@@ -10,6 +10,7 @@ statistics of the original model, and (for AlphaEdit) carries the keys of all ea
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -61,6 +62,41 @@ class BatchEditConfig:
     # Called with the MissingStatistics about to be raised, to build them (the command line's --build-stats:
     # the edit stage itself only reads statistics); the store is then looked up once more.
     build_missing_stats: Callable[[MissingStatistics], None] | None = None
+
+
+@dataclass(frozen=True)
+class EditTimings:
+    """Wall seconds of one batch-edit run. ``edit_s`` is the edit itself (``targets_s`` optimising target
+    vectors, ``solve_s`` keys, residuals and solves); ``eval_s`` the before and after evaluations."""
+    edit_s: float
+    targets_s: float
+    solve_s: float
+    eval_s: float
+    total_s: float
+
+
+@dataclass(frozen=True)
+class BatchEditResult:
+    """What ``run_batch_edit`` did. The fields are what callers read; ``manifest`` is the same run as the
+    JSON document written beside the model (manifest.json), which reports and later runs read back."""
+    method: str
+    n_facts: int
+    layers: list[int]
+    output: Path
+    timings: EditTimings
+    targets: dict  # per fact: nll_before, nll_after, steps (ROME: per edit); MEMIT: realised, merged
+    evaluation: dict | None  # before/after aggregates, drift, fluency, per fact; None with --no-eval
+    broken: list[str]  # the breakage thresholds the edit crossed (written anyway only with --force)
+    manifest: dict
+
+    @property
+    def forced(self) -> bool:
+        """Written although broken (only --force gets a broken edit this far)."""
+        return bool(self.broken)
+
+    @property
+    def seconds_per_fact(self) -> float:
+        return self.timings.edit_s / max(1, self.n_facts)
 
 
 def _check_output(cfg: BatchEditConfig) -> None:
@@ -150,8 +186,8 @@ def broken_model_reasons(evaluation: dict) -> list[str]:
     return reasons
 
 
-def run_batch_edit(cfg: BatchEditConfig) -> dict:
-    """The whole edit stage; returns the summary that also goes into manifest.json."""
+def run_batch_edit(cfg: BatchEditConfig) -> BatchEditResult:
+    """The whole edit stage: checks, edit, evaluation, the written output folder."""
     clock = time.perf_counter
     t_start = clock()
     if not cfg.facts.exists():
@@ -217,15 +253,17 @@ def run_batch_edit(cfg: BatchEditConfig) -> dict:
     if not cfg.evaluate:
         log.warning("--no-eval: nothing checked that the edited model still works (drift, fluency)")
 
+    timings = EditTimings(edit_s=edit_seconds, targets_s=outcome.timings.get("targets_s", 0.0),
+                          solve_s=outcome.timings.get("solve_s", 0.0), eval_s=eval_seconds, total_s=clock() - t_start)
+    targets_info = {**outcome.target_info, "precomputed": cfg.targets is not None}
     summary = {
         "method": cfg.method, "facts_file": str(cfg.facts), "facts_sha256": meta["facts_sha256"], "n_facts": len(facts),
         "model": loaded.model_id, "original_model": model_arg, "original_model_id": original_model_id,
         "base": str(cfg.base) if cfg.base else None, "hparams": hparams_mod.to_dict(hp), "stats": stats_info,
         "layers": layers, "layer_devices": {str(layer): str(loaded.layer_device(layer)) for layer in layers},
         "original_weight_hashes": delta.base_hashes, "edited_weight_hashes": delta.edited_hashes,
-        "timings": {"edit_s": edit_seconds, "seconds_per_fact": edit_seconds / max(1, len(facts)),
-                    "eval_s": eval_seconds, "total_s": clock() - t_start, **outcome.timings},
-        "targets": {**outcome.target_info, "precomputed": cfg.targets is not None},
+        "timings": {**dataclasses.asdict(timings), "seconds_per_fact": edit_seconds / max(1, len(facts))},
+        "targets": targets_info,
         "evaluation": evaluation,
         "checked": {"broken": broken, "forced": bool(broken and cfg.force)} if cfg.evaluate else None,
         "update_norms": {str(layer): float((u.double() @ d.double()).norm()) for layer, (u, d) in outcome.factors.items()},
@@ -240,4 +278,5 @@ def run_batch_edit(cfg: BatchEditConfig) -> dict:
                        extra_files={name: (lambda path, t=tensors: save_file(
                            {f"layer.{k}.keys": v.contiguous() for k, v in t.items()}, str(path)))
                            for name, tensors in extra.items()})
-    return summary
+    return BatchEditResult(method=cfg.method, n_facts=len(facts), layers=layers, output=cfg.output, timings=timings,
+                           targets=targets_info, evaluation=evaluation, broken=broken, manifest=summary)

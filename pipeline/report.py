@@ -71,6 +71,40 @@ def build_report(after: Evaluation | dict, before: Evaluation | dict | None = No
             "update_norms": update_norms, "meta": meta or {}}
 
 
+def quick_look(ev: dict | None, n: int = 5) -> str:
+    """A small before/after table of a batch-edit evaluation (None: not evaluated, nothing to show): P(new
+    target) on the rewrite prompt and paraphrases, P(own target) nearby, the aggregates, drift, fluency."""
+    if not ev:
+        return ""
+
+    def pct(x):
+        return "  -  " if x is None else f"{100 * x:5.1f}"
+
+    lines = ["", "fact                       P(new) rewrite    P(new) paraphrase   P(true) neighbourhood",
+             "                           before  after     before  after       before  after"]
+    for row in ev["per_fact"][:n]:
+        b, a = row["before"], row["after"]
+        lines.append(f"{row['id'][:26]:<26} {pct(b['p_new_rewrite'])}  {pct(a['p_new_rewrite'])}     "
+                     f"{pct(b['p_new_paraphrase'])}  {pct(a['p_new_paraphrase'])}       "
+                     f"{pct(b['p_own_neighborhood'])}  {pct(a['p_own_neighborhood'])}")
+    if len(ev["per_fact"]) > n:
+        lines.append(f"... and {len(ev['per_fact']) - n} more facts (manifest.json has them all)")
+    lines.append("")
+    lines.append("aggregate (%)              " + "  ".join(f"{k}" for k in ("efficacy", "generalization", "specificity")))
+    for fam in ("success", "acc"):
+        for when in ("before", "after"):
+            vals = [ev[when].get(f"{m}_{fam}") for m in ("efficacy", "generalization", "specificity")]
+            label = {"success": "success P(new)>P(true)", "acc": "top-1 token accuracy"}[fam]
+            lines.append(f"{label:<22} {when:<6} " + "  ".join("   -   " if v is None else f"{v:7.1f}" for v in vals))
+    d, flu = ev.get("drift"), ev.get("fluency") or {}
+    if d:
+        lines.append(f"drift on {d['n_prompts']} unrelated prompts: mean KL {d['mean_kl']:.4f} nats, "
+                     f"top-1 token changed on {d['top1_changed_pct']:.1f} %")
+    if flu.get("before") and flu.get("after"):
+        lines.append(f"fluency (GE, n-gram entropy x100): {flu['before']['ge']:.1f} -> {flu['after']['ge']:.1f}")
+    return "\n".join(lines)
+
+
 def report_from_summary(summary: dict) -> dict:
     """Report data from a ``batch-edit`` summary (its before/after evaluation and per-layer update norms)."""
     ev = summary.get("evaluation") or {}

@@ -334,8 +334,9 @@ def test_batch_edit_with_given_targets_writes_the_same_delta(tiny_dir, tmp_path)
     targets = compute_targets(loaded, FACTS, hp.layers[-1], hp.target, templates_for(loaded, hp))
     given = run_batch_edit(BatchEditConfig(output=tmp_path / "given", targets=targets, **common))
     assert (tmp_path / "own" / "delta.safetensors").read_bytes() == (tmp_path / "given" / "delta.safetensors").read_bytes()
-    assert not own["targets"]["precomputed"] and given["targets"]["precomputed"]
-    assert given["timings"]["targets_s"] < own["timings"]["targets_s"]
+    assert not own.targets["precomputed"] and given.targets["precomputed"]
+    assert given.timings.targets_s < own.timings.targets_s
+    assert json.loads(json.dumps(own.manifest)) == json.loads((tmp_path / "own" / "manifest.json").read_text())
 
 
 def test_keys_from_prompt_writes_the_target_exactly_at_the_bare_prompt(tiny):
@@ -384,9 +385,9 @@ def test_a_broken_edit_is_refused_and_nothing_written_unless_forced(tiny_dir, tm
     with pytest.raises(DataError, match=r"broke the model \(mean KL on 42 unrelated prompts .* nats \(limit -1\)\)") as e:
         batch_edit.run_batch_edit(batch_edit.BatchEditConfig(output=tmp_path / "refused", **common))
     assert e.value.exit_code == 65 and "--force" in str(e.value) and not (tmp_path / "refused").exists()
-    summary = batch_edit.run_batch_edit(batch_edit.BatchEditConfig(output=tmp_path / "forced", force=True, **common))
+    result = batch_edit.run_batch_edit(batch_edit.BatchEditConfig(output=tmp_path / "forced", force=True, **common))
     manifest = json.loads((tmp_path / "forced" / "manifest.json").read_text())
-    assert summary["checked"]["forced"] and manifest["checked"]["broken"][0].startswith("mean KL")
+    assert result.forced and result.broken[0].startswith("mean KL") and manifest["checked"]["broken"] == result.broken
     assert (tmp_path / "forced" / "delta.safetensors").exists()
 
 
@@ -431,3 +432,20 @@ def test_gemma3_edit_moves_the_target_and_paris_stays(tmp_path):
     before, after = next_token(resolve_source("gemma3-270m")[1]), next_token(out)
     # this base model continues with " the" more often than " Paris"; the edit must not change either
     assert after.argmax() == before.argmax() and after[paris] > 0.8 * before[paris]
+
+
+def test_batch_edit_prints_what_it_did_on_the_tiny_model(tiny_dir, tmp_path):
+    """The human-readable output of batch-edit: the timings line, the before/after table, where it wrote."""
+    from typer.testing import CliRunner
+
+    from covedit import cli as cli_module
+
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(json.dumps({"subject": "Eiffel Tower", "prompt": "The {} is located in", "target_new": "Rome"}) + "\n")
+    res = CliRunner().invoke(cli_module.app, ["batch-edit", str(facts), "--model", str(tiny_dir), "-o", str(tmp_path / "e"),
+                                              "--covariance", "identity", "--set", "target.steps=2", "--force"])
+    assert res.exit_code == 0, res.stderr
+    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert f"edited 1 facts with memit at layers {manifest['layers']} in {manifest['timings']['edit_s']:.1f} s" in res.stdout
+    assert "top-1 token accuracy   before" in res.stdout and "top-1 token accuracy   after" in res.stdout
+    assert f"wrote {tmp_path / 'e'}/ (model, delta.safetensors, manifest.json)" in res.stdout
