@@ -29,8 +29,9 @@ from importlib import resources
 import torch
 
 from covedit.pipeline.errors import UsageError
-from covedit.pipeline.keys import pad_id, pad_rows, target_token_ids
+from covedit.pipeline.keys import pad_rows, target_token_ids
 from covedit.pipeline.models import LoadedModel
+from covedit.pipeline.tokens import pad_id
 
 
 log = logging.getLogger(__name__)
@@ -58,19 +59,11 @@ def score(loaded: LoadedModel, prompts: list[str], targets: list[str], batch_siz
         seqs.append((p, t))
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
     out: list[Score | None] = [None] * len(seqs)
-    pad = tok.pad_token_id
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        width = max(len(seqs[i][0]) + len(seqs[i][1]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            full = seqs[i][0] + seqs[i][1]
-            ids[row, :len(full)] = torch.tensor(full)
-            mask[row, :len(full)] = 1
+        ids, mask = _pad(loaded, [seqs[i][0] + seqs[i][1] for i in idx], "right")
         with torch.no_grad():
-            logits = loaded.model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device),
-                                  use_cache=False).logits.float()
+            logits = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
         logp = torch.log_softmax(logits, dim=-1)
         for row, i in enumerate(idx):
             p, t = seqs[i]
@@ -227,7 +220,7 @@ def greedy_continuations(loaded: LoadedModel, prompts: list[str], max_new_tokens
     tok = loaded.tokenizer
     rows = [tok(p).input_ids for p in prompts]
     eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (eos if eos is not None else 0)
+    pad = pad_id(tok)
     out: list[str] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]

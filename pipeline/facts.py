@@ -22,7 +22,6 @@ Quirks worth knowing:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from covedit.pipeline.errors import DataError, MissingInput
+from covedit.pipeline.fileio import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -368,8 +368,4 @@ def facts_sha256(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise MissingInput(f"Facts file {path} does not exist.")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(path)

@@ -35,6 +35,7 @@ import torch
 from covedit.pipeline.errors import DataError
 from covedit.pipeline.hooks import capture_inputs, run_until
 from covedit.pipeline.models import LoadedModel, ModelError
+from covedit.pipeline.tokens import pad_id
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +74,6 @@ def _fill(prompt: str, subject: str) -> tuple[str, int, int]:
     start = len(before) + len(subject) - len(subject.lstrip())
     end = len(before) + len(subject.rstrip())
     return before + subject + after, start, end
-
-
-def pad_id(tokenizer) -> int:
-    """The id that fills padding: the tokenizer's pad token, else its EOS, else 0 (padding is masked out)."""
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
-            return int(token_id)
-    return 0
 
 
 def pad_rows(rows: list[list[int]], pad: int, side: str = "right", width: int | None = None

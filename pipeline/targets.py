@@ -79,8 +79,9 @@ from transformers import DynamicCache
 from covedit.pipeline.errors import DataError
 from covedit.pipeline.hooks import capture_outputs, edit_output, skip_blocks
 from covedit.pipeline.hparams import TargetHParams
-from covedit.pipeline.keys import encode_with_subject, pad_id, pad_rows, target_token_ids
+from covedit.pipeline.keys import encode_with_subject, pad_rows, target_token_ids
 from covedit.pipeline.models import LoadedModel
+from covedit.pipeline.tokens import pad_id
 
 log = logging.getLogger(__name__)
 

