@@ -21,7 +21,6 @@ import contextlib
 import errno
 import logging
 import os
-import platform
 import signal
 import threading
 import time
@@ -35,7 +34,8 @@ from covedit.pipeline.errors import CannotWrite, Interrupted, UsageError
 from covedit.pipeline.models import describe_model, load_model, pick_device
 from covedit.stats.collect import SecondMoment, accumulate_batches
 from covedit.stats.corpus import CorpusSpec, Plan, iter_batches, make_plan, open_corpus, shard_ranges
-from covedit.stats.store import StatsStore, StoreLock, canonical_key, store_path
+from covedit.stats.locks import StoreLock
+from covedit.stats.store import StatsStore, canonical_key, default_provenance, store_path
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +94,6 @@ def job_key(job: StatsJob, loaded, corpus) -> dict:
                          layers=sorted(job.layers), corpus=corpus.identity(), tokens=job.tokens,
                          max_length=job.max_length, bos=job.bos, accumulate=job.accumulate,
                          seed=job.corpus.seed)
-
-
-def provenance() -> dict:
-    import transformers  # noqa: PLC0415
-
-    return {"host": platform.node(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
 
 
 @dataclass(frozen=True)
@@ -240,7 +233,7 @@ def prepare(job: StatsJob, n_shards: int, check_device: bool = True):
     corpus = open_corpus(job.corpus)
     key = job_key(job, skeleton, corpus)
     path = store_path(Path(job.stats_dir), key)
-    store = StatsStore.open_or_create(path, key, provenance(), sorted(job.layers), skeleton.d_ff,
+    store = StatsStore.open_or_create(path, key, default_provenance(), sorted(job.layers), skeleton.d_ff,
                                       "float32" if job.accumulate == "float32" else "float64")
     if store.get_plan() is None:
         plan = make_plan(corpus, skeleton.tokenizer, job.tokens, job.max_length, job.bos)

@@ -1,16 +1,17 @@
-"""The zarr v3 store of the statistics stage: cache key, crash-safe shard checkpoints, reduction, interop.
+"""The zarr v3 store of the statistics stage: cache key, crash-safe shard checkpoints, reduction, reading.
 
 One store holds, per requested layer, ``sum = Σ k kᵀ`` (d×d, float64 unless ``--accumulate float32``) and
 ``count`` (tokens), for exactly one cache key. Layout of ``<stats_dir>/<model slug>-<key hash>.zarr``::
 
     zarr.json               root attributes: key, key_hash, schema_version, provenance, layers, d, dtype,
                             plan, complete, tokens, layer_stats {"<L>": {"count", "sha256"}}
-    layer_<L>/sum           final d×d sum (written by finalize / import_npz)
+    layer_<L>/sum           final d×d sum (written by finalize / write_final_layers)
     layer_<L>/count         int64, shape ()
     shards/<i>_of_<N>/slot_a|slot_b/layer_<L>/sum
                             partial sums of shard i; the slot group's attributes hold the checkpoint
                             record (seq, position, counts, sha256 per layer)
-    covedit.lock            StoreLock file while a run builds the store (covedit.shard-<i>.lock: one shard)
+    covedit.lock            lock file while a run builds the store (covedit.shard-<i>.lock: one shard);
+                            taken and broken by covedit.stats.locks, only passed over here
 
 Quirks worth knowing:
 
@@ -24,8 +25,10 @@ Quirks worth knowing:
   ``open`` does the cheap checks (groups, shapes, counts, chunk files present); ``verify`` reads everything.
 - A deleted chunk file would silently read back as zeros in zarr; the chunk-presence and checksum checks are
   what turn that into a DataError.
-- The ROME/MEMIT ``.npz`` layout is runningstats' ``CombinedStat(mom2=SecondMoment())`` state dict plus the
-  ``sample_size`` entry their ``tally`` insists on: ``mom2.mom2`` is the raw sum, not the mean.
+
+Neighbours: the locks that keep two builders apart are :mod:`covedit.stats.locks`, export to and import from
+the ROME/MEMIT ``.npz`` layout is :mod:`covedit.stats.interop`; both use this module's small helpers
+(``ensure_writable_dir``, ``read_json``, ``utc_now``, ``array_sha256``, ...), which is why those are public.
 """
 
 from __future__ import annotations
@@ -39,28 +42,22 @@ import platform
 import re
 import shutil
 import socket
-import struct
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import zarr
 
 from covedit.pipeline.errors import CannotWrite, DataError, MissingInput, StoreConflict, UsageError
+from covedit.pipeline.tokens import check_bos_policy
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-LOCK_NAME = "covedit.lock"
 SLOTS = ("a", "b")
 ACCUMULATE_DTYPES = ("float64", "float32")
-BOS_POLICIES = ("skip", "keep")
-ROME_CONSTRUCTOR = "util.runningstats.SecondMoment()"
-# runningstats stores None as this NaN bit pattern so that npz files need no pickle.
-ROME_NULL = np.array(struct.unpack(">d", struct.pack(">Q", 0xFFF8000000000002))[0], dtype=np.float64)
 WHOLE_CHUNK_MAX = 2048
 CHUNK = 1024
 
@@ -110,21 +107,21 @@ def canonical_key(**fields: Any) -> dict:
     key["accumulate"] = _dtype_name(key["accumulate"])
     if key["accumulate"] not in ACCUMULATE_DTYPES:
         raise UsageError(f"accumulation dtype must be float64 or float32, not {key['accumulate']!r}.")
-    if key.get("bos") is not None and key["bos"] not in BOS_POLICIES:
-        raise UsageError(f"BOS policy must be 'skip' or 'keep', not {key['bos']!r}.")
+    if key.get("bos") is not None:
+        check_bos_policy(key["bos"])
     for name in ("tokens", "max_length", "seed", "schema_version"):
         if key.get(name) is not None:
             key[name] = int(key[name])
     return _jsonable(key)
 
 
-def _canonical_json(obj: Any) -> str:
+def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 def key_hash(key: dict) -> str:
     """First 16 hex digits of the sha256 of the canonical JSON of the key."""
-    return hashlib.sha256(_canonical_json(canonical_key(**key)).encode()).hexdigest()[:16]
+    return hashlib.sha256(canonical_json(canonical_key(**key)).encode()).hexdigest()[:16]
 
 
 def _slug(model_id: str) -> str:
@@ -149,7 +146,7 @@ def default_stats_dir() -> Path:
     return cache_root() / "stats"
 
 
-def _now() -> str:
+def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -161,7 +158,7 @@ def default_provenance() -> dict:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             continue
-    return {"host": socket.gethostname(), "pid": os.getpid(), "time": _now(), "versions": versions}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "time": utc_now(), "versions": versions}
 
 
 def _describe_difference(path: Path, have: dict, want: dict) -> str:
@@ -169,7 +166,7 @@ def _describe_difference(path: Path, have: dict, want: dict) -> str:
     names = sorted(n for n in set(have) | set(want) if have.get(n, "<absent>") != want.get(n, "<absent>"))
 
     def show(d: dict, n: str) -> str:
-        return f"{n}={_canonical_json(d[n]) if n in d else '<absent>'}"
+        return f"{n}={canonical_json(d[n]) if n in d else '<absent>'}"
 
     built = ", ".join(show(have, n) for n in names)
     asked = ", ".join(show(want, n) for n in names)
@@ -180,7 +177,7 @@ def _describe_difference(path: Path, have: dict, want: dict) -> str:
 # --------------------------------------------------------------------------------------------- file helpers
 
 
-def _ensure_writable_dir(directory: Path) -> None:
+def ensure_writable_dir(directory: Path) -> None:
     """Create ``directory`` and prove a file can be written in it, or raise CannotWrite."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -193,7 +190,7 @@ def _ensure_writable_dir(directory: Path) -> None:
         ) from exc
 
 
-def _sha256(array: np.ndarray) -> str:
+def array_sha256(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array).data).hexdigest()
 
 
@@ -224,13 +221,13 @@ def _write_array(group: zarr.Group, name: str, data: np.ndarray, *, compress: bo
     existing[...] = data
 
 
-def _brief(exc: BaseException) -> str:
+def brief_error(exc: BaseException) -> str:
     """First line of an exception, short enough for a one-sentence message."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text[:120]}" if text else type(exc).__name__
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -271,7 +268,7 @@ class StatsStore:
         meta_file = path / "zarr.json"
         if not meta_file.exists():
             return None
-        meta = _read_json(meta_file)
+        meta = read_json(meta_file)
         if meta is None or meta.get("node_type") != "group":
             raise DataError(f"statistics store {path} has an unreadable zarr.json; delete it and rebuild.")
         return meta.get("attributes", {})
@@ -306,7 +303,7 @@ class StatsStore:
             raise ValueError(f"key accumulate={key['accumulate']} differs from dtype {dtype_name}")
         attrs = cls._root_attrs(path)
         if attrs is None:
-            _ensure_writable_dir(path.parent)
+            ensure_writable_dir(path.parent)
             if path.exists() and not path.is_dir():
                 raise CannotWrite(f"cannot create statistics store {path}: a file of that name exists.")
             if path.is_dir():
@@ -315,11 +312,11 @@ class StatsStore:
                 if foreign:
                     raise StoreConflict(f"{path} exists and is not a covedit statistics store; "
                                         f"choose another --stats-dir or remove it.")
-            _ensure_writable_dir(path)
+            ensure_writable_dir(path)
             attrs = {
                 "key": key, "key_hash": key_hash(key), "schema_version": SCHEMA_VERSION,
                 "provenance": _jsonable(provenance), "layers": layers, "d": int(d), "dtype": dtype_name,
-                "plan": None, "tokens": None, "layer_stats": {}, "complete": False, "created_at": _now(),
+                "plan": None, "tokens": None, "layer_stats": {}, "complete": False, "created_at": utc_now(),
             }
             try:
                 zarr.create_group(str(path), zarr_format=3, attributes=attrs, overwrite=False)
@@ -339,7 +336,7 @@ class StatsStore:
                 f"{d}×{d} {dtype_name} (the model changed under the same id? delete that store to rebuild)."
             )
         if not attrs.get("complete"):
-            _ensure_writable_dir(path)
+            ensure_writable_dir(path)
         return cls(path, attrs)
 
     @classmethod
@@ -392,7 +389,7 @@ class StatsStore:
         node = self._shard_node(shard, n_shards)
         found = []
         for slot in SLOTS:
-            meta = _read_json(self.path / node / f"slot_{slot}" / "zarr.json")
+            meta = read_json(self.path / node / f"slot_{slot}" / "zarr.json")
             record = (meta or {}).get("attributes", {})
             if record.get("valid") is True and isinstance(record.get("seq"), int):
                 found.append((slot, record))
@@ -405,10 +402,10 @@ class StatsStore:
         try:
             data = zarr.open_array(str(array_path), mode="r", zarr_format=3)[...]
         except Exception as exc:  # any read/decode failure of a damaged chunk
-            raise DataError(f"checkpoint of {where} in {self.path} cannot be read ({_brief(exc)}).") from exc
+            raise DataError(f"checkpoint of {where} in {self.path} cannot be read ({brief_error(exc)}).") from exc
         if data.shape != (self.d, self.d) or data.dtype != self.dtype:
             raise DataError(f"checkpoint of {where} in {self.path} has shape {data.shape} {data.dtype}.")
-        if _sha256(data) != record.get("sha256", {}).get(str(layer)):
+        if array_sha256(data) != record.get("sha256", {}).get(str(layer)):
             raise DataError(f"checkpoint of {where} in {self.path} fails its checksum.")
         return data
 
@@ -435,12 +432,12 @@ class StatsStore:
         checksums = {}
         for layer in self.layers:
             _write_array(slot_group, f"layer_{layer}/sum", arrays[layer], compress=False)
-            checksums[str(layer)] = _sha256(arrays[layer])
+            checksums[str(layer)] = array_sha256(arrays[layer])
         record = {
             "valid": True, "seq": seq, "shard": shard, "n_shards": n_shards,
             "position": _jsonable({"done": False, **position}),
             "counts": {str(layer): int(counts[layer]) for layer in self.layers},
-            "sha256": checksums, "dtype": self.dtype.name, "saved_at": _now(),
+            "sha256": checksums, "dtype": self.dtype.name, "saved_at": utc_now(),
         }
         slot_group.attrs.put(record)
         self._resumed_from[(shard, n_shards)] = target
@@ -480,7 +477,7 @@ class StatsStore:
         _write_array(group, "sum", total, compress=True)
         count_array = group.create_array("count", shape=(), dtype="int64", fill_value=0, overwrite=True)
         count_array[...] = np.int64(count)
-        return _sha256(total)
+        return array_sha256(total)
 
     def _mark_complete(self, layer_stats: dict[str, dict], extra: dict) -> None:
         """One atomic attribute write: checksums, tokens and ``complete`` become visible together."""
@@ -488,7 +485,19 @@ class StatsStore:
         if len({s["count"] for s in layer_stats.values()}) > 1:
             log.warning("layers of %s saw different token counts: %s", self.path, layer_stats)
         self._root().attrs.update({"layer_stats": layer_stats, "tokens": tokens, "complete": True,
-                                   "completed_at": _now(), **extra})
+                                   "completed_at": utc_now(), **extra})
+
+    def write_final_layers(self, layers: dict[int, tuple[np.ndarray, int]], extra: dict) -> None:
+        """Write whole final layers, ``{layer: (sum, count)}``, then mark the store complete with ``extra``.
+
+        How a store is filled from sums made elsewhere (``covedit.stats.interop.import_npz``); ``finalize``
+        builds its layers from shard checkpoints instead, one layer in memory at a time.
+        """
+        layer_stats = {}
+        for layer, (total, count) in layers.items():
+            checksum = self._write_layer(int(layer), total, int(count))
+            layer_stats[str(int(layer))] = {"count": int(count), "sha256": checksum}
+        self._mark_complete(layer_stats, extra)
 
     def finalize(self, n_shards: int, *, keep_shards: bool = False) -> None:
         """Add the finished shards' sums (in shard order, float64) into the final layers and mark complete.
@@ -523,7 +532,8 @@ class StatsStore:
 
     # -------------------------------------------------------------- reading
 
-    def _require_layer(self, layer: int) -> dict:
+    def layer_record(self, layer: int) -> dict:
+        """``{"count", "sha256"}`` recorded for one layer of a complete store (MissingInput if not complete)."""
         attrs = self._attrs()
         if not attrs.get("complete"):
             raise MissingInput(f"statistics store {self.path} is not complete; rerun build-stats to finish it.")
@@ -536,7 +546,7 @@ class StatsStore:
 
     def read_layer(self, layer: int) -> tuple[np.ndarray, int]:
         """(sum, count) of one layer of a complete store, checked against the recorded checksum."""
-        stats = self._require_layer(layer)
+        stats = self.layer_record(layer)
         problems, data = self._check_layer(int(layer), stats, full=True)
         if problems or data is None:
             raise DataError(f"statistics store {self.path} is damaged: {'; '.join(problems)}; "
@@ -579,8 +589,8 @@ class StatsStore:
         try:
             data = array[...]
         except Exception as exc:  # truncated or garbled chunk
-            return [f"layer {layer} sum cannot be read ({_brief(exc)})"], None
-        if _sha256(data) != stats.get("sha256"):
+            return [f"layer {layer} sum cannot be read ({brief_error(exc)})"], None
+        if array_sha256(data) != stats.get("sha256"):
             return [f"layer {layer} sum fails its checksum"], None
         return [], data
 
@@ -659,204 +669,3 @@ def list_stores(stats_dir: Path) -> list[dict]:
         except (DataError, MissingInput, StoreConflict) as exc:
             out.append({"path": str(path), "error": str(exc)})
     return out
-
-
-# --------------------------------------------------------------------------------------------- ROME/MEMIT npz
-
-
-def export_npz(store: StatsStore, layer: int, out_path: Path | str, *, sample_size: int | None = 100000) -> Path:
-    """Write one layer in the ROME/MEMIT ``runningstats`` layout (``mom2.mom2`` = raw sum).
-
-    Their ``tally`` refuses a cache file whose ``sample_size`` differs from the one it is asked for
-    (``mom2_n_samples``, 100000 in every published config), so pass the value their run will use.
-    """
-    total, count = store.read_layer(layer)
-    out_path = Path(out_path)
-    _ensure_writable_dir(out_path.parent)
-    entries = {
-        "mom2.constructor": np.array(ROME_CONSTRUCTOR),
-        "mom2.count": np.array(count, dtype=np.int64),
-        "mom2.mom2": total,
-        "sample_size": ROME_NULL if sample_size is None else np.array(int(sample_size), dtype=np.int64),
-        "covedit.key": np.array(_canonical_json({**store.key, "layers": [int(layer)]})),
-    }
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.partial")
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **entries)
-        os.replace(tmp, out_path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise CannotWrite(f"cannot write {out_path} ({exc.strerror or exc}).") from exc
-    return out_path
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def import_npz(npz_path: Path | str, stats_dir: Path | str, key: dict, layer: int,
-               expected_dim: int | None = None) -> StatsStore:
-    """A complete one-layer store from a ROME/MEMIT/EasyEdit ``.npz`` (raw sum + count).
-
-    The key's ``accumulate`` is set from the file's dtype (float16 files are widened to float32).
-    ``expected_dim`` (the model's key width) refuses a file made for another model before anything is written.
-    """
-    npz_path = Path(npz_path)
-    if not npz_path.is_file():
-        raise MissingInput(f"no statistics file at {npz_path}.")
-    try:
-        with np.load(npz_path, allow_pickle=False) as npz:
-            names = list(npz.keys())
-            if "mom2.mom2" not in names or "mom2.count" not in names:
-                raise DataError(f"{npz_path} has no mom2.mom2 / mom2.count (it holds {', '.join(names)}).")
-            total = np.asarray(npz["mom2.mom2"])
-            count_value = npz["mom2.count"]
-            sample_size = npz["sample_size"].item() if "sample_size" in names else None
-    except (ValueError, OSError) as exc:
-        raise DataError(f"{npz_path} cannot be read as an npz file ({_brief(exc)}).") from exc
-    if total.ndim != 2 or total.shape[0] != total.shape[1]:
-        raise DataError(f"mom2.mom2 in {npz_path} has shape {total.shape}, not a square matrix.")
-    if expected_dim is not None and total.shape[0] != expected_dim:
-        raise DataError(f"mom2.mom2 in {npz_path} is {total.shape[0]}×{total.shape[0]}, but this model's keys have "
-                        f"{expected_dim} dimensions: the file was made for another model.")
-    if total.dtype == np.float16:
-        total = total.astype(np.float32)
-    if total.dtype not in (np.float32, np.float64):
-        raise DataError(f"mom2.mom2 in {npz_path} has dtype {total.dtype}, not a float.")
-    count = int(count_value)
-    if count <= 0 or count != count_value:
-        raise DataError(f"mom2.count in {npz_path} is {count_value}, not a positive token count.")
-    if not np.isfinite(total).all():
-        raise DataError(f"mom2.mom2 in {npz_path} holds NaN or infinite values.")
-    scale = float(np.abs(total).max()) or 1.0
-    if float(np.abs(total - total.T).max()) > 1e-4 * scale or (np.diagonal(total) < 0).any():
-        raise DataError(f"mom2.mom2 in {npz_path} is not a raw second moment Σ k kᵀ (not symmetric PSD-like).")
-    if isinstance(sample_size, float) and np.isnan(sample_size):
-        sample_size = None
-    dtype_name = total.dtype.name
-    key = canonical_key(**{**key, "layers": [int(layer)], "accumulate": dtype_name})
-    provenance = {**default_provenance(), "imported_from": str(npz_path.resolve()),
-                  "npz_sha256": _file_sha256(npz_path), "npz_sample_size": sample_size}
-    store = StatsStore.open_or_create(store_path(Path(stats_dir), key), key, provenance, [int(layer)],
-                                      total.shape[0], dtype_name)
-    checksum = _sha256(np.ascontiguousarray(total))
-    if store.is_complete():
-        recorded = store._attrs()["layer_stats"][str(int(layer))]
-        if recorded["sha256"] == checksum and recorded["count"] == count:
-            return store
-        raise StoreConflict(f"store at {store.path} already holds other statistics for this key; "
-                            f"delete it to import {npz_path}.")
-    written = store._write_layer(int(layer), np.ascontiguousarray(total), count)
-    store._mark_complete({str(int(layer)): {"count": count, "sha256": written}}, {"n_shards": 0})
-    log.info("imported %s into %s", npz_path, store.path)
-    return store
-
-
-# --------------------------------------------------------------------------------------------- lock
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class StoreLock:
-    """Exclusive right to build a store: ``with StoreLock(path): ...``.
-
-    The lock file (``covedit.lock`` in the store) holds pid, host and time. ``ranks`` locks only those
-    shards instead (``covedit.shard-<i>.lock``), so that Slurm array jobs can build different shards of one
-    store at once; a whole-store lock and any shard lock exclude each other. A lock left by a dead process on
-    this host is broken with a warning; a lock from another host is never broken automatically.
-    """
-
-    def __init__(self, store: StatsStore | Path | str, ranks: int | Iterable[int] | None = None) -> None:
-        self.store_dir = store.path if isinstance(store, StatsStore) else Path(store)
-        if ranks is None:
-            self.ranks: list[int] | None = None
-            self.lock_paths = [self.store_dir / LOCK_NAME]
-        else:
-            self.ranks = sorted({int(r) for r in ([ranks] if isinstance(ranks, int) else ranks)})
-            self.lock_paths = [self.store_dir / f"covedit.shard-{r}.lock" for r in self.ranks]
-        self.lock_path = self.lock_paths[0]
-        self.info = {"pid": os.getpid(), "host": socket.gethostname(), "time": _now()}
-        self.held: list[Path] = []
-
-    def _try_create(self, lock_path: Path) -> bool:
-        try:
-            fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(self.info))
-            fh.flush()
-            os.fsync(fh.fileno())
-        return True
-
-    def _refuse_or_break(self, lock_path: Path) -> None:
-        """StoreConflict if ``lock_path`` is held by a live run (or one on another host); else remove it."""
-        holder = _read_json(lock_path)
-        what = f"store at {self.store_dir}" + (f" (shard lock {lock_path.name})" if lock_path.name != LOCK_NAME
-                                              else "")
-        if holder is None:
-            if lock_path.exists():
-                raise StoreConflict(f"{what} is locked by an unreadable {lock_path}; "
-                                    f"delete it if no run is building that store.")
-            return
-        pid = holder.get("pid")
-        if holder.get("host") == self.info["host"] and isinstance(pid, int) and not _pid_alive(pid):
-            log.warning("breaking stale lock %s of dead pid %s (since %s)", lock_path, pid, holder.get("time"))
-            lock_path.unlink(missing_ok=True)
-            return
-        raise StoreConflict(
-            f"{what} is being built by pid {pid} on host {holder.get('host')} since {holder.get('time')}; "
-            f"wait for it, or delete {lock_path} if that run is dead."
-        )
-
-    def _acquire_one(self, lock_path: Path) -> None:
-        for _attempt in range(3):
-            if self._try_create(lock_path):
-                self.held.append(lock_path)
-                return
-            self._refuse_or_break(lock_path)
-        raise StoreConflict(f"could not lock {self.store_dir}: another process keeps taking {lock_path}.")
-
-    def acquire(self) -> None:
-        _ensure_writable_dir(self.store_dir)
-        if self.ranks is None:
-            others = sorted(self.store_dir.glob("covedit.shard-*.lock"))
-        else:
-            others = [self.store_dir / LOCK_NAME]
-        for other in others:
-            if other.exists():
-                self._refuse_or_break(other)
-        try:
-            for lock_path in self.lock_paths:
-                self._acquire_one(lock_path)
-        except BaseException:
-            self.release()
-            raise
-
-    def release(self) -> None:
-        for lock_path in self.held:
-            holder = _read_json(lock_path)
-            if holder is not None and holder.get("pid") == self.info["pid"] \
-                    and holder.get("host") == self.info["host"]:
-                lock_path.unlink(missing_ok=True)
-        self.held = []
-
-    def __enter__(self) -> "StoreLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()

@@ -179,7 +179,7 @@ def test_stale_locks_are_broken_and_foreign_ones_respected(tiny_dir, corpus_file
     # Locks of dead processes on this host (a run killed with -9) are broken, whole-store and shard ones.
     (store / "covedit.shard-1.lock").write_text(lock_record(dead_pid(), here))
     (store / "covedit.lock").write_text(lock_record(dead_pid(), here))
-    with caplog.at_level("WARNING", logger="covedit.stats.store"):
+    with caplog.at_level("WARNING", logger="covedit.stats.locks"):
         done = invoke_json(base)
     assert done["status"] == "built"  # shard 0 was finished, shard 1 starts afresh
     assert sum("breaking stale lock" in r.getMessage() for r in caplog.records) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -16,15 +17,14 @@ import pytest
 
 from covedit.pipeline.errors import CannotWrite, DataError, MissingInput, StoreConflict
 from covedit.stats import store as store_mod
+from covedit.stats.interop import export_npz, import_npz
+from covedit.stats.locks import LOCK_NAME, StoreLock
 from covedit.stats.store import (
     SCHEMA_VERSION,
     StatsStore,
-    StoreLock,
     canonical_key,
     default_stats_dir,
-    export_npz,
     find_store,
-    import_npz,
     key_hash,
     list_stores,
     store_path,
@@ -370,7 +370,7 @@ def test_interrupted_creation_does_not_look_complete(tmp_path):
     key = make_key()
     path = store_path(tmp_path, key)
     path.mkdir()
-    (path / store_mod.LOCK_NAME).write_text("{}")  # only a lock: creation died before zarr.json
+    (path / LOCK_NAME).write_text("{}")  # only a lock: creation died before zarr.json
     assert list_stores(tmp_path)[0]["error"].endswith("(creation was interrupted).")
     assert find_store(tmp_path, key, LAYERS) is None
     store = StatsStore.open_or_create(path, key, {}, LAYERS, D, "float64")
@@ -521,7 +521,7 @@ def test_second_lock_is_refused(tmp_path):
         assert info["pid"] == os.getpid()
         with pytest.raises(StoreConflict, match=rf"is being built by pid {os.getpid()} on host"):
             StoreLock(store.path).acquire()
-    assert not (store.path / store_mod.LOCK_NAME).exists()
+    assert not (store.path / LOCK_NAME).exists()
     with StoreLock(store.path):  # free again
         pass
 
@@ -530,8 +530,8 @@ def test_stale_lock_is_broken(tmp_path, caplog):
     store = make_store(tmp_path)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    lock_path = store.path / store_mod.LOCK_NAME
-    lock_path.write_text(json.dumps({"pid": dead.pid, "host": store_mod.socket.gethostname(),
+    lock_path = store.path / LOCK_NAME
+    lock_path.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
                                      "time": "2020-01-01T00:00:00+00:00"}))
     with StoreLock(store) as lock:
         assert json.loads(lock.lock_path.read_text())["pid"] == os.getpid()
@@ -540,7 +540,7 @@ def test_stale_lock_is_broken(tmp_path, caplog):
 
 def test_lock_from_another_host_is_not_broken(tmp_path):
     store = make_store(tmp_path)
-    (store.path / store_mod.LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere", "time": "T"}))
+    (store.path / LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere", "time": "T"}))
     with pytest.raises(StoreConflict, match="pid 1 on host elsewhere since T"):
         StoreLock(store).acquire()
 
