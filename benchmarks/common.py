@@ -151,7 +151,8 @@ def memit_variants(loaded, hp, facts: list, targets: TargetResult, covs: dict, g
 
 def edit_variants(loaded, hp, facts: list, targets: TargetResult, covs: dict, variants: list[tuple[str, dict]],
                   before, with_fluency: bool):
-    """For each (label, keyword arguments of ``run_memit``: ``lam``, ``preserve_prompts``, ``alphaedit``):
+    """For each (label, keyword arguments of ``run_memit``: ``lam``, ``preserve_prompts``, ``preserve_relation``,
+    ``relation_subjects``, ``alphaedit``):
     the edit from the original weights with the same targets, then the evaluation against ``before`` (the
     unedited model's). Yields (label, row): the metrics, the realised share, drift, fluency and solve
     seconds; while a variant is yielded its weights are in place."""
@@ -166,6 +167,8 @@ def edit_variants(loaded, hp, facts: list, targets: TargetResult, covs: dict, va
         t0 = time.perf_counter()
         out = run_memit(loaded, facts, hp.layers, covs, kwargs.get("lam", 0.0), hp.target, templates, time.perf_counter,
                         targets=targets, preserve_prompts=kwargs.get("preserve_prompts", 0.0),
+                        preserve_relation=kwargs.get("preserve_relation", 0.0),
+                        relation_subjects=kwargs.get("relation_subjects", 16),
                         alphaedit=kwargs.get("alphaedit"))
         solve_s = time.perf_counter() - t0
         after = evaluate_model(loaded, facts, with_fluency=with_fluency)

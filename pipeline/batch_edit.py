@@ -225,7 +225,8 @@ def run_batch_edit(cfg: BatchEditConfig) -> BatchEditResult:
     elif cfg.method == "memit":
         outcome = run_memit(loaded, facts, layers, covs, hp.lam, hp.target, templates, clock, targets=cfg.targets,
                             keys_from=hp.keys_from, key_weights=key_weights_for(loaded, hp),
-                            preserve_prompts=hp.preserve_prompts)
+                            preserve_prompts=hp.preserve_prompts, preserve_relation=hp.preserve_relation,
+                            relation_subjects=hp.relation_subjects)
     else:
         projectors = alphaedit_projectors(covs, hp.null_space_threshold, hp.null_space_energy)
         outcome = run_memit(loaded, facts, layers, covs, 0.0, hp.target, templates, clock,

@@ -66,6 +66,11 @@ class MemitHParams:
     # μ: weight of Σ k kᵀ over the other tokens of the edited prompts (and the target's teacher-forced
     # tokens) added to λC, so the update leaves their outputs alone (memit.py). 0 is the reference MEMIT.
     preserve_prompts: float = 0.0
+    # ν: weight of the mean k kᵀ of each edited prompt with ``relation_subjects`` ordinary entity names in
+    # its subject's place (pipeline/data/preserve_subjects.txt), added to λC so that the same relation
+    # asked about other subjects keeps its answers (memit.py). 0 is the reference MEMIT.
+    preserve_relation: float = 0.0
+    relation_subjects: int = 16
     target: TargetHParams = field(default_factory=TargetHParams)
 
 
@@ -280,6 +285,9 @@ def validate(hp: HParams, num_layers: int | None = None) -> HParams:
         raise UsageError(f"Hyperparameter lam must be >= 0, got {hp.lam}.")
     if isinstance(hp, MemitHParams) and hp.preserve_prompts < 0:
         raise UsageError(f"Hyperparameter preserve_prompts must be >= 0, got {hp.preserve_prompts}.")
+    if isinstance(hp, MemitHParams) and (hp.preserve_relation < 0 or hp.relation_subjects < 1):
+        raise UsageError("Hyperparameter preserve_relation must be >= 0 and relation_subjects at least 1, got "
+                         f"{hp.preserve_relation} and {hp.relation_subjects}.")
     if isinstance(hp, AlphaEditHParams) and min(hp.alpha, hp.null_space_threshold, hp.null_space_energy, hp.lam) < 0:
         raise UsageError("Hyperparameters alpha, null_space_threshold, null_space_energy and lam must be >= 0.")
     if hp.n_templates < 0 or any(n < 1 for n in hp.template_lengths):

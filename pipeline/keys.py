@@ -28,7 +28,10 @@ Quirks:
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
+from functools import cache
+from importlib import resources
 
 import torch
 
@@ -206,6 +209,35 @@ def prompt_token_moment(loaded: LoadedModel, layer: int, prompts: list[str], sub
         k = seen[0].to(at)[keep.to(at)].double()  # (tokens, d_ff)
         total += k.T @ k
     return total
+
+
+PRESERVE_SUBJECTS = "preserve_subjects.txt"
+
+
+@cache
+def preserve_subjects() -> tuple[str, ...]:
+    """The shipped ordinary entity names (pipeline/data/preserve_subjects.txt, in its fixed shuffled order)."""
+    text = resources.files("covedit.pipeline").joinpath("data", PRESERVE_SUBJECTS).read_text(encoding="utf-8")
+    return tuple(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+
+
+def relation_key_moment(loaded: LoadedModel, layer: int, prompts: list[str], edited_subjects: list[str],
+                        n_subjects: int, batch_size: int = 64) -> torch.Tensor:
+    """Σ over the edited facts of the mean k kᵀ (d_ff × d_ff, float64, on the layer's device) at the
+    subject's last token of the fact's rewrite prompt with each of ``n_subjects`` ordinary entity names in
+    place of its subject (``preserve_subjects``, less any edited subject): the keys that the same
+    relation's prompts about other subjects produce, whose outputs the edit should leave alone (MEMIT's
+    ``preserve_relation``). A prompt shared by several facts weighs as many times as it is shared."""
+    edited = {s.casefold() for s in edited_subjects}
+    pool = [s for s in preserve_subjects() if s.casefold() not in edited][:n_subjects]
+    counts = Counter(prompts)
+    unique = sorted(counts)
+    rows = [(p, s) for p in unique for s in pool]
+    keys = compute_keys(loaded, [layer], [p for p, _ in rows], [s for _, s in rows], ["{}"], batch_size)[layer]
+    at = loaded.layer_device(layer)
+    k = keys.to(at).double()
+    w = torch.tensor([counts[p] / len(pool) for p, _ in rows], dtype=torch.float64, device=at)
+    return (k * w[:, None]).T @ k
 
 
 def memit_key_weights(groups: list[list[str]]) -> list[float]:

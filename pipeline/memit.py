@@ -22,7 +22,10 @@ as low-rank factors ΔW = up @ down with r = n.
   (``C_keep``): Δ = R Kᵀ (λC + C_keep + K Kᵀ)⁻¹ minimises Σ‖Δk − r‖² over the edited keys, plus
   μ Σ‖Δk‖² over the other tokens of those prompts (their outputs should stay as they were), plus λ
   tr(Δ C Δᵀ). Those tokens ("The capital of", "?", the answer's first tokens) are exactly the ones that
-  prompts of the same relation about other subjects share.
+  prompts of the same relation about other subjects share. Likewise (``preserve_relation`` = ν, 0 in the
+  reference) ν times the mean k kᵀ of each edited prompt with ordinary entity names in its subject's place
+  ("The capital of Erbium is"): the key a same-relation prompt about *another* subject produces shares the
+  relation's context with the edited key, and this term asks Δ to leave that shared part's output alone.
 * AlphaEdit (jianghoucheng/AlphaEdit, AlphaEdit_main.py): Δᵀ = (P (K Kᵀ + C_prev) + α I)⁻¹ P K Rᵀ, where P
   projects onto the near-null space of C, so Δ k ≈ 0 for the keys the layer already serves, and C_prev
   holds K Kᵀ of earlier sequential batches so that later batches do not undo them.
@@ -45,7 +48,7 @@ from torch import Tensor
 
 from covedit.pipeline.edit import EditOutcome, Factors, apply_update, keys_at, realised_share, residual
 from covedit.pipeline.errors import DataError, UsageError
-from covedit.pipeline.keys import memit_key_weights, prompt_token_moment
+from covedit.pipeline.keys import memit_key_weights, prompt_token_moment, relation_key_moment
 from covedit.pipeline.models import LoadedModel
 from covedit.pipeline.rome import cholesky_psd
 from covedit.pipeline.targets import TargetResult, compute_targets, fact_groups
@@ -158,12 +161,14 @@ def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: 
               lam: float, target_hp, templates: list[str], clock: Callable[[], float],
               alphaedit: dict | None = None, targets: TargetResult | None = None,
               keys_from: str = "templates", key_weights: list[float] | None = None,
-              preserve_prompts: float = 0.0) -> EditOutcome:
+              preserve_prompts: float = 0.0, preserve_relation: float = 0.0, relation_subjects: int = 16
+              ) -> EditOutcome:
     """MEMIT (or AlphaEdit when ``alphaedit`` = {"P": {layer: P}, "prev_keys": {layer: K}, "alpha": a}, and
     optionally "lam": λ with ``covariances`` for λC inside the projected solve).
 
     ``preserve_prompts`` = μ > 0 adds μ Σ k kᵀ over the edited prompts' other tokens to MEMIT's λC
-    (memit.py); AlphaEdit ignores it.
+    (memit.py); AlphaEdit ignores it. ``preserve_relation`` = ν > 0 adds ν Σ k kᵀ of the edited prompts with
+    ``relation_subjects`` ordinary entity names in place of their subjects (keys.relation_key_moment).
 
     ``key_weights`` weigh ``templates`` in the key average (``key_weights_for``); None takes ``templates``
     as the bare ``"{}"`` followed by one group of prefixes (MEMIT's default). ``keys_from="prompt"`` takes
@@ -196,6 +201,10 @@ def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: 
             if preserve_prompts > 0:
                 C_keep = preserve_prompts * prompt_token_moment(
                     loaded, layer, [f.prompt for f in facts], [f.subject for f in facts], [f.target_new for f in facts])
+            if preserve_relation > 0:
+                moment = preserve_relation * relation_key_moment(
+                    loaded, layer, [f.prompt for f in facts], [f.subject for f in facts], relation_subjects)
+                C_keep = moment if C_keep is None else C_keep + moment
             up, down = memit_solve(K, R, C, lam, C_keep)
         else:
             prev = alphaedit["prev_keys"].get(layer)
