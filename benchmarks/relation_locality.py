@@ -20,6 +20,7 @@ prompts; fluency with ``--fluency``. Targets come from the shared per-fact cache
 several λ reuse them.
 
     python benchmarks/relation_locality.py --lams 1500 --json benchmarks/results/relation_locality_cpu.json
+    python benchmarks/relation_locality.py --lams 1500 --nus 0,1,3,10 --json benchmarks/results/relation_nu_cpu.json
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
-from benchmarks.common import TargetCache, covariances, memit_variants, write_facts  # noqa: E402
+from benchmarks.common import TargetCache, covariances, edit_variants, write_facts  # noqa: E402
 from covedit.pipeline.edit import templates_for  # noqa: E402
 from covedit.pipeline.evaluate import evaluate_model, next_token_logprobs  # noqa: E402
 from covedit.pipeline.facts import Fact, Neighbor  # noqa: E402
@@ -100,6 +101,7 @@ def main() -> None:
     ap.add_argument("--facts", type=int, default=100)
     ap.add_argument("--lams", default="", help="MEMIT λ values (default: the model's default)")
     ap.add_argument("--mus", default="", help="preserve_prompts values μ (default: the model's default)")
+    ap.add_argument("--nus", default="", help="preserve_relation values ν (default: the model's default)")
     ap.add_argument("--set", action="append", default=[], help="other hyperparameter overrides, key=value")
     ap.add_argument("--fluency", action="store_true")
     ap.add_argument("--write-facts", type=Path, help="also write the edited facts as a facts file")
@@ -127,9 +129,12 @@ def main() -> None:
           "drift KL | GE |\n|---|---|---|---|---|---|---|---|", flush=True)
     lams = [float(x) for x in args.lams.split(",")] if args.lams else [hp.lam]
     mus = [float(x) for x in args.mus.split(",")] if args.mus else [hp.preserve_prompts]
-    grid = [(lam, mu) for lam in lams for mu in mus]
+    nus = [float(x) for x in args.nus.split(",")] if args.nus else [hp.preserve_relation]
+    variants = [(f"{lam:g}" + (f" μ {mu:g}" if mu else "") + (f" ν {nu:g}" if nu else ""),
+                 {"lam": lam, "preserve_prompts": mu, "preserve_relation": nu, "relation_subjects": hp.relation_subjects})
+                for lam in lams for mu in mus for nu in nus]
     relation_of = [rel for rel in RELATIONS for _ in neighbours[rel]]  # of each neighbour prompt, in order
-    for label, row in memit_variants(loaded, hp, facts, targets, covs, grid, before, args.fluency):
+    for label, row in edit_variants(loaded, hp, facts, targets, covs, variants, before, args.fluency):
         near_after = next_token_logprobs(loaded, [p for p, _ in pairs])
         same = (near_before.logprobs.argmax(-1) == near_after.logprobs.argmax(-1)).tolist()
         kept = 100.0 * sum(same) / len(same)
