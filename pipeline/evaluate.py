@@ -20,11 +20,15 @@ Every model call works on padded batches: one forward per batch of prompts, neve
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 
 import torch
 
@@ -290,14 +294,73 @@ class Evaluation:
 
 def evaluate_model(loaded: LoadedModel, facts: list, batch_size: int = 32, unrelated: bool = True,
                    unrelated_prompts: list[str] | None = None, with_fluency: bool = True,
-                   fluency_prompts: list[str] | None = None, max_new_tokens: int = 50) -> Evaluation:
-    """Per-fact metrics and their aggregate, plus the unrelated-prompt distributions and fluency."""
+                   fluency_prompts: list[str] | None = None, max_new_tokens: int = 50,
+                   reference_cache: Path | None = None) -> Evaluation:
+    """Per-fact metrics and their aggregate, plus the unrelated-prompt distributions and fluency.
+
+    ``reference_cache`` (a folder): take the parts that do not depend on the facts (the unrelated-prompt
+    distributions and fluency) from there when this model's were measured before, else measure and store
+    them (``cached_reference``); ``extra["reference_cached"]`` says which happened."""
     log.info("evaluating %s on %d facts%s", loaded.model_id, len(facts), ", with fluency" if with_fluency else "")
     rows = fact_metrics(loaded, facts, batch_size) if facts else []
+    if reference_cache is not None and unrelated:
+        next_tokens, flu, hit = cached_reference(loaded, reference_cache, unrelated_prompts, with_fluency,
+                                                 fluency_prompts, max_new_tokens)
+        return Evaluation(model_id=loaded.model_id, per_fact=rows, aggregate=aggregate(rows), next_tokens=next_tokens,
+                          fluency=flu, extra={"reference_cached": hit})
     return Evaluation(
         model_id=loaded.model_id, per_fact=rows, aggregate=aggregate(rows),
         next_tokens=next_token_logprobs(loaded, unrelated_prompts) if unrelated else None,
         fluency=fluency(loaded, fluency_prompts, max_new_tokens) if with_fluency else None)
+
+
+def reference_key(loaded: LoadedModel, unrelated_prompts: list[str], fluency_prompts: list[str] | None,
+                  max_new_tokens: int) -> str:
+    """What determines a model's unrelated-prompt distributions and greedy generations: its identity (the
+    content fingerprint of ``model_id``, and the sha256 of every down-projection, which is what covedit's
+    edits change), dtype and device type, the torch and transformers versions, the prompts and the length
+    of the generations (``fluency_prompts`` None: no fluency)."""
+    import transformers  # noqa: PLC0415
+
+    params = next(loaded.model.parameters())
+    down = hashlib.sha256()
+    for layer in range(loaded.num_layers):
+        down.update(loaded.down_weight(layer).detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    key = {"model_id": loaded.model_id, "down_sha256": down.hexdigest(), "dtype": str(params.dtype),
+           "device": params.device.type, "torch": torch.__version__, "transformers": transformers.__version__,
+           "unrelated": unrelated_prompts, "fluency": fluency_prompts, "max_new_tokens": max_new_tokens}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cached_reference(loaded: LoadedModel, folder: Path, unrelated_prompts: list[str] | None = None,
+                     with_fluency: bool = True, fluency_prompts: list[str] | None = None, max_new_tokens: int = 50
+                     ) -> tuple[NextTokens, dict | None, bool]:
+    """(unrelated-prompt distributions, fluency or None, whether they came from ``folder``) of an unedited
+    model. An unedited model gives the same numbers every time, and measuring them again (the greedy
+    generations above all) is most of a small batch-edit's evaluation. A file that cannot be read is
+    measured again and replaced."""
+    unrelated_prompts = load_prompts(UNRELATED_PROMPTS) if unrelated_prompts is None else list(unrelated_prompts)
+    fluency_list = None
+    if with_fluency:
+        fluency_list = load_prompts(FLUENCY_PROMPTS) if fluency_prompts is None else list(fluency_prompts)
+    path = Path(folder) / f"reference-{reference_key(loaded, unrelated_prompts, fluency_list, max_new_tokens)}.pt"
+    if path.exists():
+        try:
+            saved = torch.load(path, weights_only=True)
+            return NextTokens(saved["prompts"], saved["logprobs"], saved["top1"]), saved["fluency"], True
+        except Exception as e:  # noqa: BLE001 (any unreadable file is measured again)
+            log.warning("unreadable evaluation cache %s (%s): measuring again", path, e)
+    next_tokens = next_token_logprobs(loaded, unrelated_prompts)
+    flu = fluency(loaded, fluency_list, max_new_tokens) if with_fluency else None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"prompts": next_tokens.prompts, "logprobs": next_tokens.logprobs, "top1": next_tokens.top1,
+                    "fluency": flu}, tmp)
+        tmp.replace(path)
+    except OSError as e:
+        log.warning("cannot store the evaluation reference in %s (%s): it will be measured again next time", folder, e)
+    return next_tokens, flu, False
 
 
 # ------------------------------------------------------------------------------------------ probe

@@ -244,3 +244,37 @@ def test_cli_evaluate_and_probe_on_a_saved_tiny_model(tiny_folder, tmp_path):
 def test_cli_evaluate_missing_model_exits_66(tmp_path):
     r = cli("evaluate", "--model", tmp_path / "no-such-model", "-q")
     assert r.returncode == 66 and "error" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_unedited_reference_is_measured_once_then_read_back(tiny, tmp_path, monkeypatch):
+    """evaluate_model(reference_cache=...): the unrelated-prompt distributions and the fluency of an
+    unedited model are measured on the first call and read back, bit for bit, on the next; a changed
+    down-projection (an edit) or generation length is another key; an unreadable file is measured again."""
+    from covedit.pipeline import evaluate as ev
+
+    prompts, fl = ["The capital of France is", "Water boils at"], ["Once upon a time"]
+    kw = dict(unrelated_prompts=prompts, fluency_prompts=fl, max_new_tokens=5, reference_cache=tmp_path)
+    first = evaluate_model(tiny, [], **kw)
+    assert first.extra == {"reference_cached": False} and len(list(tmp_path.glob("reference-*.pt"))) == 1
+    plain = evaluate_model(tiny, [], unrelated_prompts=prompts, fluency_prompts=fl, max_new_tokens=5)
+
+    def no_model_call(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(ev, "next_token_logprobs", no_model_call)
+    monkeypatch.setattr(ev, "fluency", no_model_call)
+    second = evaluate_model(tiny, [], **kw)
+    assert second.extra == {"reference_cached": True}
+    assert torch.equal(second.next_tokens.logprobs, plain.next_tokens.logprobs)
+    assert second.next_tokens.top1 == plain.next_tokens.top1 and second.fluency == plain.fluency
+    monkeypatch.undo()
+
+    with torch.no_grad():
+        tiny.down_weight(1).add_(1e-3)
+    assert evaluate_model(tiny, [], **kw).extra == {"reference_cached": False}
+    assert evaluate_model(tiny, [], **{**kw, "max_new_tokens": 6}).extra == {"reference_cached": False}
+    assert len(list(tmp_path.glob("reference-*.pt"))) == 3
+    for path in tmp_path.glob("reference-*.pt"):
+        path.write_bytes(b"not a torch file")
+    assert evaluate_model(tiny, [], **kw).extra == {"reference_cached": False}
+    assert evaluate_model(tiny, [], **kw).extra == {"reference_cached": True}
