@@ -13,8 +13,10 @@ context templates and the version of the optimisation's rules (``RULES``).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -91,9 +93,15 @@ class TargetCache:
             entry = {f: getattr(one, f).cpu() for f in ("z", "h", "nll_before", "nll_after", "steps_taken")}
             entry["seconds"] = None if seconds is None else seconds / len(facts)
             self.entries[key] = entry
-        tmp = self.path.with_suffix(".tmp")
-        torch.save(self.entries, tmp)
-        tmp.replace(self.path)
+        # Several benchmarks may fill one cache at once: under a lock, merge with what is on disk now, so
+        # that no process's save drops the entries another one stored since it started.
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.exists():
+                self.entries = {**torch.load(self.path), **self.entries}
+            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+            torch.save(self.entries, tmp)
+            tmp.replace(self.path)
 
     def missing(self, facts: list) -> list:
         return [f for f, key in zip(facts, _fact_keys(facts)) if key not in self.entries]

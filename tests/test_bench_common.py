@@ -132,3 +132,14 @@ def test_relation_benchmark_facts_are_what_it_says():
         assert f.target_new != f.target_true and f.prompt == RELATIONS[rel][1]
         assert all(n.prompt in {p for p, _ in neighbours[rel]} for n in f.neighborhood)
     assert len({f.id.split(":")[0] for f in facts}) == 4
+
+
+def test_two_processes_filling_one_cache_keep_each_others_targets(tiny, tmp_path):
+    """Two caches of the same key opened before either stores (two benchmarks at once): each save merges
+    with the file, so the second save does not drop the first one's entries."""
+    a = common.TargetCache(tiny, 2, HP, ["{}"], folder=tmp_path)
+    b = common.TargetCache(tiny, 2, HP, ["{}"], folder=tmp_path)
+    a.put(FACTS[:1], compute_targets(tiny, FACTS[:1], 2, HP, ["{}"]))
+    b.put(FACTS[1:], compute_targets(tiny, FACTS[1:], 2, HP, ["{}"]))
+    fresh = common.TargetCache(tiny, 2, HP, ["{}"], folder=tmp_path)
+    assert fresh.missing(FACTS[:1]) == [] and fresh.missing(FACTS[1:]) == []
