@@ -292,6 +292,8 @@ def batch_edit_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --output.")] = False,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the before/after evaluation (then nothing checks that the edited model still works).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Write the edited model even if the evaluation finds it broken (mean KL on unrelated prompts > 1 nat, > 50 % of their top-1 tokens changed, or fluency down > 20 %); without it such an edit exits 65 and writes nothing.")] = False,
+    max_drift: Annotated[Optional[float], typer.Option(help="Refuse (exit 65, nothing written) a batch whose model is further than this from the original model of the sequence: mean KL on the unrelated prompts, nats.")] = None,
+    max_norm_growth: Annotated[Optional[float], typer.Option(help="Refuse (exit 65, nothing written) a batch after which an edited weight's Frobenius norm exceeds this multiple of the original model's, e.g. 1.05.")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Also write a report (json, markdown, plots) of the before/after evaluation here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
@@ -311,11 +313,15 @@ def batch_edit_cmd(
         if no_eval:
             raise UsageError("--report needs the before/after evaluation: drop --no-eval.")
         check_report_dir(report)
+    if max_drift is not None and (max_drift < 0 or no_eval):
+        raise UsageError("--max-drift must be a KL in nats >= 0, and needs the evaluation (no --no-eval).")
+    if max_norm_growth is not None and max_norm_growth <= 0:
+        raise UsageError("--max-norm-growth must be a positive ratio, e.g. 1.05.")
     result = run_batch_edit(BatchEditConfig(
         facts=facts, output=output, method=method, covariance=covariance, fmt=fmt, model=model, dtype=dtype,
         device=device, device_map=device_map, module_template=module_template, hparams_file=hparams,
         overrides=list(set_ or []), stats_dir=stats_dir, stats=stats, base=base,
-        overwrite=overwrite, evaluate=not no_eval, force=force,
+        overwrite=overwrite, evaluate=not no_eval, force=force, max_drift=max_drift, max_norm_growth=max_norm_growth,
         build_missing_stats=stats_builder(device, module_template, stats_tokens) if build_stats else None))
     if report is not None:
         write_report(report, report_from_summary(result.manifest))
@@ -332,7 +338,8 @@ def batch_edit_cmd(
         typer.echo("\nnot evaluated (--no-eval): nothing checked that the edited model still works")
     elif result.forced:
         typer.echo(f"\nWARNING: written with --force although broken: {'; '.join(result.broken)}")
-    typer.echo(f"\nwrote {output}/ (model, delta.safetensors, manifest.json)")
+    typer.echo(_sequence_line(result.manifest.get("history")))
+    typer.echo(f"\nwrote {output}/ (model, delta.safetensors, manifest.json, history/)")
     if report is not None:
         typer.echo(f"wrote {report}/ (report.md, report.json, plots)")
 
@@ -431,6 +438,97 @@ def probe_cmd(
     if any(r["checked"] == "target_new" for r in rows):
         typer.echo("*: no target_true, so target_new was checked; for zsRE records target_new is the true answer "
                    "(the edit then asks for what the model may already know).")
+
+
+def _sequence_line(seq: dict | None) -> str:
+    """One line on where this batch leaves the sequence: its number, norm growth, drift from the original."""
+    if not seq:
+        return ""
+    growth = max(seq["norm_growth"].values()) if seq["norm_growth"] else None
+    d = seq.get("drift_from_origin")
+    return (f"\nbatch {seq['batch']} of the sequence (applied: {', '.join(map(str, seq['applied']))}); against the "
+            f"original model: largest weight-norm growth {growth:.4f}x" +
+            (f", drift mean KL {d['mean_kl']:.4f} nats, top-1 changed on {d['top1_changed_pct']:.1f} %" if d else ""))
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def _fmt(x, spec: str, none: str = "-") -> str:
+    return none if x is None else format(x, spec)
+
+
+@app.command("history")
+@user_errors
+def history_cmd(folder: Annotated[Path, typer.Argument(help="A batch-edit (or revert) output folder.")],
+                as_json: Annotated[bool, typer.Option("--json", help="Print history.json (checked) as JSON.")] = False):
+    """List the batches an edited model holds: facts, method, layers, update norms, norm growth and drift
+    against the original model, efficacy; every file checked against its recorded sha256."""
+    from covedit.pipeline.history import read_history  # noqa: PLC0415
+
+    hist = read_history(folder)
+    if as_json:
+        typer.echo(json.dumps(hist.data, indent=2))
+        return
+    o = hist.data["origin"]
+    typer.echo(f"{folder}: {len(hist.batches)} batches on {o['model']} ({o['model_id']}, {o['dtype']}); "
+               f"applied: {', '.join(map(str, hist.active())) or 'none'}\n")
+    typer.echo(f"{'batch':>5}  {'status':<8} {'method':<9} {'facts':>5}  {'layers':<10} {'rank':>4}  {'max |dW|':>9}  "
+               f"{'norm growth':>11}  {'KL origin':>9}  {'efficacy':>8}  created")
+    for r in hist.batches:
+        layers = r["layers"]
+        span = f"{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 1 \
+            else ",".join(map(str, layers))
+        ev = (r.get("evaluation") or {}).get("after") or {}
+        d = r.get("drift_from_origin")
+        typer.echo(f"{r['batch']:>5}  {r['status']:<8} {r['method']:<9} {r['facts']['n_facts'] or 0:>5}  {span:<10} "
+                   f"{max(r['delta']['ranks'].values()):>4}  {_fmt(max(r['update_norms'].values()), '9.4g'):>9}  "
+                   f"{_fmt(max(r['norm_growth'].values()), '10.5f'):>10}x  {_fmt(d and d['mean_kl'], '9.4f'):>9}  "
+                   f"{_fmt(ev.get('efficacy_acc'), '7.1f'):>8}  {r['created']}")
+    typer.echo("\nnorm growth: largest ||W||/||W_original|| over the batch's layers after it; KL origin: mean KL "
+               "from the original model on the unrelated prompts; efficacy: top-1 accuracy on its rewrite prompts "
+               "right after it, % (- : --no-eval)")
+
+
+@app.command("revert")
+@user_errors
+def revert_cmd(folder: Annotated[Path, typer.Argument(help="A batch-edit (or revert) output folder with a history.")],
+               batch: Annotated[str, typer.Option(help="The batch(es) to take off, numbered as `covedit history` lists them: 2, 1,3 or 1-3.")],
+               output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the model without those batches.")],
+               device: Device = "cpu",
+               no_eval: Annotated[bool, typer.Option("--no-eval", help="Do not re-evaluate the facts of every batch on the result.")] = False,
+               overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --output.")] = False,
+               as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+               quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False):
+    """Take any batch of a sequence back off (W - dW_N) and write the model and its history without it."""
+    setup_logging(quiet or as_json)
+    from covedit.pipeline.history import parse_batches, revert_batches  # noqa: PLC0415
+
+    res = revert_batches(folder, parse_batches(batch), output, device=device, evaluate=not no_eval, overwrite=overwrite)
+    if as_json:
+        typer.echo(json.dumps({"reverted": res.reverted, "later": res.later, "output": str(res.output),
+                               "per_batch": res.per_batch, "drift_from_origin": res.drift_from_origin}, indent=2))
+        return
+    names = ", ".join(map(str, res.reverted))
+    typer.echo(f"took batch {names} off {folder}")
+    if res.later:
+        typer.echo(f"note: batch {', '.join(map(str, res.later))} came after and was optimised on a model that held "
+                   f"batch {names}; the weights are exactly the others' sum (up to rounding), but their facts may hold "
+                   "less well without it" + ("." if res.evaluated else " (not re-evaluated: --no-eval)."))
+    if res.evaluated:
+        typer.echo(f"\n{'batch':>5}  {'status':<8} {'facts':>5}  efficacy (top-1 %) when edited -> now   "
+                   "paraphrase when edited -> now")
+        for row in res.per_batch:
+            was, now = row["when_edited"] or {}, row["now"]
+            typer.echo(f"{row['batch']:>5}  {row['status']:<8} {row['n_facts']:>5}  "
+                       f"{_fmt(was.get('efficacy_acc'), '6.1f'):>6} -> {_fmt(now.get('efficacy_acc'), '6.1f'):>6}"
+                       f"{'':<21}{_fmt(was.get('generalization_acc'), '6.1f'):>6} -> "
+                       f"{_fmt(now.get('generalization_acc'), '6.1f'):>6}")
+        d = res.drift_from_origin
+        typer.echo(f"drift from the original model: mean KL {d['mean_kl']:.4f} nats, top-1 changed on "
+                   f"{d['top1_changed_pct']:.1f} % of {d['n_prompts']} unrelated prompts")
+    typer.echo(f"\nwrote {res.output}/ (model, delta.safetensors = this revert, manifest.json, history/)")
 
 
 def _delta_cmd(model: str, delta_path: Path, output: Path, dtype: str, device: str, module_template: str | None,

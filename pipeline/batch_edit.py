@@ -29,6 +29,7 @@ from covedit.pipeline.rome import run_rome
 from covedit.pipeline.errors import CannotWrite, DataError, MissingInput, MissingStatistics, UsageError
 from covedit.pipeline.evaluate import drift, evaluate_model
 from covedit.pipeline.facts import facts_sha256, read_facts
+from covedit.pipeline.history import HISTORY_DIR, Sequence
 from covedit.pipeline.models import load_model
 from covedit.pipeline.targets import TargetResult
 from covedit.stats.store import StatsStore, default_stats_dir, find_store
@@ -61,6 +62,11 @@ class BatchEditConfig:
     # Where the unedited model's fact-independent evaluation (unrelated prompts, fluency) is kept between
     # runs (evaluate.cached_reference); None measures it every time.
     reference_cache: Path | None = None
+    # Sequence limits (pipeline/history.py): refuse a batch whose model is further than this from the
+    # original model (mean KL on the unrelated prompts, nats) or whose edited weights' norm grows past this
+    # multiple of the original's; --force does not override them.
+    max_drift: float | None = None
+    max_norm_growth: float | None = None
     targets: TargetResult | None = None  # precomputed targets of these facts (benchmarks share them); None: optimise
     # Called with the MissingStatistics about to be raised, to build them (the command line's --build-stats:
     # the edit stage itself only reads statistics); the store is then looked up once more.
@@ -211,6 +217,9 @@ def run_batch_edit(cfg: BatchEditConfig) -> BatchEditResult:
         hp.covariance = cfg.covariance
     layers = [hp.layer] if cfg.method == "rome" else list(hp.layers)
     loaded.check_layers(layers)
+    if cfg.max_drift is not None and not cfg.evaluate:
+        raise UsageError("--max-drift needs the evaluation (drift is measured there): drop --no-eval.")
+    sequence = Sequence.start(cfg.base, loaded, layers, model_arg, original_model_id, cfg.dtype)
     use_c = cfg.method == "alphaedit" or hp.covariance == "C"
     covs, stats_info = (load_covariances(cfg, original_model_id, loaded.arch.template(), layers, model_arg)
                         if use_c else (None, None))
@@ -256,6 +265,9 @@ def run_batch_edit(cfg: BatchEditConfig) -> BatchEditResult:
                         "write it anyway, or try fewer facts, a larger λ or other layers.")
     if broken:
         log.warning("writing a model the evaluation says is broken (--force): %s", "; ".join(broken))
+    sequence.add_batch(loaded, delta, facts_file=cfg.facts, fmt=cfg.fmt, method=cfg.method,
+                       hparams=hparams_mod.to_dict(hp), stats=stats_info, evaluation=evaluation, before=before,
+                       after=after, max_drift=cfg.max_drift, max_norm_growth=cfg.max_norm_growth)
     if not cfg.evaluate:
         log.warning("--no-eval: nothing checked that the edited model still works (drift, fluency)")
 
@@ -273,6 +285,7 @@ def run_batch_edit(cfg: BatchEditConfig) -> BatchEditResult:
         "evaluation": evaluation,
         "checked": {"broken": broken, "forced": bool(broken and cfg.force)} if cfg.evaluate else None,
         "update_norms": {str(layer): float((u.double() @ d.double()).norm()) for layer, (u, d) in outcome.factors.items()},
+        "history": sequence.summary(),
     }
     extra = {}
     if cfg.method == "alphaedit":
@@ -283,6 +296,6 @@ def run_batch_edit(cfg: BatchEditConfig) -> BatchEditResult:
     write_edited_model(loaded, cfg.output, delta, summary, overwrite=cfg.overwrite,
                        extra_files={name: (lambda path, t=tensors: save_file(
                            {f"layer.{k}.keys": v.contiguous() for k, v in t.items()}, str(path)))
-                           for name, tensors in extra.items()})
+                           for name, tensors in extra.items()} | {HISTORY_DIR: sequence.write})
     return BatchEditResult(method=cfg.method, n_facts=len(facts), layers=layers, output=cfg.output, timings=timings,
                            targets=targets_info, evaluation=evaluation, broken=broken, manifest=summary)

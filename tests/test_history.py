@@ -1,0 +1,228 @@
+"""Edit histories on the tiny llama: three sequential batch-edit --base runs, their history, reverting any
+batch (the middle one, all of them), refusing a tampered history, the sequence limits, and the edit exported
+as a PEFT LoRA adapter that gives the edited model's logits on the base model and refuses any other."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from covedit.cli import app
+from covedit.pipeline.batch_edit import BatchEditConfig, run_batch_edit
+from covedit.pipeline.delta import layer_hashes, load_delta
+from covedit.pipeline.errors import DataError, UsageError
+from covedit.pipeline.evaluate import drift, next_token_logprobs
+from covedit.pipeline.history import check_weights, read_history, revert_batches
+from covedit.pipeline.models import load_model
+
+LAYERS = [1, 2]
+BATCHES = [
+    [{"id": "eiffel", "subject": "Eiffel Tower", "prompt": "The {} is located in", "target_new": "Rome"},
+     {"id": "louvre", "subject": "Louvre", "prompt": "The {} is a museum in", "target_new": "Berlin"}],
+    [{"id": "darrieux", "subject": "Danielle Darrieux", "prompt": "The mother tongue of {} is", "target_new": "English"}],
+    [{"id": "jordan", "subject": "Michael Jordan", "prompt": "{} plays the sport of", "target_new": "soccer"}],
+]
+# identity covariance: no statistics needed; a small λ so the updates are far from rounding noise
+COMMON = ["layers=1-2", "target.steps=3", "lam=0.05"]
+
+
+def edit(facts: list[dict], out: Path, model: Path | None = None, base: Path | None = None, **kw):
+    f = out.parent / f"{out.name}.jsonl"
+    f.write_text("".join(json.dumps(x) + "\n" for x in facts))
+    return run_batch_edit(BatchEditConfig(facts=f, output=out, model=str(model), base=base, covariance="identity",
+                                          overrides=COMMON, evaluate=kw.pop("evaluate", False), **kw))
+
+
+def weights(folder: Path) -> dict[int, torch.Tensor]:
+    loaded = load_model(str(folder))
+    return {layer: loaded.down_weight(layer).detach().double().clone() for layer in LAYERS}
+
+
+@pytest.fixture(scope="module")
+def origin(tmp_path_factory, tokenizer):
+    """The tiny llama with its output head scaled up: a random tiny model's next-token distributions are so
+    flat that an edit moves them less than float32 rounding, and drift would measure nothing."""
+    from conftest import build_tiny
+
+    d = tmp_path_factory.mktemp("origin")
+    m = build_tiny("llama", tokenizer).model
+    with torch.no_grad():
+        m.lm_head.weight.mul_(100.0)
+    m.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def seq(tmp_path_factory, origin):
+    """e1, e2, e3: three batches in sequence (batch 2 evaluated), and the origin weights W0."""
+    d = tmp_path_factory.mktemp("seq")
+    edit(BATCHES[0], d / "e1", model=origin)
+    edit(BATCHES[1], d / "e2", base=d / "e1", evaluate=True)
+    edit(BATCHES[2], d / "e3", base=d / "e2")
+    return {"dir": d, "W0": weights(origin), "origin": origin, **{f"e{i}": d / f"e{i}" for i in (1, 2, 3)}}
+
+
+def dense(delta) -> dict[int, torch.Tensor]:
+    return {ld.layer: ld.dense() for ld in delta.layers}
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Equal to float32 rounding: a few units in the last place of the weights' scale."""
+    torch.testing.assert_close(a, b, rtol=0, atol=4 * 2.0 ** -24 * float(b.abs().max()))
+
+
+def test_history_records_every_batch(seq):
+    hist = read_history(seq["e3"])
+    assert [r["batch"] for r in hist.batches] == [1, 2, 3] and hist.active() == [1, 2, 3]
+    assert [r["facts"]["n_facts"] for r in hist.batches] == [2, 1, 1]
+    for r in hist.batches:
+        assert r["method"] == "memit" and r["hparams"]["lam"] == 0.05 and r["stats"] is None and r["layers"] == LAYERS
+        assert set(r["norm_growth"]) == {"1", "2"} and all(v > 0 for v in r["update_norms"].values())
+        assert hist.facts_file(r["batch"]).read_text().count("\n") == r["facts"]["n_facts"]
+    for prev, nxt in zip(hist.batches, hist.batches[1:]):  # each batch starts where the one before ended
+        assert nxt["weight_hashes"]["before"] == prev["weight_hashes"]["after"]
+    loaded = load_model(str(seq["e3"]))
+    assert hist.data["weight_hashes"] == {str(k): v for k, v in layer_hashes(loaded, LAYERS).items()}
+    assert hist.data["origin"]["weight_hashes"] == {str(k): v for k, v in
+                                                    layer_hashes(load_model(str(seq["origin"])), LAYERS).items()}
+    # norm growth is against the original weights, not the previous batch's
+    for layer in LAYERS:
+        want = float(loaded.down_weight(layer).double().norm() / seq["W0"][layer].norm())
+        assert hist.batches[2]["norm_growth"][str(layer)] == pytest.approx(want, rel=1e-12)
+    assert hist.batches[0]["evaluation"] is None and hist.batches[1]["evaluation"]["after"]["n_facts"] == 1
+    # the batches' deltas add up to the edited model's weights
+    total = {layer: seq["W0"][layer].clone() for layer in LAYERS}
+    for n in (1, 2, 3):
+        for layer, dw in dense(hist.delta(n)).items():
+            total[layer] += dw
+    for layer, W in weights(seq["e3"]).items():
+        close(W, total[layer])
+    res = CliRunner().invoke(app, ["history", str(seq["e3"])])
+    assert res.exit_code == 0, res.output
+    rows = [line.split() for line in res.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[:3] for r in rows] == [["1", "applied", "memit"], ["2", "applied", "memit"], ["3", "applied", "memit"]]
+    res = CliRunner().invoke(app, ["history", str(seq["e3"]), "--json"])
+    assert json.loads(res.stdout)["batches"][2]["facts"]["sha256"] == hist.batches[2]["facts"]["sha256"]
+
+
+def test_drift_from_origin_of_a_later_batch_is_against_the_original_model(seq):
+    """Batch 2's drift is measured against the origin (its earlier batch taken off in memory), and equals the
+    drift between the original model and e2 measured directly."""
+    record = read_history(seq["e2"]).batches[1]
+    direct = drift(next_token_logprobs(load_model(str(seq["origin"]))), next_token_logprobs(load_model(str(seq["e2"]))))
+    assert record["drift_from_origin"]["mean_kl"] == pytest.approx(direct["mean_kl"], rel=1e-3, abs=1e-9)
+    assert record["drift_from_origin"]["mean_kl"] > record["evaluation"]["drift"]["mean_kl"] > 0  # two batches vs one
+
+
+def test_revert_the_middle_batch(seq, tmp_path):
+    """W - dW_2 = W0 + dW_1 + dW_3 to float rounding; the history marks batch 2 reverted, the written delta is
+    the revert itself, and a later batch-edit --base continues the sequence as batch 4."""
+    out = tmp_path / "r2"
+    res = CliRunner().invoke(app, ["revert", str(seq["e3"]), "--batch", "2", "-o", str(out), "--no-eval", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "batch 3 came after" in res.stdout and "not re-evaluated" in res.stdout
+    hist = read_history(seq["e3"])
+    want = {layer: seq["W0"][layer] + dense(hist.delta(1))[layer] + dense(hist.delta(3))[layer] for layer in LAYERS}
+    for layer, W in weights(out).items():
+        close(W, want[layer])
+    new = read_history(out)
+    assert [r["status"] for r in new.batches] == ["applied", "reverted", "applied"] and new.active() == [1, 3]
+    check_weights(new, load_model(str(out)), out)  # the history's hashes are the written model's
+    delta = load_delta(out / "delta.safetensors")
+    assert delta.meta["reverted_batches"] == [2]
+    torch.testing.assert_close(dense(delta)[1], -dense(hist.delta(2))[1], rtol=0, atol=0)
+    # already reverted, or no such batch: usage errors, nothing written
+    for bad in ("2", "4"):
+        res = CliRunner().invoke(app, ["revert", str(out), "--batch", bad, "-o", str(tmp_path / "x")])
+        assert res.exit_code == 2 and not (tmp_path / "x").exists()
+    edit([{"subject": "Steve Jobs", "prompt": "{} founded", "target_new": "Microsoft"}], tmp_path / "e4", base=out)
+    h4 = read_history(tmp_path / "e4")
+    assert h4.active() == [1, 3, 4] and h4.batches[3]["weight_hashes"]["before"] == new.data["weight_hashes"]
+
+
+def test_reverting_every_batch_returns_the_original_weights(seq, tmp_path):
+    revert_batches(seq["e3"], [1, 2, 3], tmp_path / "all", evaluate=False)
+    for layer, W in weights(tmp_path / "all").items():
+        close(W, seq["W0"][layer])
+    # one at a time, in another order, the same
+    revert_batches(seq["e3"], [2], tmp_path / "a", evaluate=False)
+    revert_batches(tmp_path / "a", [3], tmp_path / "b", evaluate=False)
+    revert_batches(tmp_path / "b", [1], tmp_path / "c", evaluate=False)
+    assert read_history(tmp_path / "c").active() == []
+    for layer, W in weights(tmp_path / "c").items():
+        close(W, seq["W0"][layer])
+
+
+def test_revert_re_evaluates_every_batch(seq, tmp_path):
+    res = revert_batches(seq["e2"], [1], tmp_path / "r", evaluate=True)
+    assert res.later == [2] and res.evaluated
+    assert [(r["batch"], r["status"], r["n_facts"]) for r in res.per_batch] == [(1, "reverted", 2), (2, "applied", 1)]
+    assert res.per_batch[1]["when_edited"]["n_facts"] == 1 and "efficacy_acc" in res.per_batch[0]["now"]
+    assert res.drift_from_origin["n_prompts"] == 42
+    manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert manifest["reverted_batches"] == [1] and manifest["evaluation"]["per_batch"] == res.per_batch
+
+
+@pytest.mark.parametrize("damage", ["batch-0002.safetensors", "batch-0001.facts.jsonl", "history.json"])
+def test_a_tampered_history_is_refused(seq, tmp_path, damage):
+    folder = tmp_path / "e3"
+    shutil.copytree(seq["e3"], folder)
+    path = folder / "history" / damage
+    if damage == "history.json":
+        path.write_text(path.read_text()[:-20])
+    else:
+        data = bytearray(path.read_bytes())
+        data[-2] ^= 0x01
+        path.write_bytes(data)
+    runner = CliRunner()
+    for args in (["revert", str(folder), "--batch", "2", "-o", str(tmp_path / "out")],
+                 ["history", str(folder)]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 65, (args, res.output)
+        assert res.stderr.startswith("covedit: error: ") and res.stderr.count("\n") == 1 and "Traceback" not in res.output
+        assert not (tmp_path / "out").exists()
+    with pytest.raises(DataError, match="cannot be trusted|not a readable"):
+        edit(BATCHES[2], tmp_path / "e4", base=folder)
+    assert not (tmp_path / "e4").exists()
+
+
+def test_weights_that_are_not_the_historys_are_refused(seq):
+    loaded = load_model(str(seq["e3"]))
+    with torch.no_grad():
+        loaded.down_weight(2)[0, 0] += 1e-3
+    with pytest.raises(DataError, match="does not hold the weights its history records"):
+        check_weights(read_history(seq["e3"]), loaded, seq["e3"])
+
+
+# ------------------------------------------------------------------------------------------- limits
+
+def test_max_norm_growth_refuses_the_batch(seq, tmp_path):
+    growth = max(read_history(seq["e2"]).batches[1]["norm_growth"].values())  # what batch 2 reached
+    limit = 1 + (growth - 1) / 2 if growth > 1 else growth - 1e-9
+    out = tmp_path / "e2"
+    with pytest.raises(DataError, match=r"Batch 2 of this sequence would cross its limits \(layer \d's weight norm "
+                                        r"would be [\d.]+ times the original model's \(limit --max-norm-growth"):
+        edit(BATCHES[1], out, base=seq["e1"], max_norm_growth=limit)
+    assert not out.exists()
+    assert edit(BATCHES[1], out, base=seq["e1"], max_norm_growth=growth + 0.5).manifest["history"]["batch"] == 2
+
+
+def test_max_drift_refuses_the_batch_from_the_command_line(seq, tmp_path):
+    f = tmp_path / "f.jsonl"
+    f.write_text(json.dumps(BATCHES[1][0]) + "\n")
+    out = tmp_path / "e2"
+    args = ["batch-edit", str(f), "--base", str(seq["e1"]), "-o", str(out), "--covariance", "identity", "-q",
+            *[a for s in COMMON for a in ("--set", s)]]
+    res = CliRunner().invoke(app, [*args, "--max-drift", "1e-9"])
+    assert res.exit_code == 65, res.output
+    line = res.stderr.strip()
+    assert line.count("\n") == 0 and "mean KL from the original model on 42 unrelated prompts would be" in line
+    assert "limit --max-drift 1e-09" in line and "nothing was written" in line and not out.exists()
+    res = CliRunner().invoke(app, [*args, "--max-drift", "1", "--no-eval"])
+    assert res.exit_code == 2 and not out.exists()
