@@ -531,6 +531,38 @@ def revert_cmd(folder: Annotated[Path, typer.Argument(help="A batch-edit (or rev
     typer.echo(f"\nwrote {res.output}/ (model, delta.safetensors = this revert, manifest.json, history/)")
 
 
+@app.command("export")
+@user_errors
+def export_cmd(folder: Annotated[Path, typer.Argument(help="A batch-edit (or revert) output folder with a history.")],
+               output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the adapter.")],
+               fmt: Annotated[str, typer.Option("--format", help="Only peft (a LoRA adapter on the down-projections).")] = "peft",
+               batch: Annotated[Optional[str], typer.Option(help="Export only these batches (2, 1,3 or 1-3); default every applied batch.")] = None,
+               max_rank: Annotated[Optional[int], typer.Option(help="Truncate each layer's update to this rank by SVD and report the relative error.")] = None,
+               module_template: Template = None,
+               overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --output.")] = False,
+               as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False):
+    """Write the edit as a PEFT LoRA adapter for the original model (adapter_config.json + adapter_model.safetensors)."""
+    setup_logging(True)
+    from covedit.pipeline.export import export_peft  # noqa: PLC0415
+    from covedit.pipeline.history import parse_batches  # noqa: PLC0415
+
+    if fmt != "peft":
+        raise UsageError("--format: only peft is supported.")
+    res = export_peft(folder, output, parse_batches(batch) if batch else None, max_rank, overwrite, module_template)
+    if as_json:
+        typer.echo(json.dumps(res.to_dict(), indent=2))
+        return
+    typer.echo(f"exported batch {', '.join(map(str, res.batches))} of {folder} as a LoRA adapter of rank {res.rank} "
+               f"on layers {res.layers}: {_size(res.adapter_bytes)} (the full model: {_size(res.model_bytes)})")
+    if max_rank is not None:
+        worst = max(res.relative_error.values())
+        typer.echo(f"--max-rank {max_rank}: relative Frobenius error of dW per layer " +
+                   ", ".join(f"{k}: {v:.2e}" for k, v in res.relative_error.items()) + f" (largest {worst:.2e})")
+    typer.echo(f"load it on the original model with covedit.pipeline.export.load_adapter(model, '{output}') "
+               "(checks the base weights, then peft; needs pip install 'covedit[serve]')")
+    typer.echo(f"wrote {output}/ (adapter_config.json, adapter_model.safetensors)")
+
+
 def _delta_cmd(model: str, delta_path: Path, output: Path, dtype: str, device: str, module_template: str | None,
                overwrite: bool, revert: bool) -> None:
     from covedit.pipeline.delta import (  # noqa: PLC0415

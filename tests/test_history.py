@@ -182,7 +182,7 @@ def test_a_tampered_history_is_refused(seq, tmp_path, damage):
         path.write_bytes(data)
     runner = CliRunner()
     for args in (["revert", str(folder), "--batch", "2", "-o", str(tmp_path / "out")],
-                 ["history", str(folder)]):
+                 ["export", str(folder), "-o", str(tmp_path / "out")], ["history", str(folder)]):
         res = runner.invoke(app, args)
         assert res.exit_code == 65, (args, res.output)
         assert res.stderr.startswith("covedit: error: ") and res.stderr.count("\n") == 1 and "Traceback" not in res.output
@@ -226,3 +226,100 @@ def test_max_drift_refuses_the_batch_from_the_command_line(seq, tmp_path):
     assert "limit --max-drift 1e-09" in line and "nothing was written" in line and not out.exists()
     res = CliRunner().invoke(app, [*args, "--max-drift", "1", "--no-eval"])
     assert res.exit_code == 2 and not out.exists()
+
+
+# ------------------------------------------------------------------------------------------- PEFT export
+
+def logits(model, tokenizer, text="The Eiffel Tower is located in the city of") -> torch.Tensor:
+    with torch.no_grad():
+        return model(**tokenizer(text, return_tensors="pt")).logits[0].double()
+
+
+def test_truncate_is_the_best_low_rank_approximation():
+    from covedit.pipeline.export import truncate
+    g = torch.Generator().manual_seed(0)
+    up, down = torch.randn(16, 5, generator=g, dtype=torch.float64), torch.randn(5, 32, generator=g, dtype=torch.float64)
+    dw = up @ down
+    u, s, vh = torch.linalg.svd(dw)
+    for r in (1, 3, 5, 7):
+        a, b, err = truncate(up, down, r)
+        k = min(r, 5)
+        torch.testing.assert_close(a @ b, (u[:, :k] * s[:k]) @ vh[:k], rtol=0, atol=1e-10)
+        assert err == pytest.approx(float(s[k:].norm() / s.norm()), abs=1e-12)
+
+
+def test_export_peft_gives_the_edited_models_logits(seq, tmp_path):
+    peft = pytest.importorskip("peft")  # the optional extra covedit[serve]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from covedit.pipeline.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter
+    from safetensors.torch import load_file
+
+    out = tmp_path / "adapter"
+    res = CliRunner().invoke(app, ["export", str(seq["e3"]), "--format", "peft", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    config = json.loads((out / ADAPTER_CONFIG).read_text())
+    assert config["r"] == config["lora_alpha"] == 4 and config["peft_type"] == "LORA"  # 2 + 1 + 1 facts
+    assert config["target_modules"] == [f"model.layers.{layer}.mlp.down_proj" for layer in LAYERS]
+    tensors = load_file(str(out / ADAPTER_WEIGHTS))
+    assert tensors["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"].shape == (4, 32)
+    assert tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].shape == (16, 4)
+    tok = AutoTokenizer.from_pretrained(seq["e3"])
+    edited = logits(AutoModelForCausalLM.from_pretrained(seq["e3"]), tok)
+    base = AutoModelForCausalLM.from_pretrained(seq["origin"])
+    assert not torch.allclose(logits(base, tok), edited, atol=1e-4)  # the edit does move these logits
+    served = load_adapter(base, out)
+    assert isinstance(served, peft.PeftModel)
+    torch.testing.assert_close(logits(served, tok), edited, rtol=0, atol=1e-5)
+    # refused on any other weights: the edited model itself, or the base in another dtype
+    with pytest.raises(DataError, match="not the adapter's base model"):
+        load_adapter(AutoModelForCausalLM.from_pretrained(seq["e3"]), out)
+    with pytest.raises(DataError, match="bfloat16, the adapter's base was float32"):
+        load_adapter(AutoModelForCausalLM.from_pretrained(seq["origin"], dtype=torch.bfloat16), out)
+
+
+def test_export_one_batch_and_a_truncated_rank(seq, tmp_path):
+    from safetensors.torch import load_file
+
+    from covedit.pipeline.export import ADAPTER_WEIGHTS, export_peft
+    hist = read_history(seq["e3"])
+    res = export_peft(seq["e3"], tmp_path / "b1", batches=[1])
+    t = load_file(str(tmp_path / "b1" / ADAPTER_WEIGHTS))
+    for layer in LAYERS:
+        key = f"base_model.model.model.layers.{layer}.mlp.down_proj"
+        hand = t[f"{key}.lora_B.weight"].double() @ t[f"{key}.lora_A.weight"].double()
+        torch.testing.assert_close(hand, dense(hist.delta(1))[layer], rtol=0, atol=1e-12)
+    assert res.rank == 2 and res.relative_error == {1: 0.0, 2: 0.0}
+    res = export_peft(seq["e3"], tmp_path / "r2", max_rank=2)
+    total = {layer: sum(dense(hist.delta(n))[layer] for n in (1, 2, 3)) for layer in LAYERS}
+    t = load_file(str(tmp_path / "r2" / ADAPTER_WEIGHTS))
+    assert res.rank == 2
+    for layer in LAYERS:
+        s = torch.linalg.svdvals(total[layer])
+        assert res.relative_error[layer] == pytest.approx(float(s[2:].norm() / s.norm()), rel=1e-4)
+        key = f"base_model.model.model.layers.{layer}.mlp.down_proj"
+        hand = t[f"{key}.lora_B.weight"].double() @ t[f"{key}.lora_A.weight"].double()
+        assert float((hand - total[layer]).norm() / total[layer].norm()) == pytest.approx(res.relative_error[layer],
+                                                                                          rel=1e-3)
+    with pytest.raises(UsageError):
+        export_peft(seq["e3"], tmp_path / "x", batches=[7])
+
+
+def test_export_conv1d_model_for_peft(tmp_path, tokenizer):
+    """GPT-2 keeps c_proj transposed (Conv1D): the same factors with fan_in_fan_out give the edited logits."""
+    pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from conftest import build_tiny
+
+    from covedit.pipeline.export import export_peft, load_adapter
+    origin = tmp_path / "gpt2"
+    build_tiny("gpt2", tokenizer).model.save_pretrained(origin)
+    tokenizer.save_pretrained(origin)
+    edit(BATCHES[0], tmp_path / "e1", model=origin)
+    res = export_peft(tmp_path / "e1", tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    assert res.layers == LAYERS and res.rank == 2
+    served = load_adapter(AutoModelForCausalLM.from_pretrained(origin), tmp_path / "adapter")
+    edited = AutoModelForCausalLM.from_pretrained(tmp_path / "e1")
+    torch.testing.assert_close(logits(served, tokenizer), logits(edited, tokenizer), rtol=0, atol=1e-5)
