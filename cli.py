@@ -301,6 +301,7 @@ def batch_edit_cmd(
     """Apply MEMIT / ROME / AlphaEdit edits of many facts at once and write a revertible edited model."""
     setup_logging(quiet or as_json)
     from covedit.pipeline.batch_edit import BatchEditConfig, run_batch_edit  # noqa: PLC0415
+    from covedit.pipeline.models import cache_root  # noqa: PLC0415
     from covedit.pipeline.report import check_report_dir, quick_look, report_from_summary, write_report  # noqa: PLC0415
 
     if method not in ("memit", "rome", "alphaedit"):
@@ -322,6 +323,7 @@ def batch_edit_cmd(
         device=device, device_map=device_map, module_template=module_template, hparams_file=hparams,
         overrides=list(set_ or []), stats_dir=stats_dir, stats=stats, base=base,
         overwrite=overwrite, evaluate=not no_eval, force=force, max_drift=max_drift, max_norm_growth=max_norm_growth,
+        reference_cache=cache_root() / "eval",
         build_missing_stats=stats_builder(device, module_template, stats_tokens) if build_stats else None))
     if report is not None:
         write_report(report, report_from_summary(result.manifest))
