@@ -341,7 +341,7 @@ def batch_edit_cmd(
     elif result.forced:
         typer.echo(f"\nWARNING: written with --force although broken: {'; '.join(result.broken)}")
     typer.echo(_sequence_line(result.manifest.get("history")))
-    typer.echo(f"\nwrote {output}/ (model, delta.safetensors, manifest.json, history/)")
+    typer.echo(f"\nwrote {output}/ (model, delta.safetensors, manifest.json)")
     if report is not None:
         typer.echo(f"wrote {report}/ (report.md, report.json, plots)")
 
