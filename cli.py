@@ -565,6 +565,50 @@ def export_cmd(folder: Annotated[Path, typer.Argument(help="A batch-edit (or rev
     typer.echo(f"wrote {output}/ (adapter_config.json, adapter_model.safetensors)")
 
 
+@app.command("replay")
+@user_errors
+def replay_cmd(folder: Annotated[Path, typer.Argument(help="A batch-edit (or revert) output folder with a history.")],
+               output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the new model and its history.")],
+               model: Annotated[str, typer.Option(help="The model to replay the batches on (another revision, a fine-tune, ...), as for batch-edit.")],
+               dtype: Dtype = "float32",
+               device: Device = "cpu",
+               module_template: Template = None,
+               stats_dir: StatsDir = None,
+               build_stats: Annotated[bool, typer.Option("--build-stats", help="Build the new model's missing statistics first (embedded corpus).")] = False,
+               stats_tokens: Annotated[Optional[int], typer.Option(help="Token budget for --build-stats.")] = None,
+               no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip each batch's before/after evaluation.")] = False,
+               max_drift: Annotated[Optional[float], typer.Option(help="As for batch-edit: refuse a batch this far (mean KL, nats) from the new model.")] = None,
+               max_norm_growth: Annotated[Optional[float], typer.Option(help="As for batch-edit: refuse a batch that grows an edited weight's norm past this multiple.")] = None,
+               overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --output.")] = False,
+               as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+               quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False):
+    """Re-run the applied batches of a history (facts, method, hyperparameters) on another model, with its own
+    statistics, and write the result with a new history."""
+    setup_logging(quiet or as_json)
+    from covedit.pipeline.history import read_history, replay  # noqa: PLC0415
+
+    if max_drift is not None and (max_drift < 0 or no_eval):
+        raise UsageError("--max-drift must be a KL in nats >= 0, and needs the evaluation (no --no-eval).")
+    if max_norm_growth is not None and max_norm_growth <= 0:
+        raise UsageError("--max-norm-growth must be a positive ratio, e.g. 1.05.")
+    applied = read_history(folder).active()
+    results = replay(folder, model, output, overwrite=overwrite, dtype=dtype, device=device,
+                     module_template=module_template, stats_dir=stats_dir, evaluate=not no_eval, max_drift=max_drift,
+                     max_norm_growth=max_norm_growth,
+                     build_missing_stats=stats_builder(device, module_template, stats_tokens) if build_stats else None)
+    rows = [{"batch": i, "was": n, "method": r.method, "n_facts": r.n_facts, "edit_s": r.timings.edit_s,
+             "efficacy_acc": (r.evaluation or {}).get("after", {}).get("efficacy_acc")}
+            for i, (n, r) in enumerate(zip(applied, results), 1)]
+    if as_json:
+        typer.echo(json.dumps({"output": str(output), "batches": rows}, indent=2))
+        return
+    for row in rows:
+        typer.echo(f"batch {row['batch']} (batch {row['was']} of {folder}): {row['n_facts']} facts with {row['method']} "
+                   f"in {row['edit_s']:.1f} s, efficacy (top-1) {_fmt(row['efficacy_acc'], '.1f')} %")
+    typer.echo(_sequence_line(results[-1].manifest.get("history")))
+    typer.echo(f"\nwrote {output}/ (model, delta.safetensors, manifest.json, history/)")
+
+
 def _delta_cmd(model: str, delta_path: Path, output: Path, dtype: str, device: str, module_template: str | None,
                overwrite: bool, revert: bool) -> None:
     from covedit.pipeline.delta import (  # noqa: PLC0415

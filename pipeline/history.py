@@ -9,8 +9,8 @@ Every ``batch-edit`` output folder holds ``history/``:
 
 ``batch-edit --base DIR`` checks DIR's history (every file against the sha256 history.json records, the
 model's weights against the hashes it records), copies it forward and appends the new batch; ``revert``
-takes batches off and marks them reverted. Batch N is the Nth batch applied in the sequence and keeps that
-number for good, reverted or not.
+takes batches off and marks them reverted; ``replay`` re-runs the applied batches on another model. Batch
+N is the Nth batch applied in the sequence and keeps that number for good, reverted or not.
 
 history.json::
 
@@ -37,6 +37,7 @@ import json
 import logging
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -443,3 +444,46 @@ def revert_batches(folder: Path | str, numbers: list[int], output: Path | str, *
         extra[ALPHAEDIT_KEYS] = lambda path: shutil.copyfile(folder / ALPHAEDIT_KEYS, path)
     write_edited_model(loaded, output, delta, manifest, overwrite=overwrite, extra_files=extra)
     return result
+
+
+# ------------------------------------------------------------------------------------------- replay
+
+def replay(folder: Path | str, model: str, output: Path | str, *, overwrite: bool = False, **config) -> list:
+    """Re-run ``folder``'s applied batches, in order, with their recorded facts, method and hyperparameters,
+    on ``model`` (its own statistics) and write the result, with a new history, at ``output``.
+
+    Each batch is one ``run_batch_edit`` with ``--base`` the batch before; those intermediate outputs live
+    in a temporary folder next to ``output`` and are removed, so ``output`` appears only if every batch
+    worked. ``config`` is passed to every BatchEditConfig (dtype, device, stats_dir, evaluate, limits, ...).
+    Returns the BatchEditResult of each batch.
+    """
+    from covedit.pipeline.batch_edit import BatchEditConfig, run_batch_edit  # noqa: PLC0415 (it imports this module)
+
+    folder, output = Path(folder), Path(output)
+    hist = read_history(folder)
+    numbers = hist.active()
+    if not numbers:
+        raise UsageError(f"{folder} holds no applied batch to replay (every batch is reverted).")
+    check_output(output, overwrite, folder)
+    try:
+        output.resolve().parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(dir=output.resolve().parent, prefix=f".{output.name}.replay-"))
+    except OSError as e:
+        raise CannotWrite(f"Cannot write the replay next to {output}: {e.strerror or e}.") from e
+    results, base = [], None
+    try:
+        for i, n in enumerate(numbers):
+            r = hist.record(n)
+            hp_file = work / f"hparams-{n}.json"
+            hp_file.write_text(json.dumps(r["hparams"]))
+            last = i == len(numbers) - 1
+            out = output if last else work / _stem(n)
+            log.info("replaying batch %d of %s (%d facts, %s) on %s", n, folder, r["facts"]["n_facts"] or 0,
+                     r["method"], model)
+            results.append(run_batch_edit(BatchEditConfig(
+                facts=hist.facts_file(n), output=out, method=r["method"], fmt=r["facts"]["format"], model=model,
+                base=base, hparams_file=str(hp_file), overwrite=overwrite and last, **config)))
+            base = out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return results

@@ -200,6 +200,36 @@ def test_weights_that_are_not_the_historys_are_refused(seq):
         check_weights(read_history(seq["e3"]), loaded, seq["e3"])
 
 
+def test_replay_reruns_the_applied_batches_on_another_model(seq, tmp_path, tokenizer):
+    """The applied batches of a history (batch 2 reverted) with their facts and hyperparameters, on another
+    model: a new history of two batches whose origin is that model; a failed replay leaves nothing behind."""
+    from conftest import build_tiny
+
+    other = tmp_path / "other"
+    m = build_tiny("llama", tokenizer, seed=1).model
+    with torch.no_grad():
+        m.lm_head.weight.mul_(100.0)
+    m.save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    revert_batches(seq["e3"], [2], tmp_path / "r2", evaluate=False)
+    res = CliRunner().invoke(app, ["replay", str(tmp_path / "r2"), "--model", str(other), "-o", str(tmp_path / "new"),
+                                   "--no-eval", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "batch 2 (batch 3 of" in res.stdout
+    old, new = read_history(tmp_path / "r2"), read_history(tmp_path / "new")
+    assert new.active() == [1, 2]
+    for was, now in zip([old.record(1), old.record(3)], new.batches):
+        assert now["facts"]["sha256"] == was["facts"]["sha256"] and now["hparams"] == was["hparams"]
+        assert now["method"] == was["method"] and now["weight_hashes"] != was["weight_hashes"]
+    loaded = load_model(str(other))
+    assert new.data["origin"]["weight_hashes"] == {str(k): v for k, v in layer_hashes(loaded, LAYERS).items()}
+    check_weights(new, load_model(str(tmp_path / "new")), tmp_path / "new")
+    res = CliRunner().invoke(app, ["replay", str(tmp_path / "r2"), "--model", str(tmp_path / "absent"),
+                                   "-o", str(tmp_path / "nothing"), "--no-eval", "-q"])
+    assert res.exit_code == 66 and not (tmp_path / "nothing").exists()
+    assert not [p for p in tmp_path.iterdir() if ".replay-" in p.name]
+
+
 # ------------------------------------------------------------------------------------------- limits
 
 def test_max_norm_growth_refuses_the_batch(seq, tmp_path):
