@@ -192,6 +192,22 @@ def test_a_tampered_history_is_refused(seq, tmp_path, damage):
     assert not (tmp_path / "e4").exists()
 
 
+def test_command_line_refusals_name_the_problem(seq, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(app, ["history", str(seq["origin"])])  # a model folder, not a batch-edit output
+    assert res.exit_code == 66 and "holds no history/history.json" in res.stderr
+    res = runner.invoke(app, ["export", str(seq["e3"]), "--format", "gguf", "-o", str(tmp_path / "a")])
+    assert res.exit_code == 2 and not (tmp_path / "a").exists()
+    res = runner.invoke(app, ["export", str(seq["e3"]), "--max-rank", "0", "-o", str(tmp_path / "a")])
+    assert res.exit_code == 2 and not (tmp_path / "a").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    res = runner.invoke(app, ["revert", str(seq["e3"]), "--batch", "1", "-o", str(tmp_path / "full")])
+    assert res.exit_code == 73 and (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    res = runner.invoke(app, ["revert", str(seq["e3"]), "--batch", "two", "-o", str(tmp_path / "b")])
+    assert res.exit_code == 2 and not (tmp_path / "b").exists()
+
+
 def test_weights_that_are_not_the_historys_are_refused(seq):
     loaded = load_model(str(seq["e3"]))
     with torch.no_grad():
