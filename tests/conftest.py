@@ -1,5 +1,6 @@
 """Shared test fixtures: tiny models of every supported architecture built from their config classes,
-and real tokenizers (SmolLM2's BPE, once as is and once adding a BOS token).
+real tokenizers (SmolLM2's BPE, once as is and once adding a BOS token), and ``cli``, the one way tests
+run the command line as a separate process.
 
 Tiny models are seeded, so every test sees the same weights.
 """
@@ -8,12 +9,33 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
-from covedit.pipeline.models import LoadedModel, load_model, wrap_model
+from covedit.pipeline.facts import Fact, Neighbor
+from covedit.pipeline.hparams import TargetHParams
+from covedit.pipeline.models import LoadedModel, describe_model, load_model, wrap_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, env=None, stats_dir=None, check=False, **kw) -> subprocess.CompletedProcess:
+    """``python cli.py ARGS`` from the repository root, as a user runs it; output captured as text.
+
+    ``env`` adds to this process's environment, ``stats_dir`` sets COVEDIT_STATS_DIR, ``check`` raises on a
+    non-zero exit; other keywords (``timeout``) go to subprocess.run.
+    """
+    full_env = {**os.environ, **(env or {})}
+    if stats_dir is not None:
+        full_env["COVEDIT_STATS_DIR"] = str(stats_dir)
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True, text=True,
+                          env=full_env, check=check, cwd=ROOT, **kw)
 
 SMALL = dict(num_hidden_layers=4, max_position_embeddings=512)
 
@@ -62,17 +84,18 @@ def smol() -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(smol):
-    """SmolLM2's tokenizer: byte-level BPE, adds no BOS."""
-    return smol.tokenizer
+def tokenizer():
+    """SmolLM2's tokenizer: byte-level BPE, adds no BOS. The one ``load_model()`` gives, loaded without the
+    model's weights, so that tiny-model tests do not load the real model."""
+    return describe_model("smollm2-135m", tokenizer=True).tokenizer
 
 
 @pytest.fixture(scope="session")
-def bos_tokenizer(smol):
+def bos_tokenizer(tokenizer):
     """The same tokenizer, made to prepend a BOS token, as Llama-3 and Gemma tokenizers do."""
     from tokenizers.processors import TemplateProcessing
 
-    tok = copy.deepcopy(smol.tokenizer)
+    tok = copy.deepcopy(tokenizer)
     bos = "<|endoftext|>"
     tok.bos_token = bos
     tok._tokenizer.post_processor = TemplateProcessing(
@@ -108,3 +131,62 @@ def corpus_file(tmp_path_factory):
         for _, text in corpus.documents(0, 600):
             f.write(json.dumps({"text": text}) + "\n")
     return d / "docs.jsonl"
+
+
+# ------------------------------------------------------------------- data the edit tests share
+
+# Three facts the drivers (run_memit, run_rome) and batch-edit write, and target settings quick enough for
+# tiny models.
+FACTS = [Fact("a", "Eiffel Tower", "The {} is located in", "Rome"),
+         Fact("b", "Louvre", "The {} is a museum in", "Berlin"),
+         Fact("c", "Danielle Darrieux", "The mother tongue of {} is", "English")]
+FAST = TargetHParams(steps=8, lr=0.05, clamp_norm_factor=10.0)
+
+# Random float64 data for the solves (MEMIT, AlphaEdit, ROME) of a (D_MODEL, D_FF) down-projection.
+D_MODEL, D_FF = 12, 40
+f64 = torch.float64
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, dtype=f64, generator=torch.Generator().manual_seed(seed))
+
+
+def covariance(d=D_FF, tokens=400, seed=1):
+    """An uncentred second moment of correlated keys, as build-stats produces: sum / count."""
+    keys = rand(tokens, d, seed=seed) @ rand(d, d, seed=seed + 1) / d ** 0.5 + 0.3
+    return keys.T @ keys / tokens
+
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+# Facts for the evaluation and report tests: every metric present, no paraphrase or neighbour, a zsRE-like
+# record without a true target; and a short fluency prompt set.
+EVAL_FACTS = [
+    Fact("eiffel", "Eiffel Tower", "The {} is located in the city of", "Rome", "Paris",
+         ("Where is the Eiffel Tower? It is in",), (Neighbor("The Louvre is located in the city of", "Paris"),)),
+    Fact("jobs", "Steve Jobs", "{} was the founder of", "Microsoft", "Apple"),  # no paraphrase, no neighbour
+    Fact("zsre", "Watts Humphrey", "What university did {} attend?", "Illinois Institute of Technology",
+         None, ("What university did Watts Humphrey go to?",)),  # zsRE-like: no true target
+]
+SHORT = ["The city is known for", "Music has always been"]
+
+
+@pytest.fixture(scope="session")
+def evaluations(tokenizer):
+    """An unchanged and a perturbed tiny llama, evaluated on EVAL_FACTS with a short fluency set (one torch
+    thread: many small forwards, where synchronisation would dominate)."""
+    from covedit.pipeline.evaluate import evaluate_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        base = build_tiny("llama", tokenizer)
+        other = build_tiny("llama", tokenizer)
+        with torch.no_grad():
+            other.down_weight(2).add_(0.5 * torch.randn_like(other.down_weight(2)))
+        opts = dict(fluency_prompts=SHORT, max_new_tokens=12)
+        return evaluate_model(base, EVAL_FACTS, **opts), evaluate_model(other, EVAL_FACTS, **opts)
+    finally:
+        torch.set_num_threads(threads)

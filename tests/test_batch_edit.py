@@ -1,95 +1,24 @@
-"""The edit stage end to end: exact algebra of the driver on a tiny model, a real edit of the embedded
-model that changes the target and leaves an unrelated fact alone, revertible deltas, and bad input that
-is refused before anything is computed or written."""
+"""The batch-edit stage (pipeline/batch_edit.py) end to end: a real edit of the embedded model that changes
+the target and leaves an unrelated fact alone, revertible deltas, statistics built on demand, sequences,
+given targets, the broken-model check, and bad input that is refused before anything is computed or
+written. The drivers' algebra is in test_memit.py and test_rome.py."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from covedit.pipeline.memit import run_memit
-from covedit.pipeline.rome import run_rome
-from covedit.pipeline.facts import Fact
-from covedit.pipeline.hparams import TargetHParams
-from covedit.pipeline.targets import block_outputs
+from conftest import FACTS, cli
 from covedit.stats.corpus import CorpusSpec
 from covedit.stats.distributed import StatsJob, build_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "facts.jsonl"
-FACTS = [Fact("a", "Eiffel Tower", "The {} is located in", "Rome"),
-         Fact("b", "Louvre", "The {} is a museum in", "Berlin"),
-         Fact("c", "Danielle Darrieux", "The mother tongue of {} is", "English")]
-FAST = TargetHParams(steps=8, lr=0.05, clamp_norm_factor=10.0)
-
-
-def cli(*args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, **(env or {})})
-
-
-def test_memit_keys_weigh_the_bare_prompt_half_and_merged_facts_are_listed(tiny):
-    """MEMIT's default key average is compute_ks' (bare 1/2, prefixes 1/2 together), and facts that share a
-    subject and target (one δ) are named in target_info["merged"]."""
-    from covedit.pipeline.keys import compute_keys
-    templates = ["{}", "Hello there. {}", "Because of this, {}"]
-    twin = Fact("a2", "Eiffel Tower", "Where is the {}? It is in", "Rome")
-    facts = FACTS + [twin]
-    out = run_memit(tiny, facts, [2], None, 1e-8, FAST, templates, lambda: 0.0)
-    want = compute_keys(tiny, [2], [f.prompt for f in facts], [f.subject for f in facts], templates,
-                        weights=[0.5, 0.25, 0.25])[2]
-    torch.testing.assert_close(out.keys[2], want, rtol=0, atol=1e-6)
-    assert out.target_info["merged"] == [["a", "a2"]]
-
-
-def test_memit_single_layer_reaches_targets_exactly(tiny):
-    """λ → 0, one layer, bare template: after the update the block output at every subject equals z."""
-    layer = 2
-    out = run_memit(tiny, FACTS, [layer], None, 1e-8, FAST, ["{}"], lambda: 0.0)
-    after = block_outputs(tiny, FACTS, layer, 8)
-    torch.testing.assert_close(after, out.z, rtol=1e-4, atol=1e-5)
-    assert (out.z - block_outputs(tiny, FACTS, layer, 8)).abs().max() < 1e-4
-
-
-def test_memit_spreads_over_layers_and_reaches_targets(tiny):
-    """Two layers, λ → 0: bottom-up with recomputed residuals, the top layer still ends at z."""
-    out = run_memit(tiny, FACTS, [1, 2], None, 1e-8, FAST, ["{}"], lambda: 0.0)
-    torch.testing.assert_close(block_outputs(tiny, FACTS, 2, 8), out.z, rtol=1e-4, atol=1e-5)
-    assert set(out.factors) == {1, 2} and all(u.shape[1] == 3 for u, _ in out.factors.values())
-    assert out.target_info["realised"] == pytest.approx([1.0] * 3, abs=1e-3)
-
-
-def test_realised_share_falls_with_lambda(tiny):
-    """A large λ keeps the update near zero: the targets are barely written, and the share says so."""
-    originals = tiny.down_weight(2).detach().clone()
-    exact = run_memit(tiny, FACTS, [2], None, 1e-8, FAST, ["{}"], lambda: 0.0).target_info["realised"]
-    with torch.no_grad():
-        tiny.down_weight(2).copy_(originals)
-    damped = run_memit(tiny, FACTS, [2], None, 1e6, FAST, ["{}"], lambda: 0.0).target_info["realised"]
-    assert all(abs(r - 1) < 1e-3 for r in exact) and all(0 <= r < 0.5 for r in damped)
-
-
-def test_rome_with_covariance_leaves_c_orthogonal_inputs_alone(tiny):
-    torch.manual_seed(0)
-    layer = 1
-    W0 = tiny.down_weight(layer).detach().double().clone()
-    A = torch.randn(tiny.d_ff, tiny.d_ff, dtype=torch.float64)
-    C = A @ A.T / tiny.d_ff + torch.eye(tiny.d_ff, dtype=torch.float64)
-    out = run_rome(tiny, FACTS[:1], layer, C, FAST, ["{}"], lambda: 0.0)
-    W1 = tiny.down_weight(layer).detach().double()
-    k = out.keys[layer][0].double()
-    x = torch.randn(tiny.d_ff, dtype=torch.float64)
-    u = torch.linalg.solve(C, k)
-    x = x - (x @ u) / (k @ u) * k  # now xᵀ C⁻¹ k = 0
-    assert abs(float(x @ torch.linalg.solve(C, k))) < 1e-10
-    torch.testing.assert_close(W1 @ x, W0 @ x, rtol=1e-5, atol=1e-6)  # float32 weights
 
 
 @pytest.fixture(scope="module")
@@ -279,43 +208,6 @@ def test_alphaedit_sequence_carries_keys_forward(tiny_dir, corpus_file, tmp_path
     assert keys["layer.2.keys"].shape == (3, 32)
 
 
-def test_memit_with_given_targets_equals_memit_computing_them(tiny):
-    """The locality study hands every method the same targets: that must be exactly MEMIT's own run."""
-    from covedit.pipeline.targets import compute_targets
-
-    originals = {layer: tiny.down_weight(layer).detach().clone() for layer in (1, 2)}
-    own = run_memit(tiny, FACTS, [1, 2], None, 0.5, FAST, ["{}"], lambda: 0.0)
-    with torch.no_grad():
-        for layer, W in originals.items():
-            tiny.down_weight(layer).copy_(W)
-    targets = compute_targets(tiny, FACTS, 2, FAST, ["{}"])
-    given = run_memit(tiny, FACTS, [1, 2], None, 0.5, FAST, ["{}"], lambda: 0.0, targets=targets)
-    for layer in (1, 2):
-        for a, b in zip(own.factors[layer], given.factors[layer]):
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert given.timings["targets_s"] == 0.0
-
-
-def test_rome_with_given_targets_reaches_each_target_in_sequence(tiny):
-    """ROME fed precomputed z (bare template, no covariance): after all edits each fact's block output is at
-    its z, because each rank-one update aims at z from wherever the earlier edits left h."""
-    from covedit.pipeline.targets import compute_targets
-
-    layer = 2
-    targets = compute_targets(tiny, FACTS[:1], layer, FAST, ["{}"])
-    run_rome(tiny, FACTS[:1], layer, None, FAST, ["{}"], lambda: 0.0, targets=targets)
-    torch.testing.assert_close(block_outputs(tiny, FACTS[:1], layer, 8), targets.z, rtol=1e-4, atol=1e-5)
-
-
-def test_target_results_select_and_concat_round_trip(tiny):
-    from covedit.pipeline.targets import TargetResult, compute_targets
-
-    t = compute_targets(tiny, FACTS, 2, FAST, ["{}"])
-    back = TargetResult.concat([t.select([0]), t.select([1, 2])])
-    for name in ("z", "h", "nll_before", "nll_after", "steps_taken"):
-        assert torch.equal(getattr(back, name), getattr(t, name))
-
-
 def test_batch_edit_with_given_targets_writes_the_same_delta(tiny_dir, tmp_path):
     """BatchEditConfig.targets (the benchmarks' cached targets) changes where z comes from, nothing else."""
     from covedit.pipeline.batch_edit import BatchEditConfig, run_batch_edit
@@ -337,23 +229,6 @@ def test_batch_edit_with_given_targets_writes_the_same_delta(tiny_dir, tmp_path)
     assert not own.targets["precomputed"] and given.targets["precomputed"]
     assert given.timings.targets_s < own.timings.targets_s
     assert json.loads(json.dumps(own.manifest)) == json.loads((tmp_path / "own" / "manifest.json").read_text())
-
-
-def test_keys_from_prompt_writes_the_target_exactly_at_the_bare_prompt(tiny):
-    """λ → 0, one layer, context templates: with keys averaged over the templates the bare prompt's block
-    output misses z (its key is not the average); with the bare prompt's own key it is z."""
-    from covedit.pipeline.targets import compute_targets
-
-    templates = ["{}", "Hello there. {}", "Because of this, {}"]
-    targets = compute_targets(tiny, FACTS, 2, FAST, templates)
-    originals = tiny.down_weight(2).detach().clone()
-    averaged = run_memit(tiny, FACTS, [2], None, 1e-8, FAST, templates, lambda: 0.0, targets=targets)
-    with torch.no_grad():
-        tiny.down_weight(2).copy_(originals)
-    own = run_memit(tiny, FACTS, [2], None, 1e-8, FAST, templates, lambda: 0.0, targets=targets, keys_from="prompt")
-    torch.testing.assert_close(block_outputs(tiny, FACTS, 2, 8), targets.z, rtol=1e-4, atol=1e-5)
-    assert own.target_info["realised"] == pytest.approx([1.0] * 3, abs=1e-3)
-    assert max(averaged.target_info["realised"]) < 0.999
 
 
 def _evaluation(mean_kl, top1_pct, ge_before, ge_after):
@@ -391,15 +266,6 @@ def test_a_broken_edit_is_refused_and_nothing_written_unless_forced(tiny_dir, tm
     assert (tmp_path / "forced" / "delta.safetensors").exists()
 
 
-def test_no_eval_says_nothing_was_checked(tiny_dir, tmp_path):
-    facts = tmp_path / "facts.jsonl"
-    facts.write_text(json.dumps({"subject": "Eiffel Tower", "prompt": "The {} is located in", "target_new": "Rome"}) + "\n")
-    res = cli("batch-edit", facts, "--model", tiny_dir, "--covariance", "identity", "--set", "target.steps=2",
-              "--no-eval", "-o", tmp_path / "out")
-    assert res.returncode == 0, res.stderr
-    assert "nothing checked that the edited model still works" in res.stdout
-
-
 @pytest.mark.slow
 def test_gemma3_edit_moves_the_target_and_paris_stays(tmp_path):
     """The second embedded model, whose blocks normalise the MLP output: one fact edited with the Gemma-3
@@ -432,20 +298,3 @@ def test_gemma3_edit_moves_the_target_and_paris_stays(tmp_path):
     before, after = next_token(resolve_source("gemma3-270m")[1]), next_token(out)
     # this base model continues with " the" more often than " Paris"; the edit must not change either
     assert after.argmax() == before.argmax() and after[paris] > 0.8 * before[paris]
-
-
-def test_batch_edit_prints_what_it_did_on_the_tiny_model(tiny_dir, tmp_path):
-    """The human-readable output of batch-edit: the timings line, the before/after table, where it wrote."""
-    from typer.testing import CliRunner
-
-    from covedit import cli as cli_module
-
-    facts = tmp_path / "facts.jsonl"
-    facts.write_text(json.dumps({"subject": "Eiffel Tower", "prompt": "The {} is located in", "target_new": "Rome"}) + "\n")
-    res = CliRunner().invoke(cli_module.app, ["batch-edit", str(facts), "--model", str(tiny_dir), "-o", str(tmp_path / "e"),
-                                              "--covariance", "identity", "--set", "target.steps=2", "--force"])
-    assert res.exit_code == 0, res.stderr
-    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
-    assert f"edited 1 facts with memit at layers {manifest['layers']} in {manifest['timings']['edit_s']:.1f} s" in res.stdout
-    assert "top-1 token accuracy   before" in res.stdout and "top-1 token accuracy   after" in res.stdout
-    assert f"wrote {tmp_path / 'e'}/ (model, delta.safetensors, manifest.json)" in res.stdout

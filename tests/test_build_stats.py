@@ -14,19 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import cli
 from covedit.stats.collect import SecondMoment, accumulate_batches
 from covedit.stats.corpus import CorpusSpec, iter_batches, make_plan, open_corpus
 from covedit.stats.store import StatsStore
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(*args, env=None, stats_dir=None, check=False, **kw) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, **(env or {})}
-    if stats_dir is not None:
-        full_env["COVEDIT_STATS_DIR"] = str(stats_dir)
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True, text=True,
-                          env=full_env, check=check, cwd=ROOT, **kw)
 
 
 def common(tiny_dir, corpus_file, tokens=20000):

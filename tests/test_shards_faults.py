@@ -26,6 +26,7 @@ import torch
 import zarr.storage._local
 from typer.testing import CliRunner
 
+from conftest import cli as subprocess_cli  # `cli` here is the typer app's module, called in this process
 from covedit import cli
 from covedit.stats.corpus import CorpusSpec
 from covedit.stats.distributed import STOP_SIGNALS, Fault, StatsJob, assign_devices, build_stats
@@ -76,11 +77,6 @@ def invoke_json(argv: list[str]) -> dict:
     code, out, err = invoke(argv + ["--json"])
     assert code == 0, err
     return json.loads(out)
-
-
-def subprocess_cli(argv: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *argv], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300, **kw)
 
 
 def read(path) -> dict[int, tuple[np.ndarray, int]]:
@@ -199,7 +195,7 @@ def test_two_runs_on_one_store_one_proceeds_the_other_refuses(tiny_dir, corpus_f
             time.sleep(0.002)
         assert lock is not None, "the first run finished before its lock was seen"
         first.send_signal(signal.SIGSTOP)  # hold it while it owns the lock: a stopped process is alive
-        second = subprocess_cli(argv)
+        second = subprocess_cli(*argv, timeout=300)
         assert second.returncode == 78
         assert f"is being built by pid {first.pid}" in one_error_line(second.stderr)
         assert json.loads(lock.read_text())["pid"] == first.pid  # the refused run left the lock alone

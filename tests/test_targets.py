@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import build_tiny
+from conftest import FAST, build_tiny
 from covedit.pipeline.errors import DataError
 from covedit.pipeline.facts import Fact
 from covedit.pipeline.hooks import capture_outputs, edit_output
@@ -321,3 +321,12 @@ def test_facts_with_one_subject_and_target_share_one_delta(tokenizer):
     # the merged NLL before editing is the mean of the two facts' own NLLs
     torch.testing.assert_close(merged.nll_before[0], (apart.nll_before[0] + apart.nll_before[2]) / 2,
                                rtol=0, atol=1e-5)
+
+
+def test_target_results_select_and_concat_round_trip(tiny):
+    from covedit.pipeline.targets import TargetResult, compute_targets
+
+    t = compute_targets(tiny, FACTS, 2, FAST, ["{}"])
+    back = TargetResult.concat([t.select([0]), t.select([1, 2])])
+    for name in ("z", "h", "nll_before", "nll_after", "steps_taken"):
+        assert torch.equal(getattr(back, name), getattr(t, name))
