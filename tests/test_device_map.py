@@ -8,16 +8,12 @@ exactly the edit of the unspread model.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import cli
 from covedit.pipeline.models import ModelError, layer_devices
 
-ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = "model.layers.{}.mlp.down_proj"
 
 
@@ -48,11 +44,6 @@ def test_a_map_that_does_not_hold_the_layer_is_refused():
         layer_devices({"model.embed_tokens": 0}, TEMPLATE, [3])
 
 
-def cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ})
-
-
 def test_batch_edit_with_device_map_gives_the_same_edit(tiny_dir, tmp_path):
     """--device-map auto loads through accelerate (here every block lands on the CPU); the delta must be
     bit for bit the one of a plain load, and the manifest says where each layer's update was computed."""
@@ -70,11 +61,3 @@ def test_batch_edit_with_device_map_gives_the_same_edit(tiny_dir, tmp_path):
     a = (tmp_path / "plain" / "delta.safetensors").read_bytes()
     b = (tmp_path / "spread" / "delta.safetensors").read_bytes()
     assert a == b
-
-
-def test_unknown_device_map_is_a_usage_error(tiny_dir, tmp_path):
-    facts = tmp_path / "facts.jsonl"
-    facts.write_text(json.dumps({"subject": "Eiffel Tower", "prompt": "The {} is located in",
-                                 "target_new": "Rome"}) + "\n")
-    res = cli("batch-edit", facts, "-o", tmp_path / "out", "--model", tiny_dir, "--device-map", "everywhere")
-    assert res.returncode == 2 and "--device-map" in res.stderr and not (tmp_path / "out").exists()
