@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import logging
 import re
@@ -48,6 +47,7 @@ from covedit.pipeline.delta import (Delta, LayerDelta, add_low_rank, layer_hashe
                                     weight_hash, write_edited_model)
 from covedit.pipeline.errors import CannotWrite, DataError, MissingInput, UsageError
 from covedit.pipeline.evaluate import drift, next_token_logprobs
+from covedit.pipeline.fileio import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +55,6 @@ HISTORY_DIR = "history"
 HISTORY_FILE = "history.json"
 FORMAT_VERSION = 1
 ALPHAEDIT_KEYS = "alphaedit_keys.safetensors"  # batch_edit.py's name for AlphaEdit's carried keys
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _now() -> str:
