@@ -70,6 +70,22 @@ ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gem
 POST_NORM_ARCHS = ["gemma2", "gemma3", "gemma3_text", "olmo2"]  # a norm between the MLP and the residual stream
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread(request):
+    """Tests run with one torch thread, except the slow ones: tiny models run many small operations, where a
+    second thread only adds synchronisation (several times slower on a busy 2-core machine), while the real
+    model's forwards gain from every core. Restored after each test."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def build_tiny(model_type: str, tokenizer, seed: int = 0) -> LoadedModel:
     torch.manual_seed(seed)
     config = tiny_config(model_type, len(tokenizer))
