@@ -70,6 +70,7 @@ def smol_model_folder() -> str:
     return resolve_source("smollm2-135m")[1]
 
 
+@pytest.mark.slow
 def test_bad_facts_exit_65_and_nothing_written(tmp_path, smol_stats):
     facts = tmp_path / "bad.jsonl"
     facts.write_text('{"subject": "X", "prompt": "no placeholder", "target_new": "Y"}\n{"subject": "Z"\n')
@@ -80,6 +81,7 @@ def test_bad_facts_exit_65_and_nothing_written(tmp_path, smol_stats):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_missing_statistics_names_the_command(tmp_path):
     res = cli("batch-edit", EXAMPLE, "-o", tmp_path / "out", "--stats-dir", tmp_path / "empty")
     assert res.returncode == 66
@@ -87,6 +89,7 @@ def test_missing_statistics_names_the_command(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_build_stats_fallback_builds_once_then_edits(tiny_dir, tmp_path, caplog):
     """batch-edit --build-stats on a stats folder without the statistics: the command line builds them (the
     embedded corpus, --stats-tokens), then the edit reads them from the store; a second edit reuses them."""
@@ -114,6 +117,7 @@ def test_build_stats_fallback_builds_once_then_edits(tiny_dir, tmp_path, caplog)
     assert "building them" not in caplog.text and len(list_stores(stats_dir)) == 1
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_the_edit_after_build_stats_stops_it_and_writes_nothing(tiny_dir, tmp_path, monkeypatch, caplog):
     """batch-edit --build-stats builds the missing statistics, then edits. The build's signal handlers end
     with the build: a Ctrl-C during the edit is a KeyboardInterrupt again (not "checkpointing, then exiting
@@ -162,6 +166,7 @@ def test_ctrl_c_during_the_edit_after_build_stats_stops_it_and_writes_nothing(ti
     assert now == handlers, "batch-edit --build-stats left its signal handlers installed"
 
 
+@pytest.mark.slow
 def test_existing_output_refused_without_overwrite(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -170,6 +175,7 @@ def test_existing_output_refused_without_overwrite(tmp_path):
     assert res.returncode == 73 and (out / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_identity_baseline_needs_no_statistics(tmp_path):
     out = tmp_path / "plain"
     facts = tmp_path / "one.jsonl"
@@ -181,6 +187,7 @@ def test_identity_baseline_needs_no_statistics(tmp_path):
     assert manifest["hparams"]["covariance"] == "identity" and manifest["stats"] is None
 
 
+@pytest.mark.slow
 def test_alphaedit_sequence_carries_keys_forward(tiny_dir, corpus_file, tmp_path):
     """batch-edit --base previous-output/ continues a sequence: AlphaEdit keeps every earlier batch's keys."""
     stats = tmp_path / "stats"
@@ -208,6 +215,7 @@ def test_alphaedit_sequence_carries_keys_forward(tiny_dir, corpus_file, tmp_path
     assert keys["layer.2.keys"].shape == (3, 32)
 
 
+@pytest.mark.slow
 def test_batch_edit_with_given_targets_writes_the_same_delta(tiny_dir, tmp_path):
     """BatchEditConfig.targets (the benchmarks' cached targets) changes where z comes from, nothing else."""
     from covedit.pipeline.batch_edit import BatchEditConfig, run_batch_edit
@@ -247,6 +255,7 @@ def test_broken_model_thresholds():
     assert len(broken_model_reasons(_evaluation(0.1, 51.0, 500, 500))) == 1
 
 
+@pytest.mark.slow
 def test_a_broken_edit_is_refused_and_nothing_written_unless_forced(tiny_dir, tmp_path, monkeypatch):
     """Every edit counts as broken with the limits at -1: refused (exit 65) with the numbers, the output
     folder never created; --force writes it and the manifest says it was forced."""

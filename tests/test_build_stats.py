@@ -38,6 +38,7 @@ def read(path):
     return {L: st.read_layer(L) for L in st.layers}
 
 
+@pytest.mark.slow
 def test_store_equals_direct_accumulation(tiny_dir, corpus_file, tokenizer, tmp_path):
     res = run_json(common(tiny_dir, corpus_file, 5000), tmp_path)
     assert res["status"] == "built" and res["tokens"] == 5000
@@ -80,6 +81,7 @@ def start_and_wait(args, stats_dir: Path, store: Path, min_tokens: int) -> subpr
 LONG = ["--checkpoint-every", 1000, "--batch-tokens", 64]
 
 
+@pytest.mark.slow
 def test_kill_minus_9_then_resume_is_bitwise_identical(tiny_dir, corpus_file, tmp_path):
     args = common(tiny_dir, corpus_file, 30000) + LONG
     clean = run_json(args, tmp_path / "clean")
@@ -96,6 +98,7 @@ def test_kill_minus_9_then_resume_is_bitwise_identical(tiny_dir, corpus_file, tm
         assert np.array_equal(a[L][0], b[L][0]), f"layer {L} differs after resume"
 
 
+@pytest.mark.slow
 def test_sigusr1_checkpoints_and_exits_75_then_resumes(tiny_dir, corpus_file, tmp_path):
     args = common(tiny_dir, corpus_file, 30000) + LONG
     fresh = run_json(args, tmp_path / "fresh")
@@ -112,6 +115,7 @@ def test_sigusr1_checkpoints_and_exits_75_then_resumes(tiny_dir, corpus_file, tm
         assert a[L][1] == b[L][1] and np.array_equal(a[L][0], b[L][0])
 
 
+@pytest.mark.slow
 def test_two_workers_equal_one_and_failed_shard_is_retried_once(tiny_dir, corpus_file, tmp_path):
     """A fault raised in shard 1 right after a checkpoint (passed to build_stats, it travels with the task to
     the dask worker): dask retries the task, which resumes from that checkpoint and counts nothing twice."""
@@ -133,6 +137,7 @@ def test_two_workers_equal_one_and_failed_shard_is_retried_once(tiny_dir, corpus
         np.testing.assert_allclose(b[L][0], a[L][0], rtol=1e-12, atol=1e-12 * np.abs(a[L][0]).max())
 
 
+@pytest.mark.slow
 def test_signal_handlers_are_the_builds_only(tiny_dir, corpus_file, tmp_path):
     """stop_on_signals installs its handlers for the duration of the block and puts the previous ones back,
     on a normal exit and on an exception; each block has its own stop event. So does a whole build_stats."""
@@ -164,6 +169,7 @@ def test_signal_handlers_are_the_builds_only(tiny_dir, corpus_file, tmp_path):
             signal.signal(sig, handler)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case,code,needle", [
     ("unknown-model", 66, "does not exist"),
     ("layer", 2, "out of range"),
@@ -201,6 +207,7 @@ def test_bad_input_one_sentence_distinct_code(case, code, needle, tiny_dir, corp
             assert not StatsStore.open(store, verify=False).is_complete()
 
 
+@pytest.mark.slow
 def test_stats_import_keys_the_store_like_a_loaded_model_and_refuses_other_models(tiny_dir, tmp_path):
     """`stats import` loads no weights, yet batch-edit (which loads the model) must find its store; a
     file of another width or a layer the model lacks is refused before anything is written."""
@@ -226,6 +233,7 @@ def test_stats_import_keys_the_store_like_a_loaded_model_and_refuses_other_model
     assert store is not None and np.array_equal(store.covariance(1), k.T @ k / 40)
 
 
+@pytest.mark.slow
 def test_shard_then_reduce_and_cache_hits_load_no_weights(tiny_dir, corpus_file, tmp_path, monkeypatch):
     """Only the process that runs a shard loads the model: --reduce and a cached store (and so a dask
     coordinator) work from the weightless skeleton, and the reduced store equals a one-shard build."""

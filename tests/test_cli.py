@@ -119,6 +119,7 @@ def test_evaluation_brief_drops_the_detail_manifest_json_keeps():
     assert _evaluation_brief(None) is None and _evaluation_brief({}) is None
 
 
+@pytest.mark.slow
 def test_batch_edit_json_is_the_manifest_with_the_brief_evaluation(tiny_dir, tmp_path):
     facts = tmp_path / "facts.jsonl"
     facts.write_text(json.dumps({"subject": "Eiffel Tower", "prompt": "The {} is located in", "target_new": "Rome"}) + "\n")
@@ -135,6 +136,7 @@ def test_batch_edit_json_is_the_manifest_with_the_brief_evaluation(tiny_dir, tmp
 
 # ------------------------------------------------------------------------------------- commands end to end
 
+@pytest.mark.slow
 def test_unknown_device_map_is_a_usage_error(tiny_dir, tmp_path):
     facts = tmp_path / "facts.jsonl"
     facts.write_text(json.dumps({"subject": "Eiffel Tower", "prompt": "The {} is located in",
@@ -156,6 +158,7 @@ def tiny_folder(tmp_path_factory, tiny_dir):
     return tiny_dir, facts
 
 
+@pytest.mark.slow
 def test_cli_evaluate_and_probe_on_a_saved_tiny_model(tiny_folder, tmp_path):
     model, facts = tiny_folder
     r = cli("evaluate", "--model", model, "--base-model", model, "--facts", facts, "--report", tmp_path / "rep",
@@ -172,6 +175,7 @@ def test_cli_evaluate_and_probe_on_a_saved_tiny_model(tiny_folder, tmp_path):
     assert r.returncode == 0 and "zsRE records target_new is the true answer" in r.stdout
 
 
+@pytest.mark.slow
 def test_cli_evaluate_missing_model_exits_66(tmp_path):
     r = cli("evaluate", "--model", tmp_path / "no-such-model", "-q", env=ONE_THREAD)
     assert r.returncode == 66 and "error" in r.stderr and "Traceback" not in r.stderr
@@ -179,6 +183,7 @@ def test_cli_evaluate_missing_model_exits_66(tmp_path):
 
 # ---------------------------------------------------------------------------------- what the command prints
 
+@pytest.mark.slow
 def test_no_eval_says_nothing_was_checked(tiny_dir, tmp_path):
     facts = tmp_path / "facts.jsonl"
     facts.write_text(json.dumps({"subject": "Eiffel Tower", "prompt": "The {} is located in", "target_new": "Rome"}) + "\n")
@@ -188,6 +193,7 @@ def test_no_eval_says_nothing_was_checked(tiny_dir, tmp_path):
     assert "nothing checked that the edited model still works" in res.stdout
 
 
+@pytest.mark.slow
 def test_batch_edit_prints_what_it_did_on_the_tiny_model(tiny_dir, tmp_path):
     """The human-readable output of batch-edit: the timings line, the before/after table, where it wrote."""
     from typer.testing import CliRunner

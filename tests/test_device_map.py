@@ -44,6 +44,7 @@ def test_a_map_that_does_not_hold_the_layer_is_refused():
         layer_devices({"model.embed_tokens": 0}, TEMPLATE, [3])
 
 
+@pytest.mark.slow
 def test_batch_edit_with_device_map_gives_the_same_edit(tiny_dir, tmp_path):
     """--device-map auto loads through accelerate (here every block lands on the CPU); the delta must be
     bit for bit the one of a plain load, and the manifest says where each layer's update was computed."""

@@ -194,6 +194,7 @@ def test_context_templates_are_cached_on_the_model_object_not_in_the_process(tok
                 if isinstance(value, (dict, list, set)) and not name.startswith("__")]
 
 
+@pytest.mark.slow
 def test_context_templates_on_the_real_model(smol):
     templates = context_templates(smol, n_per_starter=1, length=4)  # short: the KV-cached path on a real model
     assert templates[0] == "{}" and len(templates) == 1 + len(keys_module.STARTERS)

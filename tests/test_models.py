@@ -73,6 +73,7 @@ def test_default_layers():
     assert default_layers(4) == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_count_layers_reads_the_config_only(tiny_dir, smol):
     assert count_layers(str(tiny_dir)) == load_model(str(tiny_dir)).num_layers
     assert count_layers("smollm2-135m") == smol.num_layers == 30
@@ -85,6 +86,7 @@ def test_missing_model_path():
         load_model("./no/such/model")
 
 
+@pytest.mark.slow
 def test_embedded_model_loads_fast_and_knows_paris(smol):
     import time
     t = time.time()

@@ -43,6 +43,7 @@ def wheel(tmp_path_factory) -> Iterator[zipfile.ZipFile]:
         yield z
 
 
+@pytest.mark.slow
 def test_wheel_holds_only_the_covedit_package(wheel):
     names = wheel.namelist()
     top = {n.split("/", 1)[0] for n in names}
@@ -55,6 +56,7 @@ def test_wheel_holds_only_the_covedit_package(wheel):
     assert "covedit/pipeline/data/unrelated_prompts.txt" in expected  # the data files are really there
 
 
+@pytest.mark.slow
 def test_wheel_console_script_is_covedit_cli_main(wheel):
     (name,) = [n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt")]
     entry_points = configparser.ConfigParser()
@@ -83,6 +85,7 @@ print("top-level", sorted(m for m in sys.modules if m.split(".")[0] in ("cli", "
 """
 
 
+@pytest.mark.slow
 def test_python_cli_py_runs_from_a_checkout_without_an_install(tmp_path):
     proc = subprocess.run([sys.executable, "-c", NOT_INSTALLED, str(ROOT / "cli.py")], capture_output=True, text=True,
                           cwd=tmp_path)

@@ -19,6 +19,7 @@ def _is_png(path: Path) -> bool:
     return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and imread(path).shape[0] > 100
 
 
+@pytest.mark.slow
 def test_report_files_tables_and_plots(evaluations, tmp_path):
     before, after = evaluations
     out = tmp_path / "reports" / "r1"
@@ -62,6 +63,7 @@ def test_unwritable_report_dir_raises_cannot_write_and_leaves_nothing(evaluation
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
 
 
+@pytest.mark.slow
 def test_report_from_a_batch_edit_summary(evaluations, tmp_path):
     before, after = evaluations
     summary = {"method": "memit", "n_facts": 3, "model": "tiny", "layers": [2, 3],

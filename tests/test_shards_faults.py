@@ -124,6 +124,7 @@ def test_assign_devices_gives_worker_i_gpu_i_mod_n():
 # --------------------------------------------------------------------------------------------- shards
 
 
+@pytest.mark.slow
 def test_shards_then_reduce_equal_one_worker_and_count_each_token_once(tiny_dir, corpus_file, tmp_path, reference):
     base = args(tiny_dir, corpus_file, tmp_path)
     first = invoke_json(base + ["--shard", "0/2"])
@@ -162,6 +163,7 @@ def dead_pid() -> int:
     return proc.pid
 
 
+@pytest.mark.slow
 def test_stale_locks_are_broken_and_foreign_ones_respected(tiny_dir, corpus_file, tmp_path, reference, caplog):
     base = args(tiny_dir, corpus_file, tmp_path)
     store = Path(invoke_json(base + ["--shard", "0/2"])["path"])
@@ -183,6 +185,7 @@ def test_stale_locks_are_broken_and_foreign_ones_respected(tiny_dir, corpus_file
     assert_sums_equal(read(store), reference)
 
 
+@pytest.mark.slow
 def test_two_runs_on_one_store_one_proceeds_the_other_refuses(tiny_dir, corpus_file, tmp_path, reference):
     argv = args(tiny_dir, corpus_file, tmp_path, "--json")
     first = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *argv], cwd=ROOT, text=True,
@@ -211,6 +214,7 @@ def test_two_runs_on_one_store_one_proceeds_the_other_refuses(tiny_dir, corpus_f
 # --------------------------------------------------------------------------------------------- faults
 
 
+@pytest.mark.slow
 def test_sigkilled_dask_worker_shard_is_redone(tiny_dir, corpus_file, tmp_path, reference):
     """A Fault of kind "kill" SIGKILLs the worker running shard 1 right after a checkpoint; the nanny restarts
     it, dask reruns the task, which resumes from that checkpoint."""
@@ -227,6 +231,7 @@ def test_sigkilled_dask_worker_shard_is_redone(tiny_dir, corpus_file, tmp_path, 
     assert_sums_equal(read(result.path), reference)
 
 
+@pytest.mark.slow
 def test_full_disk_stops_with_one_sentence_and_the_last_checkpoint_survives(tiny_dir, corpus_file, tmp_path,
                                                                             reference, monkeypatch):
     """The disk fills up half way through the second checkpoint (one layer's partial sum written, the next

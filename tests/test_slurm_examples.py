@@ -143,6 +143,7 @@ def test_script_parses_and_has_the_slurm_settings(script):
 # --------------------------------------------------------------------------------------------- runs
 
 
+@pytest.mark.slow
 def test_single_node_builds_stats_then_edits(slurm):
     # One "GPU" (one worker, no dask): the LocalCluster path runs in test_shards_faults and the multinode test.
     out = slurm.run("single_node.sbatch", {"SLURM_GPUS_ON_NODE": "1", "OUTPUT": "edited", "TOKENS": str(SMALL),
@@ -169,6 +170,7 @@ def test_submit_array_passes_the_dependency(slurm):
     assert "array job 1001" in out.stdout
 
 
+@pytest.mark.slow
 def test_array_task_requeues_on_usr1_then_array_and_reduce_complete(slurm):
     """USR1 to the batch shell of task 0 -> covedit checkpoints, exits 75 -> scontrol requeue; the requeued
     task resumes, task 1 runs, the reduction completes the store with every token counted once."""
@@ -212,6 +214,7 @@ def test_array_task_requeues_on_usr1_then_array_and_reduce_complete(slurm):
     assert slurm.calls("scontrol") == [["requeue", "4242"]]  # only the interrupted task requeued
 
 
+@pytest.mark.slow
 def test_multinode_dask_runs_a_scheduler_workers_and_the_coordinator(slurm):
     """The scheduler and two workers start through (fake) srun on this machine, on the loopback address."""
     out = slurm.run("multinode_dask.sbatch", {"SLURM_NTASKS": "2", "DASK_ARGS": "--host 127.0.0.1",

@@ -245,6 +245,7 @@ SIGKILL_WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_during_checkpoints_always_leaves_a_loadable_one(tmp_path):
     """Real kill -9 at arbitrary moments of a loop of saves (big enough d that writes take a while)."""
     key = make_key(model_id="sigkill")

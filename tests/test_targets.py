@@ -39,6 +39,7 @@ def _logits(loaded, text):
         return loaded.model(input_ids=ids).logits
 
 
+@pytest.mark.slow
 def test_batched_equals_one_at_a_time(tiny):
     """Also with GPT-2's absolute positions: left padding must not shift them."""
     m = _responsive(tiny)
@@ -271,6 +272,7 @@ def _reference_z(m, fact, layer, hp, templates, relative_to):
     return delta.detach(), updates, trace
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("relative_to,kl_factor,weight_decay,clamp", [
     ("block", 0.0625, 5e-4, 4.0), ("mlp", 0.5, 0.0, 4.0), ("block", 0.0625, 0.0, 0.05), ("mlp", 0.0625, 1e-4, 0.05)])
 def test_equals_the_reference_compute_z(tokenizer, relative_to, kl_factor, weight_decay, clamp):
