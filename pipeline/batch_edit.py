@@ -284,7 +284,7 @@ def run_batch_edit(cfg: BatchEditConfig) -> BatchEditResult:
         "targets": targets_info,
         "evaluation": evaluation,
         "checked": {"broken": broken, "forced": bool(broken and cfg.force)} if cfg.evaluate else None,
-        "update_norms": {str(layer): float((u.double() @ d.double()).norm()) for layer, (u, d) in outcome.factors.items()},
+        "update_norms": {str(ld.layer): ld.norm() for ld in delta.layers},
         "history": sequence.summary(),
     }
     extra = {}

@@ -62,6 +62,12 @@ class LayerDelta:
     def rank(self) -> int:
         return self.up.shape[1]
 
+    def norm(self) -> float:
+        """‖up @ down‖_F without the dense product: sqrt(Σ (upᵀup) ∘ (down downᵀ)), in float64."""
+        a = self.up.double().T @ self.up.double()
+        b = self.down.double() @ self.down.double().T
+        return float((a * b).sum().clamp_min(0).sqrt())
+
 
 @dataclass
 class Delta:

@@ -303,15 +303,15 @@ def evaluate_model(loaded: LoadedModel, facts: list, batch_size: int = 32, unrel
     them (``cached_reference``); ``extra["reference_cached"]`` says which happened."""
     log.info("evaluating %s on %d facts%s", loaded.model_id, len(facts), ", with fluency" if with_fluency else "")
     rows = fact_metrics(loaded, facts, batch_size) if facts else []
+    extra = {}
     if reference_cache is not None and unrelated:
-        next_tokens, flu, hit = cached_reference(loaded, reference_cache, unrelated_prompts, with_fluency,
-                                                 fluency_prompts, max_new_tokens)
-        return Evaluation(model_id=loaded.model_id, per_fact=rows, aggregate=aggregate(rows), next_tokens=next_tokens,
-                          fluency=flu, extra={"reference_cached": hit})
-    return Evaluation(
-        model_id=loaded.model_id, per_fact=rows, aggregate=aggregate(rows),
-        next_tokens=next_token_logprobs(loaded, unrelated_prompts) if unrelated else None,
-        fluency=fluency(loaded, fluency_prompts, max_new_tokens) if with_fluency else None)
+        next_tokens, flu, extra["reference_cached"] = cached_reference(
+            loaded, reference_cache, unrelated_prompts, with_fluency, fluency_prompts, max_new_tokens)
+    else:
+        next_tokens = next_token_logprobs(loaded, unrelated_prompts) if unrelated else None
+        flu = fluency(loaded, fluency_prompts, max_new_tokens) if with_fluency else None
+    return Evaluation(model_id=loaded.model_id, per_fact=rows, aggregate=aggregate(rows), next_tokens=next_tokens,
+                      fluency=flu, extra=extra)
 
 
 def reference_key(loaded: LoadedModel, unrelated_prompts: list[str], fluency_prompts: list[str] | None,

@@ -293,7 +293,7 @@ class Sequence:
                       "ranks": {str(ld.layer): ld.rank for ld in delta.layers}},
             "weight_hashes": {"before": {str(k): v for k, v in delta.base_hashes.items()},
                               "after": {str(k): v for k, v in delta.edited_hashes.items()}},
-            "update_norms": {str(ld.layer): float(_lowrank_norm(ld.up, ld.down)) for ld in delta.layers},
+            "update_norms": {str(ld.layer): ld.norm() for ld in delta.layers},
             "norm_growth": growth, "drift_from_origin": drift_origin,
             "evaluation": None if evaluation is None else {
                 "before": evaluation["before"], "after": evaluation["after"],
@@ -314,13 +314,6 @@ class Sequence:
     def write(self, folder: Path) -> None:
         """The ``extra_files`` writer for write_edited_model: the history/ folder inside the new output."""
         History(self.past.folder if self.past else None, self.data).write(folder, self.new_files)
-
-
-def _lowrank_norm(up: torch.Tensor, down: torch.Tensor) -> float:
-    """‖up @ down‖_F without the dense product: sqrt(trace((upᵀup)(down downᵀ)))."""
-    a = up.double().T @ up.double()
-    b = down.double() @ down.double().T
-    return float((a * b).sum().clamp_min(0).sqrt())
 
 
 # ------------------------------------------------------------------------------------------- revert

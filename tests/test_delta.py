@@ -243,3 +243,12 @@ def test_layer_delta_dense_is_the_float64_product_of_the_stored_factors():
     assert ld.rank == 1 and ld.dense().dtype == torch.float64
     assert torch.equal(ld.dense(), up.double() @ down.double())
     assert not torch.equal(ld.dense(), (up @ down).double())  # a float32 product would round 3 × fl(1/3)
+
+
+def test_layer_delta_norm_is_the_dense_frobenius_norm():
+    """LayerDelta.norm() (what manifests and histories record) without forming up @ down."""
+    from covedit.pipeline.delta import LayerDelta
+
+    g = torch.Generator().manual_seed(0)
+    ld = LayerDelta(3, "m", torch.randn(6, 2, generator=g), torch.randn(2, 9, generator=g))
+    assert abs(ld.norm() - float(ld.dense().norm())) <= 1e-12 * float(ld.dense().norm())
