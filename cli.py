@@ -541,6 +541,8 @@ def export_cmd(folder: Annotated[Path, typer.Argument(help="A batch-edit (or rev
                batch: Annotated[Optional[str], typer.Option(help="Export only these batches (2, 1,3 or 1-3); default every applied batch.")] = None,
                max_rank: Annotated[Optional[int], typer.Option(help="Truncate each layer's update to this rank by SVD and report the relative error.")] = None,
                module_template: Template = None,
+               device: Device = "cpu",
+               no_eval: Annotated[bool, typer.Option("--no-eval", help="With --max-rank: do not score the facts with the truncated update.")] = False,
                overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --output.")] = False,
                as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False):
     """Write the edit as a PEFT LoRA adapter for the original model (adapter_config.json + adapter_model.safetensors)."""
@@ -550,7 +552,8 @@ def export_cmd(folder: Annotated[Path, typer.Argument(help="A batch-edit (or rev
 
     if fmt != "peft":
         raise UsageError("--format: only peft is supported.")
-    res = export_peft(folder, output, parse_batches(batch) if batch else None, max_rank, overwrite, module_template)
+    res = export_peft(folder, output, parse_batches(batch) if batch else None, max_rank, overwrite, module_template,
+                      evaluate=not no_eval, device=device)
     if as_json:
         typer.echo(json.dumps(res.to_dict(), indent=2))
         return
@@ -560,6 +563,11 @@ def export_cmd(folder: Annotated[Path, typer.Argument(help="A batch-edit (or rev
         worst = max(res.relative_error.values())
         typer.echo(f"--max-rank {max_rank}: relative Frobenius error of dW per layer " +
                    ", ".join(f"{k}: {v:.2e}" for k, v in res.relative_error.items()) + f" (largest {worst:.2e})")
+        if res.efficacy:
+            full, cut = res.efficacy["full"], res.efficacy["truncated"]
+            typer.echo(f"  the exported batches' {full['n_facts']} facts, full rank -> rank {max_rank}: efficacy (top-1) "
+                       f"{_fmt(full['efficacy_acc'], '.1f')} -> {_fmt(cut['efficacy_acc'], '.1f')} %, paraphrase "
+                       f"{_fmt(full['generalization_acc'], '.1f')} -> {_fmt(cut['generalization_acc'], '.1f')} %")
     typer.echo(f"load it on the original model with covedit.pipeline.export.load_adapter(model, '{output}') "
                "(checks the base weights, then peft; needs pip install 'covedit[serve]')")
     typer.echo(f"wrote {output}/ (adapter_config.json, adapter_model.safetensors)")

@@ -9,6 +9,9 @@ are the same and ``fan_in_fan_out`` tells PEFT so.
 
 ``max_rank`` truncates each layer's ΔW to its best rank-R approximation without forming it: QR of both
 factors, an SVD of the small r × r core, and the relative Frobenius error sqrt(Σ_{i>R} σᵢ²) / ‖ΔW‖_F.
+A small weight error can still lose facts (each fact is one direction of ΔW), so a truncated export also
+scores the exported batches' facts on the origin model plus the full ΔW and plus the truncated one
+(``efficacy``: teacher-forced top-1 accuracy of the new target on the rewrite prompts and paraphrases).
 
 The adapter is made for the history's origin model (the weights before its first batch). Their hashes are in
 the adapter file's safetensors metadata (key ``covedit_adapter``, which PEFT ignores); ``load_adapter``
@@ -47,12 +50,13 @@ class ExportResult:
     relative_error: dict[int, float] = field(default_factory=dict)  # ‖ΔW − ΔW_R‖_F / ‖ΔW‖_F (0: exact)
     adapter_bytes: int = 0
     model_bytes: int = 0  # the full model's weight files, for comparison
+    efficacy: dict | None = None  # {"full": {...}, "truncated": {...}} when a truncated export was scored
 
     def to_dict(self) -> dict:
         return {"output": str(self.output), "batches": self.batches, "layers": self.layers, "rank": self.rank,
                 "ranks": {str(k): v for k, v in self.ranks.items()},
                 "relative_error": {str(k): v for k, v in self.relative_error.items()},
-                "adapter_bytes": self.adapter_bytes, "model_bytes": self.model_bytes}
+                "adapter_bytes": self.adapter_bytes, "model_bytes": self.model_bytes, "efficacy": self.efficacy}
 
 
 def truncate(up: torch.Tensor, down: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -73,9 +77,41 @@ def _weights_size(folder: Path) -> int:
         sum(p.stat().st_size for p in folder.glob("*.bin"))
 
 
+def truncation_efficacy(folder: Path, hist, numbers: list[int], factors: dict[int, tuple], device: str = "cpu") -> dict:
+    """Efficacy and paraphrase accuracy (%) of batches ``numbers``' facts on the origin model plus their full ΔW,
+    and plus the truncated ``factors`` instead: what a user loses by serving the truncated adapter."""
+    from covedit.pipeline.delta import add_low_rank  # noqa: PLC0415
+    from covedit.pipeline.evaluate import aggregate, fact_metrics  # noqa: PLC0415
+    from covedit.pipeline.facts import read_facts  # noqa: PLC0415
+    from covedit.pipeline.history import check_weights, weights_without  # noqa: PLC0415
+    from covedit.pipeline.models import load_model  # noqa: PLC0415
+
+    loaded = load_model(str(folder), hist.dtype, device)
+    check_weights(hist, loaded, folder)
+    facts = [f for n in numbers
+             for f in read_facts(hist.facts_file(n), hist.record(n)["facts"]["format"], loaded.tokenizer)]
+
+    def brief(rows: list[dict]) -> dict:
+        agg = aggregate(rows)
+        return {"n_facts": agg["n_facts"], "efficacy_acc": agg["efficacy_acc"],
+                "generalization_acc": agg["generalization_acc"]}
+
+    others = [m for m in hist.active() if m not in numbers]
+    exported = [hist.delta(n) for n in numbers]
+    with weights_without(loaded, [hist.delta(m) for m in others]):  # origin + the exported batches, full rank
+        full = brief(fact_metrics(loaded, facts))
+        with weights_without(loaded, exported):  # origin + the truncated adapter
+            for layer, (up, down) in factors.items():
+                add_low_rank(loaded.down_weight(layer), up, down)
+            truncated = brief(fact_metrics(loaded, facts))
+    return {"full": full, "truncated": truncated}
+
+
 def export_peft(folder: Path | str, output: Path | str, batches: list[int] | None = None, max_rank: int | None = None,
-                overwrite: bool = False, module_template: str | None = None) -> ExportResult:
-    """Write ``folder``'s edit (``batches``, default every applied one) as a PEFT LoRA adapter at ``output``."""
+                overwrite: bool = False, module_template: str | None = None, evaluate: bool = True,
+                device: str = "cpu") -> ExportResult:
+    """Write ``folder``'s edit (``batches``, default every applied one) as a PEFT LoRA adapter at ``output``;
+    with ``max_rank`` and ``evaluate``, also score what the truncation costs (``truncation_efficacy``)."""
     from safetensors.torch import save_file  # noqa: PLC0415
 
     from covedit.pipeline.models import describe_model  # noqa: PLC0415
@@ -136,10 +172,12 @@ def export_peft(folder: Path | str, output: Path | str, batches: list[int] | Non
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt", METADATA_KEY: json.dumps(meta)})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
+    efficacy = (truncation_efficacy(folder, hist, numbers, factors, device)
+                if evaluate and any(e > 0 for e in errors.values()) else None)
     replace_folder(output, fill, "the adapter")
     return ExportResult(output, numbers, sorted(factors), r, ranks, errors,
                         (output / ADAPTER_WEIGHTS).stat().st_size + (output / ADAPTER_CONFIG).stat().st_size,
-                        _weights_size(folder))
+                        _weights_size(folder), efficacy)
 
 
 def read_adapter_meta(adapter_dir: Path | str) -> dict:

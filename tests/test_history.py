@@ -351,6 +351,35 @@ def test_export_one_batch_and_a_truncated_rank(seq, tmp_path):
         export_peft(seq["e3"], tmp_path / "x", batches=[7])
 
 
+def test_truncated_export_scores_what_the_truncation_costs(seq, tmp_path):
+    """--max-rank scores the exported batch's facts on origin + full ΔW and on origin + the adapter's factors;
+    both numbers are what fact_metrics gives on those weights built by hand."""
+    from safetensors.torch import load_file
+
+    from covedit.pipeline.delta import add_low_rank
+    from covedit.pipeline.evaluate import aggregate, fact_metrics
+    from covedit.pipeline.export import ADAPTER_WEIGHTS, export_peft
+    from covedit.pipeline.facts import read_facts
+    hist = read_history(seq["e3"])
+    res = export_peft(seq["e3"], tmp_path / "r1", batches=[1], max_rank=1)
+    assert res.relative_error[1] > 0 and set(res.efficacy) == {"full", "truncated"}
+    t = load_file(str(tmp_path / "r1" / ADAPTER_WEIGHTS))
+    loaded = load_model(str(seq["origin"]))
+    facts = read_facts(hist.facts_file(1), tokenizer=loaded.tokenizer)
+    for which, parts in (("full", [(ld.layer, ld.up, ld.down) for ld in hist.delta(1).layers]),
+                         ("truncated", [(layer, t[f"base_model.model.model.layers.{layer}.mlp.down_proj.lora_B.weight"],
+                                         t[f"base_model.model.model.layers.{layer}.mlp.down_proj.lora_A.weight"])
+                                        for layer in LAYERS])):
+        model = load_model(str(seq["origin"]))
+        for layer, up, down in parts:
+            add_low_rank(model.down_weight(layer), up, down)
+        agg = aggregate(fact_metrics(model, facts))
+        assert res.efficacy[which] == {"n_facts": 2, "efficacy_acc": agg["efficacy_acc"],
+                                       "generalization_acc": agg["generalization_acc"]}
+    assert export_peft(seq["e3"], tmp_path / "r9", max_rank=9).efficacy is None  # nothing truncated
+    assert export_peft(seq["e3"], tmp_path / "r1b", max_rank=1, evaluate=False).efficacy is None
+
+
 def test_export_conv1d_model_for_peft(tmp_path, tokenizer):
     """GPT-2 keeps c_proj transposed (Conv1D): the same factors with fan_in_fan_out give the edited logits."""
     pytest.importorskip("peft")
