@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 
 import covedit.pipeline.delta as delta_mod
 from covedit.pipeline.delta import (
-    Delta, LayerDelta, apply_delta, load_delta, make_and_apply_delta, make_delta, revert_delta, save_delta,
+    Delta, LayerDelta, apply_delta, check_finite, load_delta, make_and_apply_delta, make_delta, revert_delta,
+    save_delta,
     weight_hash, write_edited_model,
 )
 from covedit.pipeline.errors import CannotWrite, DataError, MissingInput
@@ -252,3 +253,23 @@ def test_layer_delta_norm_is_the_dense_frobenius_norm():
     g = torch.Generator().manual_seed(0)
     ld = LayerDelta(3, "m", torch.randn(6, 2, generator=g), torch.randn(2, 9, generator=g))
     assert abs(ld.norm() - float(ld.dense().norm())) <= 1e-12 * float(ld.dense().norm())
+
+
+def test_nan_in_a_factor_is_refused(tiny):
+    """A NaN or Inf in any factor is refused before any weight changes."""
+    W = tiny.down_weight(0)
+    g = torch.Generator().manual_seed(0)
+    up = torch.randn(W.shape[0], 1, generator=g, dtype=torch.float64)
+    down = torch.randn(1, W.shape[1], generator=g, dtype=torch.float64)
+    bad = down.clone()
+    bad[0, 3] = float("nan")
+    before = W.detach().clone()
+    with pytest.raises(DataError, match="layer 0"):
+        make_delta(tiny, {0: (up, bad)}, {})
+    delta = Delta([LayerDelta(0, "m", up.float(), bad.float())], tiny.model_id, {}, {}, {})
+    with pytest.raises(DataError, match="NaN or Inf"):
+        check_finite(delta)
+    overflow = Delta([LayerDelta(0, "m", up.float() * float("inf"), down.float())], tiny.model_id, {}, {}, {})
+    with pytest.raises(DataError):
+        check_finite(overflow)
+    assert torch.equal(W, before)
