@@ -25,8 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
-from benchmarks.common import DEFAULT_DATA, TargetCache, covariances, edit_variants  # noqa: E402
-from benchmarks.lambda_sweep import fact_slice  # noqa: E402
+from benchmarks.common import TargetCache, add_slice_arguments, covariances, edit_variants, fact_slice  # noqa: E402
 from covedit.pipeline.edit import templates_for  # noqa: E402
 from covedit.pipeline.memit import alphaedit_projectors  # noqa: E402
 from covedit.pipeline.evaluate import evaluate_model  # noqa: E402
@@ -42,10 +41,7 @@ def energy_share(P: torch.Tensor, C: torch.Tensor) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--facts", type=int, default=100)
-    ap.add_argument("--heldout-after", type=int, default=0, help="take held-out facts after this many tuning facts")
+    add_slice_arguments(ap, facts=100)
     ap.add_argument("--energies", default="0.01,0.05", help="energy fractions ε of the protected space to try")
     ap.add_argument("--alpha", type=float, default=None, help="AlphaEdit's ridge α (default: its hyperparameters')")
     ap.add_argument("--lams", default="0", help="λ of λC inside the projected solve, tried with each ε")

@@ -55,6 +55,27 @@ def zsre_facts(path: Path, n: int | None, skip: int = 0) -> list:
     raise SystemExit(f"{path} has only {len(facts)} distinct facts, {skip + n} asked for")
 
 
+def fact_slice(path: Path, n: int, heldout_after: int) -> list:
+    """The first n facts (the tuning slice), or, held out, n facts after the first ``heldout_after`` whose
+    subjects are none of theirs: defaults are chosen on the first kind and reported on the second."""
+    if not heldout_after:
+        return zsre_facts(path, n)
+    tuning_subjects = {f.subject for f in zsre_facts(path, heldout_after)}
+    out = [f for f in zsre_facts(path, None, skip=heldout_after) if f.subject not in tuning_subjects][:n]
+    if len(out) < n:
+        raise SystemExit(f"{path} has only {len(out)} facts after the first {heldout_after} with other subjects")
+    return out
+
+
+def add_slice_arguments(ap, facts: int) -> None:
+    """The arguments every zsRE benchmark takes: --model, --data, --facts (default ``facts``), --heldout-after."""
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--facts", type=int, default=facts)
+    ap.add_argument("--heldout-after", type=int, default=0,
+                    help="take held-out facts after this many tuning facts (0: the tuning slice itself)")
+
+
 def write_facts(facts: list, path: Path) -> None:
     with open(path, "w") as f:
         for fact in facts:

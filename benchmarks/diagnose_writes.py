@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
 from benchmarks.common import DEFAULT_DATA, TargetCache, covariances  # noqa: E402
-from benchmarks.lambda_sweep import fact_slice  # noqa: E402
+from benchmarks.common import fact_slice  # noqa: E402
 from covedit.pipeline.edit import templates_for  # noqa: E402
 from covedit.pipeline.memit import run_memit  # noqa: E402
 from covedit.pipeline.errors import DataError  # noqa: E402

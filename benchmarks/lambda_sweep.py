@@ -24,30 +24,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
-from benchmarks.common import DEFAULT_DATA, TargetCache, covariances, memit_variants, zsre_facts  # noqa: E402
+from benchmarks.common import TargetCache, add_slice_arguments, covariances, fact_slice, memit_variants  # noqa: E402
 from covedit.pipeline.edit import templates_for  # noqa: E402
 from covedit.pipeline.evaluate import evaluate_model  # noqa: E402
 from covedit.pipeline.hparams import load_hparams  # noqa: E402
 from covedit.pipeline.models import load_model  # noqa: E402
 
 
-def fact_slice(path: Path, n: int, heldout_after: int) -> list:
-    """The first n facts, or (held out) n facts after the first ``heldout_after`` whose subjects are none of theirs."""
-    if not heldout_after:
-        return zsre_facts(path, n)
-    tuning_subjects = {f.subject for f in zsre_facts(path, heldout_after)}
-    out = [f for f in zsre_facts(path, None, skip=heldout_after) if f.subject not in tuning_subjects][:n]
-    if len(out) < n:
-        raise SystemExit(f"{path} has only {len(out)} facts after the first {heldout_after} with other subjects")
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--facts", type=int, default=50)
-    ap.add_argument("--heldout-after", type=int, default=0, help="take held-out facts after this many tuning facts")
+    add_slice_arguments(ap, facts=50)
     ap.add_argument("--lams", default="15000,3000,1000,300")
     ap.add_argument("--mus", default="0", help="preserve_prompts values μ to try with each λ (0: reference MEMIT)")
     ap.add_argument("--fluency", action="store_true")

@@ -26,8 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
-from benchmarks.common import DEFAULT_DATA, TargetCache, covariances, edit_variants  # noqa: E402
-from benchmarks.lambda_sweep import fact_slice  # noqa: E402
+from benchmarks.common import TargetCache, add_slice_arguments, covariances, edit_variants, fact_slice  # noqa: E402
 
 
 def curves(lams: list[float], mu: float, alphas: list[float]) -> list[tuple[str, str, float, dict]]:
@@ -69,10 +68,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--facts", type=int, default=100)
-    ap.add_argument("--heldout-after", type=int, default=0, help="take held-out facts after this many tuning facts")
+    add_slice_arguments(ap, facts=100)
     ap.add_argument("--lams", default="300,1000,1500,5000,15000,50000")
     ap.add_argument("--mu", type=float, default=3.0, help="μ of the prompt-preservation curve (0: no such curve)")
     ap.add_argument("--alphas", default="1,10,100", help="AlphaEdit ridge values (empty: no AlphaEdit curve)")

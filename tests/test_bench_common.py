@@ -143,3 +143,21 @@ def test_two_processes_filling_one_cache_keep_each_others_targets(tiny, tmp_path
     b.put(FACTS[1:], compute_targets(tiny, FACTS[1:], 2, HP, ["{}"]))
     fresh = common.TargetCache(tiny, 2, HP, ["{}"], folder=tmp_path)
     assert fresh.missing(FACTS[:1]) == [] and fresh.missing(FACTS[1:]) == []
+
+
+def test_held_out_slice_shares_no_subject_with_the_tuning_slice(tmp_path):
+    """zsRE records cluster by subject: the held-out slice skips every subject of the tuning slice."""
+    import json
+    rows = [("A", "q1 {}?"), ("A", "q2 {}?"), ("B", "q1 {}?"), ("A", "q3 {}?"), ("C", "q1 {}?"), ("B", "q2 {}?"),
+            ("D", "q1 {}?"), ("C", "q1 {}?")]  # the last repeats (C, q1): one fact
+    path = tmp_path / "zsre.jsonl"
+    path.write_text("".join(json.dumps({"subject": s, "src": q.replace("{}", s), "answers": ["x"], "alt": "y",
+                                        "rephrase": q.replace("{}", s), "loc": "nq question: who?", "loc_ans": "z"})
+                            + "\n" for s, q in rows))
+    tuning = common.fact_slice(path, 2, 0)
+    assert [(f.subject, f.prompt) for f in tuning] == [("A", "q1 {}?"), ("A", "q2 {}?")]
+    held = common.fact_slice(path, 3, 2)
+    assert [(f.subject, f.prompt) for f in held] == [("B", "q1 {}?"), ("C", "q1 {}?"), ("B", "q2 {}?")]
+    assert [f.subject for f in common.fact_slice(path, 2, 3)] == ["C", "D"]  # A and B are tuning subjects
+    with pytest.raises(SystemExit, match="only 2 facts"):
+        common.fact_slice(path, 3, 3)
