@@ -56,7 +56,7 @@ def main() -> None:
     facts = fact_slice(args.data, args.facts, args.heldout_after)
     targets = TargetCache(loaded, hp.layers[-1], hp.target, templates_for(loaded, hp)).get(facts)
     covs = covariances(loaded, hp.layers)
-    before = evaluate_model(loaded, facts, with_fluency=False)
+    before = evaluate_model(loaded, facts, with_fluency=False, generation=False)
 
     spaces = {"threshold": alphaedit_projectors(covs, ahp.null_space_threshold)}
     spaces.update({f"energy {e}": alphaedit_projectors(covs, 0.0, float(e)) for e in args.energies.split(",")})

@@ -179,12 +179,13 @@ def memit_variants(loaded, hp, facts: list, targets: TargetResult, covs: dict, g
 
 
 def edit_variants(loaded, hp, facts: list, targets: TargetResult, covs: dict, variants: list[tuple[str, dict]],
-                  before, with_fluency: bool):
+                  before, with_fluency: bool, generation: bool = False):
     """For each (label, keyword arguments of ``run_memit``: ``lam``, ``preserve_prompts``, ``preserve_relation``,
     ``relation_subjects``, ``alphaedit``):
     the edit from the original weights with the same targets, then the evaluation against ``before`` (the
     unedited model's). Yields (label, row): the metrics, the realised share, drift, fluency and solve
-    seconds; while a variant is yielded its weights are in place."""
+    seconds; while a variant is yielded its weights are in place. ``generation`` adds the generation family
+    (off by default: sweeps compare teacher-forced scores, and generating costs more than the solve)."""
     from covedit.pipeline.memit import run_memit
     from covedit.pipeline.evaluate import drift, evaluate_model
     templates = templates_for(loaded, hp)
@@ -200,7 +201,7 @@ def edit_variants(loaded, hp, facts: list, targets: TargetResult, covs: dict, va
                         relation_subjects=kwargs.get("relation_subjects", 16),
                         alphaedit=kwargs.get("alphaedit"))
         solve_s = time.perf_counter() - t0
-        after = evaluate_model(loaded, facts, with_fluency=with_fluency)
+        after = evaluate_model(loaded, facts, with_fluency=with_fluency, generation=generation)
         d = drift(before.next_tokens, after.next_tokens)
         yield (label,
                {**after.aggregate, "realised_mean": sum(out.target_info["realised"]) / len(facts),

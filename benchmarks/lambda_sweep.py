@@ -49,7 +49,7 @@ def main() -> None:
     cache = TargetCache(loaded, hp.layers[-1], hp.target, templates)
     targets = cache.get(facts)
     covs = covariances(loaded, hp.layers)
-    before = evaluate_model(loaded, facts, with_fluency=args.fluency)
+    before = evaluate_model(loaded, facts, with_fluency=args.fluency, generation=False)
     result = {"model": loaded.model_id, "layers": hp.layers, "facts": len(facts), "heldout_after": args.heldout_after,
               "subjects": len({f.subject for f in facts}),
               "overrides": args.overrides, "target_hparams": vars(hp.target), "targets_s": cache.seconds(facts),

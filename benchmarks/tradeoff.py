@@ -96,7 +96,7 @@ def main() -> None:
         cache = TargetCache(loaded, hp.layers[-1], hp.target, templates_for(loaded, hp))
         targets = cache.get(facts)
         covs = covariances(loaded, hp.layers)
-        before = evaluate_model(loaded, facts, with_fluency=args.fluency)
+        before = evaluate_model(loaded, facts, with_fluency=args.fluency, generation=False)
         if result is None:
             result = {"model": loaded.model_id, "layers": hp.layers, "facts": len(facts),
                       "heldout_after": args.heldout_after, "subjects": len({f.subject for f in facts}),

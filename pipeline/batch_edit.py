@@ -58,6 +58,7 @@ class BatchEditConfig:
     base: Path | None = None
     overwrite: bool = False
     evaluate: bool = True
+    generation: bool = True  # the generation family (greedy answers, chat) in the evaluation; off: teacher-forced only
     # Where the unedited model's fact-independent evaluation (unrelated prompts, fluency) is kept between
     # runs (evaluate.cached_reference); None measures it every time.
     reference_cache: Path | None = None
@@ -228,7 +229,8 @@ def run_batch_edit(cfg: BatchEditConfig) -> BatchEditResult:
         prev_keys = {int(k.split(".")[1]): v for k, v in load_file(str(cfg.base / ALPHAEDIT_KEYS)).items()}
 
     t_before = clock()
-    before = evaluate_model(loaded, facts, reference_cache=cfg.reference_cache) if cfg.evaluate else None
+    before = (evaluate_model(loaded, facts, reference_cache=cfg.reference_cache, generation=cfg.generation)
+              if cfg.evaluate else None)
     t_eval = clock() - t_before
     originals = {layer: loaded.down_weight(layer).detach().clone() for layer in layers}
     templates = templates_for(loaded, hp)
@@ -256,7 +258,7 @@ def run_batch_edit(cfg: BatchEditConfig) -> BatchEditResult:
     meta = {"method": cfg.method, "facts_sha256": facts_sha256(cfg.facts), "n_facts": len(facts)}
     delta = make_and_apply_delta(loaded, outcome.factors, meta)
     t1 = clock()
-    after = evaluate_model(loaded, facts) if cfg.evaluate else None
+    after = evaluate_model(loaded, facts, generation=cfg.generation) if cfg.evaluate else None
     eval_seconds = t_eval + (clock() - t1)
     evaluation = _evaluation_summary(before, after) if cfg.evaluate else None
     broken = broken_model_reasons(evaluation) if evaluation else []

@@ -5,6 +5,15 @@
   specificity asks the neighbourhood prompt to still prefer its own target over the new one.
 * "token accuracy" (zsRE / EasyEdit): with teacher forcing, the share of target tokens that are the
   model's top-1 prediction.
+* "generation" (what a user sees; teacher forcing overstates it): the greedy continuation of the rewrite
+  prompt and of each paraphrase names the new target as a whole word (``says``: case-insensitive, runs of
+  whitespace as one space, not inside a longer word), ``*_gen``, and no longer names the true one,
+  ``*_gen_old_gone``. Continuations are short: the longer target's tokens plus ``GEN_EXTRA_TOKENS``, so an
+  answer that comes later than that counts as not given. For a tokenizer with a chat template also
+  ``chat_gen`` / ``chat_gen_old_gone``: the rewrite prompt as the user's turn of the model's own template,
+  scored on the assistant's greedy reply (its budget adds the prompt's tokens: replies restate the question).
+* ripple (portability): prompts whose answer follows from the edit (the fact's optional ``ripple`` list),
+  ``ripple_acc`` (token accuracy of the expected answer) and ``ripple_gen`` (the greedy continuation names it).
 * drift: KL(before ‖ after) of the next-token distribution after a fixed set of unrelated prompts shipped
   in ``pipeline/data/unrelated_prompts.txt``, and the share of them whose top-1 token changed.
 * fluency: ROME/MEMIT's "GE", the weighted 2- and 3-gram entropy (bits; weights 2/3 and 4/3, arithmetic
@@ -14,7 +23,8 @@
   agrees with it on ordinary prose without pulling in nltk and its downloaded tokenizer data. Papers print
   GE × 100 (about 620 for an unedited GPT-2 XL with 100-token generations); ``ge`` is that figure.
 
-A metric that a fact cannot have (no paraphrases, no true target) is absent (None), never 0 or 100.
+A metric that a fact cannot have (no paraphrases, no true target, no ripple prompts, no chat template) is
+absent (None), never 0 or 100.
 Every model call works on padded batches: one forward per batch of prompts, never one per prompt.
 """
 
@@ -83,8 +93,126 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def fact_metrics(loaded: LoadedModel, facts: list, batch_size: int = 32) -> list[dict]:
-    """Per fact: efficacy, generalisation, specificity in both families, plus P(new) on each prompt family."""
+def fact_metrics(loaded: LoadedModel, facts: list, batch_size: int = 32, generation: bool = True) -> list[dict]:
+    """Per fact: efficacy, generalisation, specificity in both teacher-forced families, P(new) on each prompt
+    family, ripple token accuracy, and (``generation``) the generation family with the texts it scored."""
+    rows = _teacher_forced_metrics(loaded, facts, batch_size)
+    gens = generation_metrics(loaded, facts, batch_size) if generation else [{} for _ in facts]
+    return [{**row, **{m: None for m in GEN_METRICS}, **gen} for row, gen in zip(rows, gens)]
+
+
+# ------------------------------------------------------------------------------------------ generation family
+
+GEN_EXTRA_TOKENS = 4  # greedy tokens beyond the longer target's own (rewrite, paraphrase and ripple prompts)
+CHAT_EXTRA_TOKENS = 8  # a chat reply: the question's tokens + the target's + these (replies restate the question)
+GEN_METRICS = ["efficacy_gen", "generalization_gen", "efficacy_gen_old_gone", "generalization_gen_old_gone",
+               "chat_gen", "chat_gen_old_gone", "ripple_gen"]
+
+
+def _one_space(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _word_pattern(target: str) -> re.Pattern:
+    return re.compile(r"(?<!\w)" + re.escape(_one_space(target)) + r"(?!\w)", re.IGNORECASE)
+
+
+def says(text: str, target: str) -> bool:
+    """Whether ``text`` names ``target`` as a whole word or phrase: case-insensitive, any run of whitespace
+    equal to one space, and no word character right before or after it ("Rome" is in "rome," and "(Rome)",
+    not in "Romeo"; "New York" is in "new\\nyork")."""
+    return bool(_one_space(target)) and _word_pattern(target).search(_one_space(text)) is not None
+
+
+def says_new_old(text: str, new: str, old: str | None) -> tuple[bool, bool | None]:
+    """(``text`` names ``new``, it names ``old``; None without an old target). Where one target holds the other
+    ("Vatican City" and "Vatican"), the longer one is looked for first and its matches are blanked out
+    before the shorter one is looked for, so "Vatican City" does not also count as "Vatican"."""
+    if old is None:
+        return says(text, new), None
+    a, b = _one_space(new), _one_space(old)
+    if a.casefold() == b.casefold():
+        hit = says(text, a)
+        return hit, hit
+    longer, shorter = (a, b) if len(a) >= len(b) else (b, a)
+    pattern = _word_pattern(longer)
+    text = _one_space(text)
+    long_hit = pattern.search(text) is not None
+    short_hit = _word_pattern(shorter).search(pattern.sub(" ", text)) is not None
+    return (long_hit, short_hit) if longer == a else (short_hit, long_hit)
+
+
+def chat_prompt_ids(tokenizer, user_message: str) -> list[int] | None:
+    """The tokens of ``user_message`` as the user's turn of the tokenizer's own chat template, ready for the
+    assistant's reply; None where the tokenizer has no chat template or its template refuses the turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": user_message}], tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 (a template may raise anything: no chat measure then)
+        log.warning("the chat template refused a user turn (%s): no chat measure", e)
+        return None
+    return list(tokenizer(text, add_special_tokens=False).input_ids)  # the template holds its own BOS, if any
+
+
+def generation_metrics(loaded: LoadedModel, facts: list, batch_size: int = 32) -> list[dict]:
+    """Per fact: the generation family (see the module docstring) and ``generations``, the texts it scored.
+
+    All prompts of all facts are generated in one call of greedy_continuations, each to its own budget."""
+    tok = loaded.tokenizer
+    n_tok = {}
+
+    def length(target: str) -> int:
+        if target not in n_tok:
+            n_tok[target] = len(target_token_ids(tok, target))
+        return n_tok[target]
+
+    jobs = []  # (prompt text or token ids, max_new_tokens, fact index, kind)
+    for i, f in enumerate(facts):
+        budget = max(length(f.target_new), length(f.target_true) if f.target_true else 0) + GEN_EXTRA_TOKENS
+        jobs.append((f.rewrite_prompt(), budget, i, "rewrite"))
+        jobs += [(p, budget, i, "paraphrases") for p in f.paraphrases]
+        jobs += [(r.prompt, length(r.target) + GEN_EXTRA_TOKENS, i, "ripple") for r in getattr(f, "ripple", ())]
+        chat = chat_prompt_ids(tok, f.rewrite_prompt())
+        if chat is not None:
+            question = len(tok(f.rewrite_prompt(), add_special_tokens=False).input_ids)
+            jobs.append((chat, question + budget - GEN_EXTRA_TOKENS + CHAT_EXTRA_TOKENS, i, "chat"))
+    # One call: the plain prompts first, then the (much longer) chat ones, each by budget, so that a batch
+    # mostly holds prompts of one length and budget (each row is cut to its own budget).
+    order = sorted(range(len(jobs)), key=lambda k: (jobs[k][3] == "chat", jobs[k][1]))
+    texts: list[str | None] = [None] * len(jobs)
+    conts = greedy_continuations(loaded, [jobs[k][0] for k in order], [jobs[k][1] for k in order], batch_size)
+    for k, text in zip(order, conts):
+        texts[k] = text
+    got: list[dict] = [{"rewrite": None, "paraphrases": [], "chat": None, "ripple": []} for _ in facts]
+    for (_, _, i, kind), text in zip(jobs, texts):
+        if isinstance(got[i][kind], list):
+            got[i][kind].append(text)
+        else:
+            got[i][kind] = text
+    rows = []
+    for f, g in zip(facts, got):
+        old = f.target_true
+        rewrite = says_new_old(g["rewrite"], f.target_new, old)
+        para = [says_new_old(t, f.target_new, old) for t in g["paraphrases"]]
+        chat = None if g["chat"] is None else says_new_old(g["chat"], f.target_new, old)
+        ripple = [says(t, r.target) for t, r in zip(g["ripple"], getattr(f, "ripple", ()))]
+        rows.append({
+            "efficacy_gen": float(rewrite[0]),
+            "generalization_gen": _mean([float(n) for n, _ in para]),
+            "efficacy_gen_old_gone": None if old is None else float(not rewrite[1]),
+            "generalization_gen_old_gone": None if old is None else _mean([float(not o) for _, o in para]),
+            "chat_gen": None if chat is None else float(chat[0]),
+            "chat_gen_old_gone": None if chat is None or old is None else float(not chat[1]),
+            "ripple_gen": _mean([float(r) for r in ripple]),
+            "generations": g,
+        })
+    return rows
+
+
+def _teacher_forced_metrics(loaded: LoadedModel, facts: list, batch_size: int = 32) -> list[dict]:
+    """Both teacher-forced families per fact (one scoring pass over every prompt), and ripple token accuracy."""
     prompts, targets, where = [], [], []
     for i, f in enumerate(facts):
         rewrite = f.rewrite_prompt()
@@ -96,6 +224,8 @@ def fact_metrics(loaded: LoadedModel, facts: list, batch_size: int = 32) -> list
         for n in f.neighborhood:
             prompts.append(n.prompt), targets.append(n.target), where.append((i, "neighborhood", "own"))
             prompts.append(n.prompt), targets.append(f.target_new), where.append((i, "neighborhood", "new"))
+        for r in getattr(f, "ripple", ()):
+            prompts.append(r.prompt), targets.append(r.target), where.append((i, "ripple", "own"))
     scores = score(loaded, prompts, targets, batch_size)
     per: list[dict] = [{"rewrite": [], "paraphrase": [], "neighborhood": []} for _ in facts]
     for (i, kind, which), s in zip(where, scores):
@@ -118,12 +248,13 @@ def fact_metrics(loaded: LoadedModel, facts: list, batch_size: int = 32) -> list
             "efficacy_acc": _mean([s.token_acc for s in new_r]),
             "generalization_acc": _mean([s.token_acc for s in new_p]),
             "specificity_acc": _mean([s.token_acc for s in own_n]),
+            "ripple_acc": _mean([s.token_acc for s in d.get("ripple_own", [])]),
         })
     return rows
 
 
 METRICS = ["efficacy_success", "generalization_success", "specificity_success",
-           "efficacy_acc", "generalization_acc", "specificity_acc"]
+           "efficacy_acc", "generalization_acc", "specificity_acc", "ripple_acc", *GEN_METRICS]
 
 
 def aggregate(rows: list[dict]) -> dict[str, float | int | None]:
@@ -134,7 +265,7 @@ def aggregate(rows: list[dict]) -> dict[str, float | int | None]:
     """
     out: dict[str, float | int | None] = {"n_facts": len(rows)}
     for m in METRICS:
-        vals = [r[m] for r in rows if r[m] is not None]
+        vals = [r.get(m) for r in rows if r.get(m) is not None]
         out[m] = 100 * sum(vals) / len(vals) if vals else None
         out[f"n_{m}"] = len(vals)
     return out
@@ -218,20 +349,25 @@ def drift(before: NextTokens, after: NextTokens) -> dict:
 # ------------------------------------------------------------------------------------------ generation, fluency
 
 @torch.no_grad()
-def greedy_continuations(loaded: LoadedModel, prompts: list[str], max_new_tokens: int = 50,
+def greedy_continuations(loaded: LoadedModel, prompts: list[str] | list[list[int]], max_new_tokens: int | list[int] = 50,
                          batch_size: int = 16) -> list[str]:
-    """The greedy continuation of each prompt (new text only, up to the first end-of-text), left-padded batches."""
+    """The greedy continuation of each prompt (new text only, up to the first end-of-text), left-padded batches.
+    A prompt may also be given as its token ids (a chat template's, which holds its own special tokens), and
+    ``max_new_tokens`` per prompt: a batch runs to its longest and each row is cut to its own (greedy tokens do
+    not depend on how many follow them), so prompts of different budgets share batches."""
     tok = loaded.tokenizer
-    rows = [tok(p).input_ids for p in prompts]
+    rows = [list(p) if isinstance(p, (list, tuple)) else tok(p).input_ids for p in prompts]
+    limits = [max_new_tokens] * len(rows) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     eos = tok.eos_token_id
     pad = pad_id(tok)
     out: list[str] = []
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
+        chunk, chunk_limits = rows[start:start + batch_size], limits[start:start + batch_size]
         ids, mask = _pad(loaded, chunk, "left")
-        gen = loaded.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+        gen = loaded.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(chunk_limits),
                                     do_sample=False, num_beams=1, pad_token_id=pad)
-        for row in gen[:, ids.shape[1]:].tolist():
+        for row, limit in zip(gen[:, ids.shape[1]:].tolist(), chunk_limits):
+            row = row[:limit]
             if eos is not None and eos in row:
                 row = row[:row.index(eos)]
             out.append(tok.decode(row, skip_special_tokens=True))
@@ -295,14 +431,15 @@ class Evaluation:
 def evaluate_model(loaded: LoadedModel, facts: list, batch_size: int = 32, unrelated: bool = True,
                    unrelated_prompts: list[str] | None = None, with_fluency: bool = True,
                    fluency_prompts: list[str] | None = None, max_new_tokens: int = 50,
-                   reference_cache: Path | None = None) -> Evaluation:
+                   reference_cache: Path | None = None, generation: bool = True) -> Evaluation:
     """Per-fact metrics and their aggregate, plus the unrelated-prompt distributions and fluency.
 
     ``reference_cache`` (a folder): take the parts that do not depend on the facts (the unrelated-prompt
     distributions and fluency) from there when this model's were measured before, else measure and store
-    them (``cached_reference``); ``extra["reference_cached"]`` says which happened."""
+    them (``cached_reference``); ``extra["reference_cached"]`` says which happened. The generation family
+    (``generation``) is per fact, so it is measured every time, never cached."""
     log.info("evaluating %s on %d facts%s", loaded.model_id, len(facts), ", with fluency" if with_fluency else "")
-    rows = fact_metrics(loaded, facts, batch_size) if facts else []
+    rows = fact_metrics(loaded, facts, batch_size, generation) if facts else []
     extra = {}
     if reference_cache is not None and unrelated:
         next_tokens, flu, extra["reference_cached"] = cached_reference(

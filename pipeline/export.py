@@ -99,11 +99,11 @@ def truncation_efficacy(folder: Path, hist, numbers: list[int], factors: dict[in
     others = [m for m in hist.active() if m not in numbers]
     exported = [hist.delta(n) for n in numbers]
     with weights_without(loaded, [hist.delta(m) for m in others]):  # origin + the exported batches, full rank
-        full = brief(fact_metrics(loaded, facts))
+        full = brief(fact_metrics(loaded, facts, generation=False))  # token accuracy only: no generations
         with weights_without(loaded, exported):  # origin + the truncated adapter
             for layer, (up, down) in factors.items():
                 add_low_rank(loaded.down_weight(layer), up, down)
-            truncated = brief(fact_metrics(loaded, facts))
+            truncated = brief(fact_metrics(loaded, facts, generation=False))
     return {"full": full, "truncated": truncated}
 
 

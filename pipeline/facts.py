@@ -6,7 +6,12 @@ required)::
     {"id": "f1", "subject": "Eiffel Tower", "prompt": "The {} is located in the city of",
      "target_new": "Rome", "target_true": "Paris",
      "paraphrases": ["Where is the Eiffel Tower? It is in"],
-     "neighborhood": [{"prompt": "The Louvre is located in the city of", "target": "Paris"}]}
+     "neighborhood": [{"prompt": "The Louvre is located in the city of", "target": "Paris"}],
+     "ripple": [{"prompt": "The Eiffel Tower is located in the country of", "target": "Italy"}]}
+
+``neighborhood`` holds prompts the edit must not change (with the answer they keep); ``ripple`` (optional,
+also called portability) holds prompts whose answer should change with the edit, with the answer they
+should give after it: a consequence of the new fact that the edit was not trained on.
 
 Quirks worth knowing:
 
@@ -46,6 +51,15 @@ class Neighbor:
 
 
 @dataclass(frozen=True)
+class Ripple:
+    """A full prompt whose answer follows from the edit (the Eiffel Tower in Rome: "... in the country of"),
+    and the answer it should give after the edit."""
+
+    prompt: str
+    target: str
+
+
+@dataclass(frozen=True)
 class Fact:
     """One requested rewrite: after the edit, ``prompt`` with ``subject`` put in should lead to ``target_new``."""
 
@@ -57,6 +71,8 @@ class Fact:
     paraphrases: tuple[str, ...] = ()
     neighborhood: tuple[Neighbor, ...] = ()
     line: int = 0  # line of the facts file it came from (0: not from a file)
+    # Consequences of the edit (our schema only); after ``line``, which callers pass by position.
+    ripple: tuple[Ripple, ...] = ()
 
     def rewrite_prompt(self) -> str:
         """The prompt with the subject put in (``str.replace``: a subject may itself hold braces)."""
@@ -179,21 +195,28 @@ def _from_covedit(obj: dict, line: int) -> Fact:
     target_new = c.text(obj, "target_new")
     target_true = c.text(obj, "target_true", required=False)
     paraphrases = c.strings(obj, "paraphrases")
-    neighborhood: list[Neighbor] = []
-    raw = obj.get("neighborhood")
+    neighborhood = _prompt_targets(c, obj, "neighborhood", Neighbor)
+    ripple = _prompt_targets(c, obj, "ripple", Ripple)
+    c.done()
+    return Fact(fact_id, subject, prompt, target_new, target_true, paraphrases, neighborhood, line, ripple)
+
+
+def _prompt_targets(c: _Checker, obj: dict, key: str, cls: type) -> tuple:
+    """An optional list of {"prompt", "target"} objects (``neighborhood``, ``ripple``) as ``cls`` records."""
+    out = []
+    raw = obj.get(key)
     if raw is not None and not isinstance(raw, list):
-        c.add("neighborhood", f"must be a list of {{'prompt', 'target'}} objects, got {type(raw).__name__}")
+        c.add(key, f"must be a list of {{'prompt', 'target'}} objects, got {type(raw).__name__}")
     for i, item in enumerate(raw if isinstance(raw, list) else []):
         if not isinstance(item, dict):
-            c.add(f"neighborhood[{i}]", "must be an object with 'prompt' and 'target'")
+            c.add(f"{key}[{i}]", "must be an object with 'prompt' and 'target'")
             continue
-        inner = _Checker(line, prefix=f"neighborhood[{i}].")
+        inner = _Checker(c.line, prefix=f"{key}[{i}].")
         n_prompt, n_target = inner.text(item, "prompt"), inner.text(item, "target")
         c.problems.extend(inner.problems)
         if n_prompt is not None and n_target is not None:
-            neighborhood.append(Neighbor(n_prompt, n_target))
-    c.done()
-    return Fact(fact_id, subject, prompt, target_new, target_true, paraphrases, tuple(neighborhood), line)
+            out.append(cls(n_prompt, n_target))
+    return tuple(out)
 
 
 def from_counterfact(obj: dict, line: int = 0) -> Fact:

@@ -49,6 +49,40 @@ KIND_NOTES = {
     ("generalization", "acc"): "paraphrases, target_new tokens",
     ("specificity", "acc"): "neighbourhood, their own target's tokens",
 }
+FAMILIES["gen"] = "Generation: the greedy continuation names the target (whole word, case-insensitive)"
+# (row label, metric, what it is measured on) of each family; the generation family is shown where it was
+# measured, and the OPTIONAL rows only where some fact has them (a chat template, ripple prompts).
+FAMILY_ROWS = {
+    "success": [(kind, f"{kind}_success", KIND_NOTES[(kind, "success")]) for kind in KINDS],
+    "acc": [(kind, f"{kind}_acc", KIND_NOTES[(kind, "acc")]) for kind in KINDS]
+    + [("ripple", "ripple_acc", "ripple prompts, their expected answer's tokens")],
+    "gen": [("efficacy", "efficacy_gen", "rewrite prompt: names target_new"),
+            ("efficacy, old gone", "efficacy_gen_old_gone", "rewrite prompt: no longer names target_true"),
+            ("generalization", "generalization_gen", "paraphrases: name target_new"),
+            ("generalization, old gone", "generalization_gen_old_gone", "paraphrases: no longer name target_true"),
+            ("chat", "chat_gen", "rewrite prompt as a user turn of the chat template: the reply names target_new"),
+            ("chat, old gone", "chat_gen_old_gone", "the same reply no longer names target_true"),
+            ("ripple", "ripple_gen", "ripple prompts: name their expected answer")],
+}
+OPTIONAL_ROWS = {"ripple_acc", "chat_gen", "chat_gen_old_gone", "ripple_gen"}
+GEN_NOTE = ("Greedy continuations, short ones: the longer of the two targets' tokens and a few more (a chat reply: "
+            "also the question's tokens), so an answer given later counts as not given. \"Old gone\": the true "
+            "target is no longer named (facts with a true target).")
+
+
+def shown_rows(fam: str, aggregates: list[dict | None]) -> list[tuple[str, str, str]]:
+    """The rows of family ``fam`` to show for these aggregates (the columns): the success and accuracy families
+    always show their three kinds; the generation family nothing where it was not measured; an OPTIONAL row
+    only where some column has it (None is "no fact has it", never shown as 0)."""
+    aggs = [a or {} for a in aggregates]
+
+    def has(m: str) -> bool:
+        return any(a.get(m) is not None for a in aggs)
+
+    rows = FAMILY_ROWS[fam]
+    if fam == "gen" and not any(has(m) for _, m, _ in rows):
+        return []
+    return [r for r in rows if r[1] not in OPTIONAL_ROWS or has(r[1])]
 
 
 # ------------------------------------------------------------------------------------------ building the data
@@ -96,6 +130,7 @@ def quick_look(ev: dict | None, n: int = 5) -> str:
             vals = [ev[when].get(f"{m}_{fam}") for m in ("efficacy", "generalization", "specificity")]
             label = {"success": "success P(new)>P(true)", "acc": "top-1 token accuracy"}[fam]
             lines.append(f"{label:<22} {when:<6} " + "  ".join("   -   " if v is None else f"{v:7.1f}" for v in vals))
+    lines += _quick_look_generation(ev)
     d, flu = ev.get("drift"), ev.get("fluency") or {}
     if d:
         lines.append(f"drift on {d['n_prompts']} unrelated prompts: mean KL {d['mean_kl']:.4f} nats, "
@@ -103,6 +138,33 @@ def quick_look(ev: dict | None, n: int = 5) -> str:
     if flu.get("before") and flu.get("after"):
         lines.append(f"fluency (GE, n-gram entropy x100): {flu['before']['ge']:.1f} -> {flu['after']['ge']:.1f}")
     return "\n".join(lines)
+
+
+def _quick_look_generation(ev: dict) -> list[str]:
+    """quick_look's lines of the generation family (in the columns of the others), then the chat reply and
+    the ripple prompts, each only where it was measured."""
+    b, a = ev.get("before") or {}, ev.get("after") or {}
+    shown = {m for _, m, _ in shown_rows("gen", [b, a])}
+    lines = []
+    if shown:
+        for label, suffix in (("generation: new named", "gen"), ("generation: old gone", "gen_old_gone")):
+            for when, agg in (("before", b), ("after", a)):
+                vals = [agg.get(f"{k}_{suffix}") for k in ("efficacy", "generalization")] + [None]
+                lines.append(f"{label:<22} {when:<6} " + "  ".join("   -   " if v is None else f"{v:7.1f}" for v in vals))
+
+    def change(m: str) -> str:
+        return f"{_pct(b.get(m))} -> {_pct(a.get(m))}"
+
+    if "chat_gen" in shown:
+        lines.append("chat reply to the rewrite prompt (%): new named " + change("chat_gen")
+                     + (f", old gone {change('chat_gen_old_gone')}" if "chat_gen_old_gone" in shown else ""))
+    ripple = [(name, m) for name, m in (("token accuracy", "ripple_acc"), ("generation names it", "ripple_gen"))
+              if a.get(m) is not None or b.get(m) is not None]
+    if ripple:
+        n = a.get("n_ripple_acc") or a.get("n_ripple_gen")
+        lines.append("ripple prompts, expected answer (%): " + ", ".join(f"{name} {change(m)}" for name, m in ripple)
+                     + (f" ({n} facts)" if n else ""))
+    return lines
 
 
 def report_from_summary(summary: dict) -> dict:
@@ -140,6 +202,11 @@ def _prob(p: float | None) -> str:
     return "0" if v == 0 else (f"{v:.3g}" if v >= 0.01 else f"{v:.1e}")
 
 
+def _quoted(text: str | None) -> str:
+    """A generated text for a table cell: whitespace runs as one space, in quotes; – where there is none."""
+    return "–" if text is None else '"' + " ".join(text.split()) + '"'
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in r) + " |" for r in rows]
@@ -147,7 +214,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def render_markdown(data: dict, plots: list[str]) -> str:
-    """report.md: aggregates of both metric families side by side, drift, fluency, norms, first facts."""
+    """report.md: aggregates of the metric families side by side (generation, chat and ripple rows where
+    measured), drift, fluency, norms, first facts."""
     before, after = data.get("before"), data["after"]
     lb, la = data["labels"]["before"], data["labels"]["after"]
     cols = [lb, la] if before else [la]
@@ -165,14 +233,19 @@ def render_markdown(data: dict, plots: list[str]) -> str:
               "Each metric is the mean over the facts that have it; \"facts\" says how many that is "
               "(a fact without paraphrases has no generalisation, a fact without a true target has no success metrics).",
               ""]
+    aggs = [(before.get("aggregate") or {}) if before else None, after.get("aggregate") or {}]
     for fam, title in FAMILIES.items():
+        shown = shown_rows(fam, aggs)
+        if not shown:
+            continue
         lines += [f"### {title}", ""]
+        if fam == "gen":
+            lines += [GEN_NOTE, ""]
         rows = []
-        for kind in KINDS:
-            m = f"{kind}_{fam}"
-            vals = ([_pct((before.get("aggregate") or {}).get(m))] if before else []) + [_pct((after.get("aggregate") or {}).get(m))]
-            n = (after.get("aggregate") or {}).get(f"n_{m}")
-            rows.append([kind, KIND_NOTES[(kind, fam)], *vals, "–" if n is None else str(n)])
+        for kind, m, note in shown:
+            vals = ([_pct(aggs[0].get(m))] if before else []) + [_pct(aggs[1].get(m))]
+            n = aggs[1].get(f"n_{m}")
+            rows.append([kind, note, *vals, "–" if n is None else str(n)])
         lines += _table(["metric", "measured on", *cols, "facts"], rows) + [""]
 
     lines += ["## Drift on unrelated prompts", ""]
@@ -219,6 +292,9 @@ def render_markdown(data: dict, plots: list[str]) -> str:
         arrow = (lambda b, a: f"{b} → {a}") if before else (lambda b, a: a)
         header = ["fact", "P(new) rewrite %", "P(true) rewrite %", "P(new) paraphrase %", "P(own) neighbourhood %",
                   "efficacy success", "efficacy token acc %"]
+        with_gen = any(r.get("efficacy_gen") is not None for r in per_a)
+        if with_gen:
+            header += ["efficacy generation", "greedy continuation of the rewrite prompt"]
         rows = []
         for i, a in enumerate(per_a[:MAX_FACT_ROWS]):
             b = per_b[i] if i < len(per_b) else {}
@@ -230,6 +306,9 @@ def render_markdown(data: dict, plots: list[str]) -> str:
                          cell("p_new_paraphrase", _prob), cell("p_own_neighborhood", _prob),
                          cell("efficacy_success", lambda x: "–" if x is None else ("yes" if x >= 0.5 else "no")),
                          cell("efficacy_acc", lambda x: _pct(None if x is None else 100 * x, 0))])
+            if with_gen:
+                said = cell("efficacy_gen", lambda x: "–" if x is None else ("yes" if x >= 0.5 else "no"))
+                rows[-1] += [said, arrow(*(_quoted((r.get("generations") or {}).get("rewrite")) for r in (b, a)))]
         lines += _table(header, rows) + [""]
         if before:
             lines += [f"Cells read \"{lb} → {la}\".", ""]
@@ -240,18 +319,21 @@ def render_markdown(data: dict, plots: list[str]) -> str:
 
 
 def render_text(data: dict) -> str:
-    """A short plain-text summary for the terminal: both metric families side by side, drift, fluency."""
+    """A short plain-text summary for the terminal: the metric families side by side (generation, chat and
+    ripple where measured), drift, fluency."""
     before, after = data.get("before"), data["after"]
     lb, la = data["labels"]["before"], data["labels"]["after"]
     cols = [lb, la] if before else [la]
     head = f"{'aggregate (%)':<44}" + "".join(f"{c[:14]:>16}" for c in cols) + f"{'facts':>8}"
     lines = ([f"{lb}: {before.get('model')}"] if before else []) + [f"{la}: {after.get('model')}", "", head]
+    aggs = [(before.get("aggregate") or {}) if before else None, after.get("aggregate") or {}]
     for fam, title in FAMILIES.items():
-        lines.append(title.split(" (")[0])
-        for kind in KINDS:
-            m = f"{kind}_{fam}"
-            vals = ([(before.get("aggregate") or {}).get(m)] if before else []) + [(after.get("aggregate") or {}).get(m)]
-            n = (after.get("aggregate") or {}).get(f"n_{m}")
+        shown = shown_rows(fam, aggs)
+        if shown:
+            lines.append(title.split(" (")[0])
+        for kind, m, _ in shown:
+            vals = ([aggs[0].get(m)] if before else []) + [aggs[1].get(m)]
+            n = aggs[1].get(f"n_{m}")
             lines.append(f"  {kind:<42}" + "".join(f"{_pct(v):>16}" for v in vals) + f"{'–' if n is None else n:>8}")
     d = data.get("drift")
     if d:
@@ -315,26 +397,28 @@ def plot_metrics(data: dict, path: Path) -> bool:
     after = data["after"].get("aggregate") or {}
     if not any(after.get(m) is not None for m in METRICS):
         return False
-    fig = Figure(figsize=(10, 4.2), dpi=110)
-    axes = fig.subplots(1, 2, sharey=True)
+    panels = [(fam, title, rows) for fam, title in FAMILIES.items() if (rows := shown_rows(fam, [before, after]))]
+    fig = Figure(figsize=(max(10.0, 1.0 * sum(len(r) for *_, r in panels) + 1.5), 4.2), dpi=110)
+    axes = fig.subplots(1, len(panels), sharey=True, gridspec_kw={"width_ratios": [len(r) for *_, r in panels]})
+    axes = [axes] if len(panels) == 1 else list(axes)
     width = 0.38 if before else 0.6
-    for ax, (fam, title) in zip(axes, FAMILIES.items()):
+    for ax, (fam, title, rows) in zip(axes, panels):
         series = ([(data["labels"]["before"], before, BEFORE_COLOR)] if before else []) + [(data["labels"]["after"], after, AFTER_COLOR)]
         for j, (label, agg, color) in enumerate(series):
             offset = (j - (len(series) - 1) / 2) * width
-            for i, kind in enumerate(KINDS):
-                v = agg.get(f"{kind}_{fam}")
+            for i, (_, m, _) in enumerate(rows):
+                v = agg.get(m)
                 x = i + offset
                 if v is None:
                     ax.text(x, 2, "n/a", ha="center", va="bottom", fontsize=8, color="#666666")
                     continue
                 ax.bar(x, v, width=width * 0.95, color=color, label=label if i == 0 else None)
                 ax.text(x, v + 1, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(range(len(KINDS)), KINDS)
+        ax.set_xticks(range(len(rows)), [kind.replace(", ", ",\n") for kind, _, _ in rows], fontsize=8)
         ax.set_ylim(0, 110)
-        ax.set_title(title.split(" (")[0], fontsize=10)
+        ax.set_title("Generation: names the target" if fam == "gen" else title.split(" (")[0], fontsize=10)
         ax.grid(True, axis="y", alpha=0.3)
-    axes[0].set_ylabel("% of facts (success) / of target tokens (accuracy)")
+    axes[0].set_ylabel("% of facts (accuracy: of target tokens)")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, format="png")

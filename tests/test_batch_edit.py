@@ -307,3 +307,25 @@ def test_gemma3_edit_moves_the_target_and_paris_stays(tmp_path):
     before, after = next_token(resolve_source("gemma3-270m")[1]), next_token(out)
     # this base model continues with " the" more often than " Paris"; the edit must not change either
     assert after.argmax() == before.argmax() and after[paris] > 0.8 * before[paris]
+
+
+def test_no_generation_evaluates_teacher_forced_only(tiny_dir, tmp_path):
+    """--no-generation (BatchEditConfig.generation) drops the generation family and nothing else."""
+    from covedit.pipeline.batch_edit import BatchEditConfig, run_batch_edit
+    facts = tmp_path / "f.jsonl"
+    facts.write_text(json.dumps({"id": "e", "subject": "Eiffel Tower", "prompt": "The {} is located in",
+                                 "target_new": "Rome", "target_true": "Paris",
+                                 "paraphrases": ["Where is the Eiffel Tower? In"]}) + "\n")
+    runs = {}
+    for gen in (True, False):
+        res = run_batch_edit(BatchEditConfig(facts=facts, output=tmp_path / f"out-{gen}", model=str(tiny_dir),
+                                             covariance="identity", overrides=["layers=1-2", "target.steps=2"],
+                                             generation=gen))
+        runs[gen] = res.manifest["evaluation"]
+    for side in ("before", "after"):
+        with_gen, without = runs[True][side], runs[False][side]
+        assert with_gen["n_efficacy_gen"] == 1 and with_gen["n_generalization_gen"] == 1
+        assert without["efficacy_gen"] is None and without["n_efficacy_gen"] == 0
+        for m in ("efficacy_acc", "generalization_acc", "efficacy_success"):
+            assert without[m] == with_gen[m]
+    assert "generations" not in runs[False]["per_fact"][0]["after"]

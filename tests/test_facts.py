@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from covedit.pipeline.errors import DataError, MissingInput
-from covedit.pipeline.facts import Fact, FactsError, Neighbor, parse_fact, facts_sha256, read_facts
+from covedit.pipeline.facts import Fact, FactsError, Neighbor, Ripple, parse_fact, facts_sha256, read_facts
 
 DATA = Path(__file__).parent / "data"
 EXAMPLES = Path(__file__).parent.parent / "examples" / "facts.jsonl"
@@ -44,6 +44,34 @@ def test_our_schema_reads_exactly(tmp_path):
     ]
 
 
+def test_ripple_prompts_are_read_like_the_neighbourhood(tmp_path):
+    """``ripple``: optional, a list of {prompt, target}; kept in order, after ``line`` in the record, so facts
+    built by position without it are unchanged."""
+    ripple = [{"prompt": "The Eiffel Tower is located in the country of", "target": "Italy"},
+              {"prompt": "The Eiffel Tower overlooks the river", "target": "Tiber"}]
+    path = write(tmp_path, [{**GOOD, "ripple": ripple}, {**GOOD, "id": "f2", "ripple": []}])
+    first, second = read_facts(path)
+    assert first.ripple == (Ripple("The Eiffel Tower is located in the country of", "Italy"),
+                            Ripple("The Eiffel Tower overlooks the river", "Tiber"))
+    assert first == Fact("f1", "Eiffel Tower", "The {} is located in the city of", "Rome", "Paris",
+                         ("Where is the Eiffel Tower? It is in",),
+                         (Neighbor("The Louvre is located in the city of", "Paris"),), 1, first.ripple)
+    assert second.ripple == () and read_facts(write(tmp_path, [GOOD]))[0].ripple == ()
+
+
+def test_bad_ripple_entries_are_all_listed(tmp_path):
+    path = write(tmp_path, [{**GOOD, "ripple": [{"target": "Italy"}, 5, {"prompt": "A", "target": ""}]}])
+    with pytest.raises(FactsError) as info:
+        read_facts(path)
+    assert info.value.exit_code == 65
+    assert str(info.value).splitlines() == [
+        "3 problems in facts.jsonl, no facts were read:",
+        "facts.jsonl line 1, field 'ripple[0].prompt': is required",
+        "facts.jsonl line 1, field 'ripple[1]': must be an object with 'prompt' and 'target'",
+        "facts.jsonl line 1, field 'ripple[2].target': must not be empty",
+    ]
+
+
 def test_rewrite_prompt_does_not_format():
     fact = Fact("x", "{weird} name", "The {} is", "a")
     assert fact.rewrite_prompt() == "The {weird} name is"
@@ -65,6 +93,16 @@ BAD_LINES = [
     ({"subject": "X", "prompt": "The {} is", "target_new": "Rome", "neighborhood": [{"prompt": "Y is"}]},
      "neighborhood[0].target", "is required"),
     ({"subject": "X", "prompt": "The {} is", "target_new": "Rome", "id": [1]}, "id", "string or an integer"),
+    ({"subject": "X", "prompt": "The {} is", "target_new": "Rome", "ripple": "X is in Italy"}, "ripple",
+     "must be a list of {'prompt', 'target'} objects, got str"),
+    ({"subject": "X", "prompt": "The {} is", "target_new": "Rome", "ripple": ["X is in the country of"]}, "ripple[0]",
+     "must be an object with 'prompt' and 'target'"),
+    ({"subject": "X", "prompt": "The {} is", "target_new": "Rome", "ripple": [{"prompt": "X is in the country of"}]},
+     "ripple[0].target", "is required"),
+    ({"subject": "X", "prompt": "The {} is", "target_new": "Rome",
+      "ripple": [{"prompt": "A", "target": "B"}, {"prompt": " ", "target": "Italy"}]}, "ripple[1].prompt", "must not be empty"),
+    ({"subject": "X", "prompt": "The {} is", "target_new": "Rome", "ripple": [{"prompt": "A", "target": 3}]},
+     "ripple[0].target", "must be a string, got int"),
     ({"requested_rewrite": {"prompt": "The {} is", "subject": "X", "target_true": {"str": "Paris"}}},
      "requested_rewrite.target_new", "'str'"),
     ({"requested_rewrite": {"prompt": "The {} is", "subject": "X", "target_new": {"str": ""}, "target_true": {"str": "P"}}},
@@ -215,3 +253,15 @@ def test_tokenizer_check_reports_unlocatable_subjects(tmp_path):
 def test_sha256_is_of_the_bytes(tmp_path):
     path = write(tmp_path, [GOOD])
     assert facts_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_shipped_ripple_set_validates(tokenizer):
+    """benchmarks/data/ripple_facts.jsonl: every fact a counterfactual with a true target, one paraphrase, one
+    or two neighbourhood prompts and one or two ripple prompts; no city a fact moves is an answer elsewhere."""
+    facts = read_facts(EXAMPLES.parents[1] / "benchmarks" / "data" / "ripple_facts.jsonl", tokenizer=tokenizer)
+    assert len(facts) == 30 and sum(len(f.ripple) for f in facts) == 42
+    assert all(f.target_true and f.target_true != f.target_new and len(f.paraphrases) == 1 for f in facts)
+    assert all(1 <= len(f.neighborhood) <= 2 and 1 <= len(f.ripple) <= 2 for f in facts)
+    moved = {f.subject for f in facts if f.prompt == "{} is a city in the country of"}
+    answers = {t for f in facts for t in [f.target_new, *(n.target for n in f.neighborhood), *(r.target for r in f.ripple)]}
+    assert len(moved) == 6 and not moved & answers

@@ -154,3 +154,97 @@ def test_render_text_puts_both_columns_side_by_side():
     alone = render_text(build_report(after)).splitlines()
     assert alone[:3] == ["after: edited-model", "", f"{'aggregate (%)':<44}{'after':>16}{'facts':>8}"]
     assert alone[4] == f"  {'efficacy':<42}{'100.0':>16}{'2':>8}" and not any("drift" in line for line in alone)
+
+
+# ---------------------------------------------------------------------------------- generation family, ripple
+
+GEN_BEFORE = {"efficacy_gen": 0.0, "generalization_gen": 12.5, "efficacy_gen_old_gone": 25.0,
+              "generalization_gen_old_gone": 50.0, "chat_gen": 0.0, "chat_gen_old_gone": 0.0,
+              "ripple_acc": 10.0, "ripple_gen": 0.0, "n_ripple_acc": 4, "n_ripple_gen": 4}
+GEN_AFTER = {"efficacy_gen": 100.0, "generalization_gen": 62.5, "efficacy_gen_old_gone": 75.0,
+             "generalization_gen_old_gone": 87.5, "chat_gen": 33.333, "chat_gen_old_gone": 66.667,
+             "ripple_acc": 40.0, "ripple_gen": 25.0, "n_ripple_acc": 4, "n_ripple_gen": 4}
+
+
+def test_quick_look_shows_the_generation_family_chat_and_ripple_where_measured():
+    ev = {**BATCH_EVALUATION, "before": {**BATCH_EVALUATION["before"], **GEN_BEFORE},
+          "after": {**BATCH_EVALUATION["after"], **GEN_AFTER}}
+    lines = quick_look(ev, n=2).splitlines()
+    assert lines[8:18] == [
+        "success P(new)>P(true) before     0.0     50.0     -   ",
+        "success P(new)>P(true) after    100.0     50.0     -   ",
+        "top-1 token accuracy   before    12.5     25.0    100.0",
+        "top-1 token accuracy   after     87.5     62.2     91.8",
+        "generation: new named  before     0.0     12.5     -   ",
+        "generation: new named  after    100.0     62.5     -   ",
+        "generation: old gone   before    25.0     50.0     -   ",
+        "generation: old gone   after     75.0     87.5     -   ",
+        "chat reply to the rewrite prompt (%): new named 0.0 -> 33.3, old gone 0.0 -> 66.7",
+        "ripple prompts, expected answer (%): token accuracy 10.0 -> 40.0, generation names it 0.0 -> 25.0 (4 facts)",
+    ]
+    assert lines[18].startswith("drift on 42")
+    # no chat template (None), no ripple prompts (None): those lines are left out, never shown as 0
+    absent = {"chat_gen": None, "chat_gen_old_gone": None, "ripple_acc": None, "ripple_gen": None,
+              "n_ripple_acc": 0, "n_ripple_gen": 0}
+    ev = {**BATCH_EVALUATION, "before": {**BATCH_EVALUATION["before"], **GEN_BEFORE, **absent},
+          "after": {**BATCH_EVALUATION["after"], **GEN_AFTER, **absent}}
+    lines = quick_look(ev, n=2).splitlines()
+    assert lines[15] == "generation: old gone   after     75.0     87.5     -   " and lines[16].startswith("drift")
+
+
+def _aggregates(gen: bool):
+    keys = [f"{k}_{fam}" for fam in ("success", "acc") for k in ("efficacy", "generalization", "specificity")]
+    before = dict(zip(keys, (0.0, 50.0, None, 12.5, 25.0, 100.0)))
+    after = dict(zip(keys, (100.0, 50.0, None, 87.5, 62.25, 91.75)))
+    if gen:
+        before, after = {**before, **GEN_BEFORE}, {**after, **GEN_AFTER, "n_efficacy_gen": 8, "n_chat_gen": 6}
+    return before, after
+
+
+def test_render_text_shows_the_generation_family_beside_the_others():
+    before, after = _aggregates(gen=True)
+    data = build_report({"model": "edited-model", "aggregate": after}, {"model": "base-model", "aggregate": before},
+                        labels=("base", "edited"))
+    assert render_text(data).splitlines()[4:] == [
+        "Success rate: P(new) > P(true)",
+        "  efficacy                                               0.0           100.0       –",
+        "  generalization                                        50.0            50.0       –",
+        "  specificity                                              –               –       –",
+        "Top-1 token accuracy, teacher-forced",
+        "  efficacy                                              12.5            87.5       –",
+        "  generalization                                        25.0            62.2       –",
+        "  specificity                                          100.0            91.8       –",
+        "  ripple                                                10.0            40.0       4",
+        "Generation: the greedy continuation names the target",
+        "  efficacy                                               0.0           100.0       8",
+        "  efficacy, old gone                                    25.0            75.0       –",
+        "  generalization                                        12.5            62.5       –",
+        "  generalization, old gone                              50.0            87.5       –",
+        "  chat                                                   0.0            33.3       6",
+        "  chat, old gone                                         0.0            66.7       –",
+        "  ripple                                                 0.0            25.0       4",
+    ]
+    # an evaluation without the generation family (an older manifest, generation=False) shows no such section
+    before, after = _aggregates(gen=False)
+    after |= {m: None for m in GEN_AFTER if not m.startswith("n_")}
+    text = render_text(build_report({"model": "m", "aggregate": after}, {"model": "b", "aggregate": before}))
+    assert "Generation" not in text and "ripple" not in text and text.splitlines()[-1].startswith("  specificity")
+
+
+def test_markdown_has_the_generation_table_and_the_rewrite_continuations():
+    from covedit.pipeline.report import render_markdown
+    before, after = _aggregates(gen=True)
+    for agg in (before, after):
+        agg.update(ripple_acc=None, ripple_gen=None, n_ripple_acc=0, n_ripple_gen=0)
+    fact = {"id": "eiffel", "efficacy_gen": 1.0, "generations": {"rewrite": " Rome,\n Italy"}}
+    data = build_report({"model": "e", "aggregate": after, "per_fact": [fact]},
+                        {"model": "b", "aggregate": before, "per_fact": [{**fact, "efficacy_gen": 0.0,
+                                                                          "generations": {"rewrite": " Paris"}}]},
+                        labels=("base", "edited"))
+    md = render_markdown(data, [])
+    assert "### Generation: the greedy continuation names the target (whole word, case-insensitive)" in md
+    assert "| efficacy, old gone | rewrite prompt: no longer names target_true | 25.0 | 75.0 | – |" in md
+    assert "| chat | rewrite prompt as a user turn of the chat template: the reply names target_new | 0.0 | 33.3 | 6 |" in md
+    assert "ripple" not in md  # no fact has ripple prompts
+    assert md.count("| efficacy generation | greedy continuation of the rewrite prompt |") == 1
+    assert "| no → yes | \"Paris\" → \"Rome, Italy\" |" in md
