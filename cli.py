@@ -291,6 +291,7 @@ def batch_edit_cmd(
     base: Annotated[Optional[Path], typer.Option(help="Continue from an earlier batch-edit output (sequential edits).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --output.")] = False,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the before/after evaluation (then nothing checks that the edited model still works).")] = False,
+    no_generation: Annotated[bool, typer.Option("--no-generation", help="Evaluate teacher-forced only: skip the generation family (greedy answers, chat), the slowest part of the evaluation.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Write the edited model even if the evaluation finds it broken (mean KL on unrelated prompts > 1 nat, > 50 % of their top-1 tokens changed, or fluency down > 20 %); without it such an edit exits 65 and writes nothing.")] = False,
     max_drift: Annotated[Optional[float], typer.Option(help="Refuse (exit 65, nothing written) a batch whose model is further than this from the original model of the sequence: mean KL on the unrelated prompts, nats.")] = None,
     max_norm_growth: Annotated[Optional[float], typer.Option(help="Refuse (exit 65, nothing written) a batch after which an edited weight's Frobenius norm exceeds this multiple of the original model's, e.g. 1.05.")] = None,
@@ -322,7 +323,8 @@ def batch_edit_cmd(
         facts=facts, output=output, method=method, covariance=covariance, fmt=fmt, model=model, dtype=dtype,
         device=device, device_map=device_map, module_template=module_template, hparams_file=hparams,
         overrides=list(set_ or []), stats_dir=stats_dir, stats=stats, base=base,
-        overwrite=overwrite, evaluate=not no_eval, force=force, max_drift=max_drift, max_norm_growth=max_norm_growth,
+        overwrite=overwrite, evaluate=not no_eval, generation=not no_generation, force=force, max_drift=max_drift,
+        max_norm_growth=max_norm_growth,
         reference_cache=cache_root() / "eval",
         build_missing_stats=stats_builder(device, module_template, stats_tokens) if build_stats else None))
     if report is not None:
@@ -359,11 +361,12 @@ def evaluate_cmd(
     module_template: Template = None,
     fluency_tokens: Annotated[int, typer.Option(help="New tokens per fluency generation.")] = 50,
     no_fluency: Annotated[bool, typer.Option("--no-fluency", help="Skip the generations for fluency.")] = False,
+    no_generation: Annotated[bool, typer.Option("--no-generation", help="Skip the generation family (greedy continuations of each fact's prompts, and its chat reply).")] = False,
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass.")] = 32,
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole evaluation as JSON.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ):
-    """Score a model on facts (both metric families), drift on unrelated prompts and fluency; optionally against a base model."""
+    """Score a model on facts (success, token accuracy and generation; ripple prompts where facts have them), drift on unrelated prompts and fluency; optionally against a base model."""
     setup_logging(quiet or as_json)
     from covedit.pipeline.errors import MissingInput  # noqa: PLC0415
     from covedit.pipeline.evaluate import evaluate_model  # noqa: PLC0415
@@ -379,7 +382,8 @@ def evaluate_cmd(
         check_report_dir(report)
     loaded = load_model(model, dtype, device, module_template)
     fact_list = read_facts(facts, fmt, loaded.tokenizer) if facts is not None else []
-    opts = dict(batch_size=batch_size, with_fluency=not no_fluency, max_new_tokens=fluency_tokens)
+    opts = dict(batch_size=batch_size, with_fluency=not no_fluency, max_new_tokens=fluency_tokens,
+                generation=not no_generation)
     after = evaluate_model(loaded, fact_list, **opts)
     before = None
     if base_model is not None:
@@ -408,11 +412,17 @@ def probe_cmd(
     device: Device = "cpu",
     module_template: Template = None,
     tokens: Annotated[int, typer.Option(help="Greedy tokens to show after each rewrite prompt.")] = 5,
+    wrong_only: Annotated[bool, typer.Option("--wrong-only", help="List only the facts with a known true answer "
+                                             "(target_true, or a zsRE record's answer) that the model gets wrong.")] = False,
+    write: Annotated[Optional[Path], typer.Option(
+        "--write", help="Write the facts the model gets wrong as a facts file for batch-edit: target_new = the true "
+                        "answer, target_true = what the model says now.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per fact.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ):
     """What the model says now for each fact: its continuation, P(true), P(new), and whether it already knows the answer."""
     setup_logging(quiet or as_json)
+    from covedit.pipeline.correct import classify, write_facts, zsre_lines  # noqa: PLC0415
     from covedit.pipeline.evaluate import probe  # noqa: PLC0415
     from covedit.pipeline.facts import read_facts  # noqa: PLC0415
     from covedit.pipeline.models import load_model  # noqa: PLC0415
@@ -422,10 +432,46 @@ def probe_cmd(
     if not facts.is_file():
         from covedit.pipeline.errors import MissingInput  # noqa: PLC0415
         raise MissingInput(f"Facts file {facts} does not exist.")
+    if write is not None:
+        from covedit.pipeline.errors import CannotWrite  # noqa: PLC0415
+        write = write.expanduser()
+        if write.resolve() == facts.resolve():
+            raise UsageError(f"--write {write} is the facts file being probed: write the corrections to another file.")
+        if not write.parent.is_dir():
+            raise CannotWrite(f"Cannot write the facts file to {write}: the folder {write.parent} does not exist.")
+        if write.is_dir():
+            raise CannotWrite(f"Cannot write the facts file to {write}: it is a folder.")
     loaded = load_model(model, dtype, device, module_template)
-    rows = probe(loaded, read_facts(facts, fmt, loaded.tokenizer), n_tokens=tokens)
+    fact_list = read_facts(facts, fmt, loaded.tokenizer)
+    rows = probe(loaded, fact_list, n_tokens=tokens)
+    sorted_facts = classify(fact_list, rows, zsre_lines(facts, fmt))
+    for r, truth in zip(rows, sorted_facts.truths):
+        r["true_answer"] = truth
+        r["wrong"] = None if truth is None else not r["knows"]
+    notes = []
+    if (wrong_only or write is not None) and sorted_facts.unknown:
+        ids = [f.id for f in sorted_facts.unknown]
+        notes.append(f"{len(ids)} of {len(rows)} facts have no known true answer (no target_true, and not zsRE "
+                     f"records, whose answer is the true one), so they cannot be corrected and are skipped: "
+                     f"{', '.join(ids[:10])}{' ...' if len(ids) > 10 else ''}.")
+    n_truth = len(rows) - len(sorted_facts.unknown)
+    if wrong_only:
+        rows = [r for r in rows if r["wrong"]]
+        notes.append(f"the model gets {len(sorted_facts.wrong)} of the {n_truth} facts with a known true answer wrong.")
+    if write is not None:
+        if sorted_facts.wrong:
+            write_facts(write, sorted_facts.wrong)
+            n = len(sorted_facts.wrong)
+            notes.append(f"wrote {n} fact{'s' if n != 1 else ''} to {write} (target_new: the true answer; target_true: "
+                         f"what the model says now), ready for `covedit batch-edit {write}"
+                         f"{'' if model == 'smollm2-135m' else f' --model {model}'} --output DIR`.")
+        else:
+            notes.append(f"the model gets none of the {n_truth} facts with a known true answer wrong: nothing to "
+                         f"correct, {write} not written.")
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
+        for note in notes:
+            typer.echo(note, err=True)
         return
 
     def pct(p):
@@ -440,6 +486,10 @@ def probe_cmd(
     if any(r["checked"] == "target_new" for r in rows):
         typer.echo("*: no target_true, so target_new was checked; for zsRE records target_new is the true answer "
                    "(the edit then asks for what the model may already know).")
+    if notes:
+        typer.echo("")
+    for note in notes:
+        typer.echo(note)
 
 
 def _sequence_line(seq: dict | None) -> str:
@@ -662,6 +712,37 @@ def revert_delta_cmd(delta: Annotated[Path, typer.Argument(help="delta.safetenso
     setup_logging(False)
     _delta_cmd(model, delta, output, dtype, device, module_template, overwrite, revert=True)
     typer.echo(f"reverted {delta} -> {output}")
+
+
+@app.command("geometry")
+@user_errors
+def geometry_cmd(
+    facts: Annotated[Path, typer.Argument(help="Facts JSONL (our schema, CounterFact or zsRE records).")],
+    report: Annotated[Path, typer.Option(help="Folder for geometry.json and one heatmap_layer{L}.png per layer (new, empty, or an earlier geometry report).")],
+    model: Annotated[str, typer.Option(help="The model to measure: embedded name, local folder (e.g. a batch-edit output) or Hugging Face id.")] = "smollm2-135m",
+    base_model: Annotated[Optional[str], typer.Option(help="The unedited model: also show how the edit moved each centroid and each subject's similarity to its new and true target.")] = None,
+    threshold: Annotated[float, typer.Option(help="Flag pairs of concepts whose centroid cosine is above this.")] = 0.9,
+    layers: Annotated[Optional[str], typer.Option(help="Layers, e.g. 4-8,29 (default: the MEMIT edit layers and the last layer).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="auto, covedit, counterfact or zsre.")] = "auto",
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+    module_template: Template = None,
+    batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = 64,
+    as_json: Annotated[bool, typer.Option("--json", help="Print geometry.json's content.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+):
+    """Centroids of each subject's and target's hidden states per layer, their cosine similarities, pairs above a threshold ("semantic sinks"), and with --base-model how an edit moved them."""
+    setup_logging(quiet or as_json)
+    from covedit.pipeline.geometry import render_text, run_geometry  # noqa: PLC0415
+
+    result = run_geometry(model, facts, report, base_model=base_model, threshold=threshold,
+                          layers=parse_layers(layers), fmt=fmt, dtype=dtype, device=device,
+                          module_template=module_template, batch_size=batch_size)
+    if as_json:
+        typer.echo(json.dumps(result, indent=1))
+        return
+    typer.echo(render_text(result))
+    typer.echo(f"\nwrote {report}/ (geometry.json, heatmap_layer{{L}}.png for layers {','.join(map(str, result['layers']))})")
 
 
 def main() -> None:

@@ -53,6 +53,21 @@ RELATIONS = {
 }
 
 
+def world_facts() -> list[Fact]:
+    """Every (subject, relation) of the data whose answer is known (null: ambiguous, skipped), as a fact whose
+    ``target_true`` and ``target_new`` are both the true answer (a question with its answer: nothing to
+    change), with the relation's paraphrase; id ``relation:subject``, as ``build`` names them. The
+    error-correction benchmark probes these and corrects the ones the model gets wrong."""
+    data = json.loads(DATA.read_text())
+    facts = []
+    for rel, (col, prompt, paraphrase) in RELATIONS.items():
+        for r in data["cities" if rel == "city" else "countries"]:
+            if r[col] is not None:
+                facts.append(Fact(f"{rel}:{r[0]}", r[0], prompt, r[col], target_true=r[col],
+                                  paraphrases=(paraphrase.format(r[0]),)))
+    return facts
+
+
 def build(n_facts: int = 100, seed: int = 0) -> tuple[list[Fact], dict[str, list[tuple[str, str]]]]:
     """(edited facts, per relation the neighbour (prompt, true answer) pairs of never-edited subjects)."""
     data = json.loads(DATA.read_text())
@@ -117,7 +132,7 @@ def main() -> None:
     pairs = [p for rel in RELATIONS for p in neighbours[rel]]
     targets = TargetCache(loaded, hp.layers[-1], hp.target, templates).get(facts)
     covs = covariances(loaded, hp.layers)
-    before = evaluate_model(loaded, facts, with_fluency=args.fluency)
+    before = evaluate_model(loaded, facts, with_fluency=args.fluency, generation=False)
     near_before = next_token_logprobs(loaded, [p for p, _ in pairs])
     result = {"model": loaded.model_id, "layers": hp.layers, "facts": len(facts),
               "relations": {rel: sum(f.id.startswith(rel + ":") for f in facts) for rel in RELATIONS},
