@@ -4,7 +4,7 @@ wrong to their true answers (MEMIT with the model's defaults), and check that wh
 Facts with known true answers:
 
 * zsRE: ``--zsre`` facts of the sample after the first ``--heldout-after`` (1,000: the slice the defaults were
-  tuned on), whose subjects are none of those, as benchmarks/lambda_sweep.py ``--heldout-after`` takes them;
+  tuned on), whose subjects are none of those, as benchmarks.common.fact_slice takes them;
   zsRE's ``answers`` are true answers;
 * world facts: every answer of ``benchmarks/data/world_facts.json`` that is not ambiguous (capitals,
   continents, official languages of countries; cities' countries), as relation_locality.world_facts builds
@@ -54,7 +54,7 @@ import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedi
 
 from benchmarks.bench_stats import machine  # noqa: E402
 from benchmarks.common import DEFAULT_DATA, covariances, memit_target_cache  # noqa: E402
-from benchmarks.lambda_sweep import fact_slice  # noqa: E402
+from benchmarks.common import fact_slice  # noqa: E402
 from benchmarks.relation_locality import world_facts  # noqa: E402
 from covedit.pipeline.correct import classify  # noqa: E402
 from covedit.pipeline.edit import key_weights_for, templates_for  # noqa: E402
