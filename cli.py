@@ -102,6 +102,7 @@ Model = Annotated[str, typer.Option(help="Embedded 'smollm2-135m' (default) or '
 Dtype = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
 Template = Annotated[Optional[str], typer.Option(help="Down-projection path with {} for the layer, for architectures the registry does not know.")]
+FactsFormat = Annotated[str, typer.Option("--format", help="Facts file format: auto, covedit, counterfact or zsre.")]
 StatsDir = Annotated[Optional[Path], typer.Option(help="Where statistics stores live (default: $COVEDIT_STATS_DIR or ~/.cache/covedit/stats).")]
 
 
@@ -276,7 +277,7 @@ def batch_edit_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the edited model, delta.safetensors and manifest.json.")] = Path("edited"),
     method: Annotated[str, typer.Option(help="memit (default), rome or alphaedit.")] = "memit",
     covariance: Annotated[Optional[str], typer.Option(help="C (statistics, default) or identity: C = I, which with --method rome is the plain rank-one update (v − Wk)kᵀ/kᵀk and with memit the ridge λI + KKᵀ.")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="auto, covedit, counterfact or zsre.")] = "auto",
+    fmt: FactsFormat = "auto",
     model: Model = "smollm2-135m",
     dtype: Dtype = "float32",
     device: Device = "cpu",
@@ -355,7 +356,7 @@ def evaluate_cmd(
     facts: Annotated[Optional[Path], typer.Option(help="Facts JSONL to score (our schema, CounterFact or zsRE); without it only drift and fluency.")] = None,
     base_model: Annotated[Optional[str], typer.Option(help="A second model (e.g. the unedited one) evaluated side by side, with the drift between them.")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Write report.json, report.md and plots into this folder.")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="auto, covedit, counterfact or zsre.")] = "auto",
+    fmt: FactsFormat = "auto",
     dtype: Dtype = "float32",
     device: Device = "cpu",
     module_template: Template = None,
@@ -407,7 +408,7 @@ def evaluate_cmd(
 def probe_cmd(
     facts: Annotated[Path, typer.Argument(help="Facts JSONL (our schema, CounterFact or zsRE records).")],
     model: Model = "smollm2-135m",
-    fmt: Annotated[str, typer.Option("--format", help="auto, covedit, counterfact or zsre.")] = "auto",
+    fmt: FactsFormat = "auto",
     dtype: Dtype = "float32",
     device: Device = "cpu",
     module_template: Template = None,
@@ -723,7 +724,7 @@ def geometry_cmd(
     base_model: Annotated[Optional[str], typer.Option(help="The unedited model: also show how the edit moved each centroid and each subject's similarity to its new and true target.")] = None,
     threshold: Annotated[float, typer.Option(help="Flag pairs of concepts whose centroid cosine is above this.")] = 0.9,
     layers: Annotated[Optional[str], typer.Option(help="Layers, e.g. 4-8,29 (default: the MEMIT edit layers and the last layer).")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="auto, covedit, counterfact or zsre.")] = "auto",
+    fmt: FactsFormat = "auto",
     dtype: Dtype = "float32",
     device: Device = "cpu",
     module_template: Template = None,

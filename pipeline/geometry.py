@@ -58,7 +58,7 @@ from pathlib import Path
 import torch
 
 from covedit.pipeline.atomic import replace_folder
-from covedit.pipeline.errors import CannotWrite, DataError, UsageError
+from covedit.pipeline.errors import DataError, UsageError
 from covedit.pipeline.hooks import capture_outputs
 from covedit.pipeline.keys import encode_with_subject
 from covedit.pipeline.models import LoadedModel
@@ -276,17 +276,9 @@ def build_result(concepts: list[Concept], facts: list, cents: dict[int, torch.Te
 
 def check_report_dir(report_dir: Path | str) -> None:
     """Refuse, before any work is done, a report path that is a file or a folder of other files (CannotWrite)."""
-    report_dir = Path(report_dir).expanduser()
-    if report_dir.exists() and not report_dir.is_dir():
-        raise CannotWrite(f"Report path {report_dir} exists and is not a folder.")
-    if report_dir.is_dir() and any(report_dir.iterdir()) and not (report_dir / GEOMETRY_JSON).exists():
-        raise CannotWrite(f"Report folder {report_dir} holds files that are not a covedit geometry report; "
-                          "choose a new or empty folder.")
-    probe = report_dir.parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise CannotWrite(f"Cannot create the report folder {report_dir}: {probe} is not a folder.")
+    from covedit.pipeline.report import check_report_dir as check_any_report  # noqa: PLC0415 (imports matplotlib)
+
+    check_any_report(report_dir, GEOMETRY_JSON, "covedit geometry report")
 
 
 def _short(label: str, width: int = 28) -> str:

@@ -465,13 +465,14 @@ def _write_files(folder: Path, data: dict) -> list[str]:
     return plots
 
 
-def check_report_dir(report_dir: Path | str) -> None:
-    """Refuse, before any work is done, a report path that is a file or a folder of other files."""
+def check_report_dir(report_dir: Path | str, marker: str = REPORT_JSON, kind: str = "covedit report") -> None:
+    """Refuse, before any work is done, a report path that is a file or a folder of other files (a folder
+    holding ``marker`` is an earlier report of this ``kind``, which may be replaced)."""
     report_dir = Path(report_dir).expanduser()
     if report_dir.exists() and not report_dir.is_dir():
         raise CannotWrite(f"Report path {report_dir} exists and is not a folder.")
-    if report_dir.is_dir() and any(report_dir.iterdir()) and not (report_dir / REPORT_JSON).exists():
-        raise CannotWrite(f"Report folder {report_dir} holds files that are not a covedit report; choose a new or empty folder.")
+    if report_dir.is_dir() and any(report_dir.iterdir()) and not (report_dir / marker).exists():
+        raise CannotWrite(f"Report folder {report_dir} holds files that are not a {kind}; choose a new or empty folder.")
     probe = report_dir.parent
     while not probe.exists():
         probe = probe.parent
