@@ -76,15 +76,18 @@ def score(loaded: LoadedModel, prompts: list[str], targets: list[str], batch_siz
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         ids, mask = _pad(loaded, [seqs[i][0] + seqs[i][1] for i in idx], "right")
-        with torch.no_grad():
-            logits = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-        logp = torch.log_softmax(logits, dim=-1)
+        # Logits only where a target token is predicted: row r's positions len(p)-1 .. len(p)+len(t)-2.
+        read = torch.zeros(ids.shape, dtype=torch.bool)
         for row, i in enumerate(idx):
             p, t = seqs[i]
-            pos = torch.arange(len(p) - 1, len(p) + len(t) - 1, device=logp.device)
-            target = torch.tensor(t, device=logp.device)
-            lp = logp[row, pos, target]
-            acc = (logp[row, pos].argmax(-1) == target).float().mean()
+            read[row, len(p) - 1:len(p) + len(t) - 1] = True
+        with torch.no_grad():
+            logp = torch.log_softmax(loaded.logits(read, input_ids=ids, attention_mask=mask, use_cache=False).float(), -1)
+        logp = logp.split([len(seqs[i][1]) for i in idx])  # back to rows: the mask's True cells in row-major order
+        for row, i in enumerate(idx):
+            target = torch.tensor(seqs[i][1], device=logp[row].device)
+            lp = logp[row].gather(1, target[:, None])[:, 0]
+            acc = (logp[row].argmax(-1) == target).float().mean()
             out[i] = Score(float(-lp.mean()), float(lp.sum()), float(acc))
     return out  # type: ignore[return-value]
 
@@ -156,10 +159,9 @@ def chat_prompt_ids(tokenizer, user_message: str) -> list[int] | None:
     return list(tokenizer(text, add_special_tokens=False).input_ids)  # the template holds its own BOS, if any
 
 
-def generation_metrics(loaded: LoadedModel, facts: list, batch_size: int = 32) -> list[dict]:
-    """Per fact: the generation family (see the module docstring) and ``generations``, the texts it scored.
-
-    All prompts of all facts are generated in one call of greedy_continuations, each to its own budget."""
+def generation_jobs(loaded: LoadedModel, facts: list) -> list[tuple]:
+    """What the generation family generates: ``(prompt text or token ids, max_new_tokens, fact index, kind)``
+    for each rewrite prompt, paraphrase, ripple prompt and (with a chat template) chat turn."""
     tok = loaded.tokenizer
     n_tok = {}
 
@@ -168,7 +170,7 @@ def generation_metrics(loaded: LoadedModel, facts: list, batch_size: int = 32) -
             n_tok[target] = len(target_token_ids(tok, target))
         return n_tok[target]
 
-    jobs = []  # (prompt text or token ids, max_new_tokens, fact index, kind)
+    jobs = []
     for i, f in enumerate(facts):
         budget = max(length(f.target_new), length(f.target_true) if f.target_true else 0) + GEN_EXTRA_TOKENS
         jobs.append((f.rewrite_prompt(), budget, i, "rewrite"))
@@ -178,15 +180,14 @@ def generation_metrics(loaded: LoadedModel, facts: list, batch_size: int = 32) -
         if chat is not None:
             question = len(tok(f.rewrite_prompt(), add_special_tokens=False).input_ids)
             jobs.append((chat, question + budget - GEN_EXTRA_TOKENS + CHAT_EXTRA_TOKENS, i, "chat"))
-    # One call: the plain prompts first, then the (much longer) chat ones, each by budget, so that a batch
-    # mostly holds prompts of one length and budget (each row is cut to its own budget).
-    order = sorted(range(len(jobs)), key=lambda k: (jobs[k][3] == "chat", jobs[k][1]))
-    texts: list[str | None] = [None] * len(jobs)
-    conts = greedy_continuations(loaded, [jobs[k][0] for k in order], [jobs[k][1] for k in order], batch_size)
-    for k, text in zip(order, conts):
-        texts[k] = text
+    return jobs
+
+
+def generation_rows(facts: list, jobs: list[tuple], texts: list[str]) -> list[dict]:
+    """Per fact: the generation family scored on the greedy ``texts`` of ``jobs`` (``generation_jobs``), and
+    ``generations``, the texts themselves."""
     got: list[dict] = [{"rewrite": None, "paraphrases": [], "chat": None, "ripple": []} for _ in facts]
-    for (_, _, i, kind), text in zip(jobs, texts):
+    for (_, _, i, kind), text in zip(jobs, texts, strict=True):
         if isinstance(got[i][kind], list):
             got[i][kind].append(text)
         else:
@@ -209,6 +210,26 @@ def generation_metrics(loaded: LoadedModel, facts: list, batch_size: int = 32) -
             "generations": g,
         })
     return rows
+
+
+def generate_by_budget(loaded: LoadedModel, prompts: list, budgets: list[int], batch_size: int = 32) -> list[str]:
+    """Greedy continuations of prompts with budgets of their own, in one call of greedy_continuations sorted
+    by (prompt kind, budget): plain text first, then token ids (chat turns, much longer), so that a batch
+    mostly holds prompts of one length and budget (each row is cut to its own). Returned in input order."""
+    order = sorted(range(len(prompts)), key=lambda k: (not isinstance(prompts[k], str), budgets[k]))
+    texts: list[str] = [""] * len(prompts)
+    for k, text in zip(order, greedy_continuations(loaded, [prompts[k] for k in order], [budgets[k] for k in order],
+                                                   batch_size)):
+        texts[k] = text
+    return texts
+
+
+def generation_metrics(loaded: LoadedModel, facts: list, batch_size: int = 32) -> list[dict]:
+    """Per fact: the generation family (see the module docstring) and ``generations``, the texts it scored.
+    All prompts of all facts are generated in one call, each to its own budget."""
+    jobs = generation_jobs(loaded, facts)
+    return generation_rows(facts, jobs, generate_by_budget(loaded, [j[0] for j in jobs], [j[1] for j in jobs],
+                                                           batch_size))
 
 
 def _teacher_forced_metrics(loaded: LoadedModel, facts: list, batch_size: int = 32) -> list[dict]:
@@ -313,9 +334,10 @@ def next_token_logprobs(loaded: LoadedModel, prompts: list[str] | None = None, b
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         ids, mask = _pad(loaded, chunk, "right")
-        logits = loaded.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        last = torch.tensor([len(r) - 1 for r in chunk], device=logits.device)
-        out.append(torch.log_softmax(logits[torch.arange(len(chunk), device=logits.device), last].float(), -1).cpu())
+        last = torch.zeros(ids.shape, dtype=torch.bool)
+        last[torch.arange(len(chunk)), torch.tensor([len(r) - 1 for r in chunk])] = True
+        logits = loaded.logits(last, input_ids=ids, attention_mask=mask, use_cache=False)  # (len(chunk), V)
+        out.append(torch.log_softmax(logits.float(), -1).cpu())
     logprobs = torch.cat(out)
     top1 = [tok.decode([int(t)]) for t in logprobs.argmax(-1)]
     return NextTokens(prompts, logprobs, top1)
@@ -400,8 +422,12 @@ def fluency(loaded: LoadedModel, prompts: list[str] | None = None, max_new_token
             batch_size: int = 16) -> dict:
     """Mean n-gram entropy of greedy generations (prompt + continuation, as ROME scores them)."""
     prompts = load_prompts(FLUENCY_PROMPTS) if prompts is None else list(prompts)
-    conts = greedy_continuations(loaded, prompts, max_new_tokens, batch_size)
-    ents = [n_gram_entropy(words(p + c)) for p, c in zip(prompts, conts)]
+    return fluency_of(prompts, greedy_continuations(loaded, prompts, max_new_tokens, batch_size), max_new_tokens)
+
+
+def fluency_of(prompts: list[str], conts: list[str], max_new_tokens: int) -> dict:
+    """``fluency``'s summary of the greedy continuations ``conts`` of ``prompts``."""
+    ents = [n_gram_entropy(words(p + c)) for p, c in zip(prompts, conts, strict=True)]
     mean = sum(ents) / len(ents)
     return {"n_prompts": len(prompts), "max_new_tokens": max_new_tokens, "ngram_entropy": mean, "ge": 100 * mean,
             "generations": [{"prompt": p, "continuation": c, "ngram_entropy": e}
@@ -437,16 +463,34 @@ def evaluate_model(loaded: LoadedModel, facts: list, batch_size: int = 32, unrel
     ``reference_cache`` (a folder): take the parts that do not depend on the facts (the unrelated-prompt
     distributions and fluency) from there when this model's were measured before, else measure and store
     them (``cached_reference``); ``extra["reference_cached"]`` says which happened. The generation family
-    (``generation``) is per fact, so it is measured every time, never cached."""
+    (``generation``) is per fact, so it is measured every time, never cached.
+
+    Every greedy generation (the generation family's and fluency's) runs in one decoding pass: a decoding
+    step reads every weight of the model whatever the number of rows, so rows that share steps are cheap."""
     log.info("evaluating %s on %d facts%s", loaded.model_id, len(facts), ", with fluency" if with_fluency else "")
-    rows = fact_metrics(loaded, facts, batch_size, generation) if facts else []
+    rows = _teacher_forced_metrics(loaded, facts, batch_size) if facts else []
     extra = {}
+    unrelated_prompts = load_prompts(UNRELATED_PROMPTS) if unrelated_prompts is None else list(unrelated_prompts)
+    fluency_list = (load_prompts(FLUENCY_PROMPTS) if fluency_prompts is None else list(fluency_prompts)) \
+        if with_fluency else None
+    path = None
     if reference_cache is not None and unrelated:
-        next_tokens, flu, extra["reference_cached"] = cached_reference(
-            loaded, reference_cache, unrelated_prompts, with_fluency, fluency_prompts, max_new_tokens)
-    else:
-        next_tokens = next_token_logprobs(loaded, unrelated_prompts) if unrelated else None
-        flu = fluency(loaded, fluency_prompts, max_new_tokens) if with_fluency else None
+        path = Path(reference_cache) / f"reference-{reference_key(loaded, unrelated_prompts, fluency_list, max_new_tokens)}.pt"
+    saved = _read_reference(path) if path is not None else None
+    if path is not None:
+        extra["reference_cached"] = saved is not None
+    next_tokens, flu = saved if saved is not None else (
+        next_token_logprobs(loaded, unrelated_prompts) if unrelated else None, None)
+    jobs = generation_jobs(loaded, facts) if generation else []
+    flu_prompts = fluency_list if with_fluency and saved is None else []
+    texts = generate_by_budget(loaded, [j[0] for j in jobs] + flu_prompts,
+                               [j[1] for j in jobs] + [max_new_tokens] * len(flu_prompts), batch_size)
+    if flu_prompts:
+        flu = fluency_of(flu_prompts, texts[len(jobs):], max_new_tokens)
+    if path is not None and saved is None:
+        _write_reference(path, next_tokens, flu)
+    gens = generation_rows(facts, jobs, texts[:len(jobs)]) if generation else [{} for _ in facts]
+    rows = [{**row, **{m: None for m in GEN_METRICS}, **gen} for row, gen in zip(rows, gens)]
     return Evaluation(model_id=loaded.model_id, per_fact=rows, aggregate=aggregate(rows), next_tokens=next_tokens,
                       fluency=flu, extra=extra)
 
@@ -481,14 +525,29 @@ def cached_reference(loaded: LoadedModel, folder: Path, unrelated_prompts: list[
     if with_fluency:
         fluency_list = load_prompts(FLUENCY_PROMPTS) if fluency_prompts is None else list(fluency_prompts)
     path = Path(folder) / f"reference-{reference_key(loaded, unrelated_prompts, fluency_list, max_new_tokens)}.pt"
-    if path.exists():
-        try:
-            saved = torch.load(path, weights_only=True)
-            return NextTokens(saved["prompts"], saved["logprobs"], saved["top1"]), saved["fluency"], True
-        except Exception as e:  # noqa: BLE001 (any unreadable file is measured again)
-            log.warning("unreadable evaluation cache %s (%s): measuring again", path, e)
+    saved = _read_reference(path)
+    if saved is not None:
+        return *saved, True
     next_tokens = next_token_logprobs(loaded, unrelated_prompts)
     flu = fluency(loaded, fluency_list, max_new_tokens) if with_fluency else None
+    _write_reference(path, next_tokens, flu)
+    return next_tokens, flu, False
+
+
+def _read_reference(path: Path) -> tuple[NextTokens, dict | None] | None:
+    """A stored reference, or None when there is none or it cannot be read (then it is measured again)."""
+    if not path.exists():
+        return None
+    try:
+        saved = torch.load(path, weights_only=True)
+        return NextTokens(saved["prompts"], saved["logprobs"], saved["top1"]), saved["fluency"]
+    except Exception as e:  # noqa: BLE001 (any unreadable file is measured again)
+        log.warning("unreadable evaluation cache %s (%s): measuring again", path, e)
+        return None
+
+
+def _write_reference(path: Path, next_tokens: NextTokens, flu: dict | None) -> None:
+    """Store a reference atomically; a folder that cannot be written only costs measuring it next time."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -496,8 +555,8 @@ def cached_reference(loaded: LoadedModel, folder: Path, unrelated_prompts: list[
                     "fluency": flu}, tmp)
         tmp.replace(path)
     except OSError as e:
-        log.warning("cannot store the evaluation reference in %s (%s): it will be measured again next time", folder, e)
-    return next_tokens, flu, False
+        log.warning("cannot store the evaluation reference in %s (%s): it will be measured again next time",
+                    path.parent, e)
 
 
 # ------------------------------------------------------------------------------------------ probe

@@ -48,7 +48,6 @@ Quirks:
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -134,10 +133,6 @@ def concepts_of(facts: list) -> list[Concept]:
     return list(subjects.values()) + list(targets.values())
 
 
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
 @torch.no_grad()
 def states_at(loaded: LoadedModel, texts: list[tuple[str, str]], layers: list[int], batch_size: int = 64
               ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
@@ -155,7 +150,7 @@ def states_at(loaded: LoadedModel, texts: list[tuple[str, str]], layers: list[in
         first.append(enc.subject_last == 0)  # right padding: every row starts at column 0
         enc = enc.to(loaded.device)
         inputs = enc.model_inputs()
-        if _accepts_logits_to_keep(loaded.model):
+        if loaded.takes_logits_to_keep:
             inputs["logits_to_keep"] = 1
         with capture_outputs(blocks) as seen:
             loaded.model(**inputs)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -182,6 +183,27 @@ class LoadedModel:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    @property
+    def takes_logits_to_keep(self) -> bool:
+        """Whether the model's forward can skip the output head at positions nobody reads."""
+        return "logits_to_keep" in inspect.signature(self.model.forward).parameters
+
+    def logits(self, keep: int | torch.Tensor = 0, **inputs) -> torch.Tensor:
+        """The model's logits at the positions a caller reads, and only there: the output head over the
+        whole vocabulary is the largest matrix of a small model (SmolLM2: 28M of 135M weights; Gemma-3-270M:
+        168M of 270M), so computing it at every position of a scoring batch costs more than the blocks.
+
+        ``keep``: 0 every position (B, S, V); an int n the last n columns (B, n, V); a (B, S) bool mask the
+        True positions, flattened in row-major order (N, V). Models whose forward does not take
+        ``logits_to_keep`` compute every position and are sliced after: the same numbers, more work.
+        """
+        if self.takes_logits_to_keep:
+            return self.model(**inputs, logits_to_keep=keep.to(self.device) if torch.is_tensor(keep) else keep).logits
+        logits = self.model(**inputs).logits
+        if isinstance(keep, torch.Tensor):
+            return logits[keep.to(logits.device)]
+        return logits[:, -keep:] if keep else logits
 
     def check_layers(self, layers: list[int]) -> None:
         bad = [layer for layer in layers if not 0 <= layer < self.num_layers]

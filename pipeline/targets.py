@@ -67,7 +67,6 @@ Quirks:
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -219,15 +218,9 @@ def _positions(mask: torch.Tensor, offset: torch.Tensor | int = 0) -> torch.Tens
     return ((mask.cumsum(-1) - 1).clamp(min=0) + (offset.unsqueeze(1) if torch.is_tensor(offset) else offset))
 
 
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
 def _logits(loaded: LoadedModel, keep: int, **inputs) -> torch.Tensor:
     """The model's own logits over the last ``keep`` columns (r, keep, V), float32."""
-    if _accepts_logits_to_keep(loaded.model):
-        inputs["logits_to_keep"] = keep
-    return loaded.model(**inputs).logits[:, -keep:].float()
+    return loaded.logits(keep, **inputs).float()
 
 
 def _picks(chunk: _Chunk, rows: torch.Tensor) -> torch.Tensor:
@@ -311,7 +304,7 @@ class _Runner:
         if ids.shape[1]:
             out = loaded.model(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device),
                                position_ids=_positions(mask).to(loaded.device), use_cache=True,
-                               **({"logits_to_keep": 1} if _accepts_logits_to_keep(loaded.model) else {}))
+                               **({"logits_to_keep": 1} if loaded.takes_logits_to_keep else {}))
             chunk.kv = [(layer.keys, layer.values) for layer in out.cache.layers]
         rows = torch.arange(len(chunk.suffixes))
         watched = [loaded.block(self.layer)] + ([loaded.down_proj(self.layer)] if self.norm is not None else [])
@@ -355,7 +348,7 @@ def subject_outputs(loaded: LoadedModel, facts: list, modules: list[torch.nn.Mod
         enc = encode_with_subject(loaded.tokenizer, [f.prompt for f in chunk], [f.subject for f in chunk],
                                   padding_side="left").to(loaded.device)
         inputs = enc.model_inputs()
-        if _accepts_logits_to_keep(loaded.model):
+        if loaded.takes_logits_to_keep:
             inputs["logits_to_keep"] = 1
         with torch.no_grad(), capture_outputs(modules) as seen:
             loaded.model(**inputs)

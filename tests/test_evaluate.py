@@ -310,3 +310,45 @@ def test_facts_without_ripple_prompts_have_no_ripple_metrics(evaluations):
     assert after.aggregate["ripple_acc"] is None and after.aggregate["n_ripple_gen"] == 0
     assert after.aggregate["n_efficacy_gen"] == 3 and after.aggregate["n_efficacy_gen_old_gone"] == 2
     assert after.aggregate["n_generalization_gen"] == 2 and after.aggregate["n_chat_gen"] == 3
+
+
+@pytest.mark.parametrize("head_slicing", [True, False])
+def test_scores_read_the_output_head_only_where_needed_and_equal_full_logits(tiny, monkeypatch, head_slicing):
+    """score and next_token_logprobs compute logits only at the positions they read (or, for a model whose
+    forward cannot skip them, slice after): the numbers equal the full forward's, one prompt at a time."""
+    from covedit.pipeline.keys import target_token_ids
+    from covedit.pipeline.models import LoadedModel
+
+    monkeypatch.setattr(LoadedModel, "takes_logits_to_keep", property(lambda self: head_slicing))
+    prompts = ["The capital of France is", "A", "Water boils at a temperature of", "The Eiffel Tower is in"]
+    targets = [" Paris", " lot of things", " 100 degrees", " Rome"]
+    got = score(tiny, prompts, targets, batch_size=3)
+    nexts = next_token_logprobs(tiny, prompts, batch_size=3)
+    for k, (p, t) in enumerate(zip(prompts, targets)):
+        p_ids, t_ids = tiny.tokenizer(p).input_ids, target_token_ids(tiny.tokenizer, t)
+        with torch.no_grad():
+            full = torch.log_softmax(tiny.model(input_ids=torch.tensor([p_ids + t_ids])).logits[0].float(), -1)
+        lp = full[torch.arange(len(p_ids) - 1, len(p_ids) + len(t_ids) - 1), t_ids]
+        assert got[k].logprob == pytest.approx(float(lp.sum()), abs=1e-5)
+        assert got[k].nll == pytest.approx(float(-lp.mean()), abs=1e-5)
+        top = full[len(p_ids) - 1:len(p_ids) + len(t_ids) - 1].argmax(-1)
+        assert got[k].token_acc == float((top == torch.tensor(t_ids)).float().mean())
+        torch.testing.assert_close(nexts.logprobs[k], full[len(p_ids) - 1], rtol=0, atol=1e-5)
+
+
+def test_one_decoding_pass_gives_what_separate_measurements_give(tiny, tmp_path):
+    """evaluate_model runs the generation family's and fluency's greedy generations in one pass: the same
+    texts and numbers as generation_metrics and fluency called on their own; a cached reference run keeps
+    the generation family and reads fluency back unchanged."""
+    from covedit.pipeline.evaluate import fluency, generation_metrics
+
+    opts = dict(fluency_prompts=SHORT, max_new_tokens=12)
+    together = evaluate_model(tiny, FACTS, **opts)
+    assert together.fluency == fluency(tiny, SHORT, max_new_tokens=12)
+    alone = generation_metrics(tiny, FACTS)
+    assert [{m: r[m] for m in GEN_METRICS + ["generations"]} for r in together.per_fact] == alone
+    first = evaluate_model(tiny, FACTS, reference_cache=tmp_path, **opts)
+    again = evaluate_model(tiny, FACTS, reference_cache=tmp_path, **opts)
+    assert (first.extra, again.extra) == ({"reference_cached": False}, {"reference_cached": True})
+    assert first.fluency == again.fluency == together.fluency
+    assert first.per_fact == again.per_fact == together.per_fact
