@@ -5,6 +5,8 @@ whether the first batch survives the ninth. Here each method edits ``--batches``
 facts of one zsRE slice (held out with ``--heldout-after``) in order, from the original weights:
 
 * MEMIT: each batch solved alone with its own λC (the reference has nothing that protects earlier batches);
+* MEMIT with carried keys (``memit_carry``): every earlier batch's keys added to λC (run_memit's
+  ``prev_keys``), so each solve also asks the earlier edits to stay where they are;
 * AlphaEdit: the null-space projected solve, every earlier batch's keys carried in ``C_prev`` (as
   ``batch-edit --base`` does with alphaedit_keys.safetensors).
 
@@ -17,7 +19,8 @@ After each batch: the first batch's efficacy and paraphrase accuracy (goal: firs
 tenth), the batch just written, drift on the 42 unrelated prompts against the original model, and the largest
 edited weight's norm growth ‖W‖/‖W₀‖; after the last batch all facts (both metric families) and, with
 ``--fluency``, GE (teacher-forced families only: generating 1,000 facts' answers after every batch
-would cost more than the edits). The JSON is rewritten after each batch; a method already complete in it is not run again.
+would cost more than the edits). The JSON is rewritten after each method; a method already complete in it is not
+run again.
 
     python benchmarks/sequential.py --heldout-after 1000 --batches 10 --batch-size 100 --fluency \\
         --json benchmarks/results/sequential_10x100_heldout_cpu.json
@@ -39,7 +42,7 @@ import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedi
 
 from benchmarks.common import TargetCache, add_slice_arguments, covariances, fact_slice  # noqa: E402
 
-METHODS = ("memit", "alphaedit")
+METHODS = ("memit", "memit_carry", "alphaedit")
 
 
 def brief(agg: dict) -> dict:
@@ -58,21 +61,20 @@ def run_sequence(loaded, method: str, batches: list[list], targets: list, covs: 
     templates = templates_for(loaded, hp)
     originals = {layer: loaded.down_weight(layer).detach().clone() for layer in hp.layers}
     norms0 = {layer: float(W.double().norm()) for layer, W in originals.items()}
+    carried: dict = {}  # earlier batches' keys per layer (AlphaEdit's C_prev, or MEMIT's prev_keys)
     alphaedit = None
     if method == "alphaedit":
         alphaedit = {"P": alphaedit_projectors(covs, ahp.null_space_threshold, ahp.null_space_energy),
-                     "prev_keys": {}, "alpha": ahp.alpha, "lam": ahp.lam}
+                     "prev_keys": carried, "alpha": ahp.alpha, "lam": ahp.lam}
     rows = []
     try:
         for b, (facts, tgt) in enumerate(zip(batches, targets), 1):
             t0 = time.perf_counter()
             out = run_memit(loaded, facts, hp.layers, covs, hp.lam, hp.target, templates, time.perf_counter,
-                            targets=tgt, alphaedit=alphaedit)
+                            targets=tgt, alphaedit=alphaedit, prev_keys=carried if method == "memit_carry" else None)
             solve_s = time.perf_counter() - t0
-            if alphaedit is not None:
-                for layer, k in out.keys.items():
-                    prev = alphaedit["prev_keys"].get(layer)
-                    alphaedit["prev_keys"][layer] = k if prev is None else torch.cat([prev, k])
+            for layer, k in out.keys.items():
+                carried[layer] = k if layer not in carried else torch.cat([carried[layer], k])
             first = aggregate(fact_metrics(loaded, batches[0], generation=False))
             this = aggregate(fact_metrics(loaded, facts, generation=False)) if b > 1 else first
             d = drift(before.next_tokens, next_token_logprobs(loaded, before.next_tokens.prompts))
@@ -97,7 +99,7 @@ def main() -> None:
     add_slice_arguments(ap, facts=0)
     ap.add_argument("--batches", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=100)
-    ap.add_argument("--methods", default="memit,alphaedit")
+    ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--fluency", action="store_true")
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args()

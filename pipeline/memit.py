@@ -28,7 +28,9 @@ as low-rank factors ΔW = up @ down with r = n.
   relation's context with the edited key, and this term asks Δ to leave that shared part's output alone.
 * AlphaEdit (jianghoucheng/AlphaEdit, AlphaEdit_main.py): Δᵀ = (P (K Kᵀ + C_prev) + α I)⁻¹ P K Rᵀ, where P
   projects onto the near-null space of C, so Δ k ≈ 0 for the keys the layer already serves, and C_prev
-  holds K Kᵀ of earlier sequential batches so that later batches do not undo them.
+  holds K Kᵀ of earlier sequential batches so that later batches do not undo them. MEMIT can carry them
+  too (``prev_keys``, not in the reference): Δ = R Kᵀ (λC + K_prev K_prevᵀ + K Kᵀ)⁻¹ is the least-squares
+  edit of all batches' keys at once, the earlier ones' residuals already written (so asked to stay 0).
   The reference takes P over the eigenvalues of C below an absolute threshold (2e-2). Where C has no
   eigenvalue that small (SmolLM2: none below 1e-3, and 2e-2 is its median eigenvalue) that "null space"
   holds a fifth to almost half of ordinary tokens' key energy, so covedit can instead take the smallest
@@ -161,14 +163,16 @@ def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: 
               lam: float, target_hp, templates: list[str], clock: Callable[[], float],
               alphaedit: dict | None = None, targets: TargetResult | None = None,
               keys_from: str = "templates", key_weights: list[float] | None = None,
-              preserve_prompts: float = 0.0, preserve_relation: float = 0.0, relation_subjects: int = 16
-              ) -> EditOutcome:
+              preserve_prompts: float = 0.0, preserve_relation: float = 0.0, relation_subjects: int = 16,
+              prev_keys: dict[int, torch.Tensor] | None = None) -> EditOutcome:
     """MEMIT (or AlphaEdit when ``alphaedit`` = {"P": {layer: P}, "prev_keys": {layer: K}, "alpha": a}, and
     optionally "lam": λ with ``covariances`` for λC inside the projected solve).
 
     ``preserve_prompts`` = μ > 0 adds μ Σ k kᵀ over the edited prompts' other tokens to MEMIT's λC
     (memit.py); AlphaEdit ignores it. ``preserve_relation`` = ν > 0 adds ν Σ k kᵀ of the edited prompts with
     ``relation_subjects`` ordinary entity names in place of their subjects (keys.relation_key_moment).
+    ``prev_keys`` ({layer: (m, d_ff)}, MEMIT only) are earlier sequential batches' keys, added to λC as
+    Σ k kᵀ: what they wrote is asked to stay (Δ k ≈ 0) with the weight a new key's residual has.
 
     ``key_weights`` weigh ``templates`` in the key average (``key_weights_for``); None takes ``templates``
     as the bare ``"{}"`` followed by one group of prefixes (MEMIT's default). ``keys_from="prompt"`` takes
@@ -204,6 +208,10 @@ def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: 
             if preserve_relation > 0:
                 moment = preserve_relation * relation_key_moment(
                     loaded, layer, [f.prompt for f in facts], [f.subject for f in facts], relation_subjects)
+                C_keep = moment if C_keep is None else C_keep + moment
+            carried = (prev_keys or {}).get(layer)
+            if carried is not None and len(carried):
+                moment = carried.to(at).double().T @ carried.to(at).double()
                 C_keep = moment if C_keep is None else C_keep + moment
             up, down = memit_solve(K, R, C, lam, C_keep)
         else:

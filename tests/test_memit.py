@@ -238,3 +238,26 @@ def test_keys_from_prompt_writes_the_target_exactly_at_the_bare_prompt(tiny):
     torch.testing.assert_close(block_outputs(tiny, FACTS, 2, 8), targets.z, rtol=1e-4, atol=1e-5)
     assert own.target_info["realised"] == pytest.approx([1.0] * 3, abs=1e-3)
     assert max(averaged.target_info["realised"]) < 0.999
+
+
+def test_memit_carrying_earlier_keys_solves_with_their_moment_added(tiny):
+    """prev_keys: the single-layer update is R Kᵀ (λC + K_prev K_prevᵀ + K Kᵀ)⁻¹ (identity C here), and it
+    moves the earlier keys' outputs less than the same edit without them."""
+    from covedit.pipeline.memit import keys_at
+    from covedit.pipeline.targets import compute_targets
+
+    targets = compute_targets(tiny, FACTS, 2, FAST, ["{}"])
+    original = tiny.down_weight(2).detach().clone()
+    torch.manual_seed(1)
+    prev = torch.randn(5, tiny.d_ff)
+    alone = run_memit(tiny, FACTS, [2], None, 0.3, FAST, ["{}"], lambda: 0.0, targets=targets)
+    with torch.no_grad():
+        tiny.down_weight(2).copy_(original)
+    carried = run_memit(tiny, FACTS, [2], None, 0.3, FAST, ["{}"], lambda: 0.0, targets=targets, prev_keys={2: prev})
+    up, down = (f.double() for f in carried.factors[2])
+    K = keys_at(tiny, 2, FACTS, ["{}"], None).double().T  # (d_ff, n), as run_memit reads them
+    P = prev.double()
+    A = 0.3 * torch.eye(tiny.d_ff, dtype=torch.float64) + P.T @ P + K @ K.T
+    torch.testing.assert_close(up @ down, up @ torch.linalg.solve(A, K).T, rtol=1e-6, atol=1e-9)
+    moved = lambda f: float((f[0].double() @ f[1].double() @ P.T).norm())  # noqa: E731
+    assert moved(carried.factors[2]) < moved(alone.factors[2])
