@@ -497,19 +497,11 @@ def evaluate_model(loaded: LoadedModel, facts: list, batch_size: int = 32, unrel
 
 def reference_key(loaded: LoadedModel, unrelated_prompts: list[str], fluency_prompts: list[str] | None,
                   max_new_tokens: int) -> str:
-    """What determines a model's unrelated-prompt distributions and greedy generations: its identity (the
-    content fingerprint of ``model_id``, and the sha256 of every down-projection, which is what covedit's
-    edits change), dtype and device type, the torch and transformers versions, the prompts and the length
-    of the generations (``fluency_prompts`` None: no fluency)."""
-    import transformers  # noqa: PLC0415
-
-    params = next(loaded.model.parameters())
-    down = hashlib.sha256()
-    for layer in range(loaded.num_layers):
-        down.update(loaded.down_weight(layer).detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    key = {"model_id": loaded.model_id, "down_sha256": down.hexdigest(), "dtype": str(params.dtype),
-           "device": params.device.type, "torch": torch.__version__, "transformers": transformers.__version__,
-           "unrelated": unrelated_prompts, "fluency": fluency_prompts, "max_new_tokens": max_new_tokens}
+    """What determines a model's unrelated-prompt distributions and greedy generations: the model as
+    ``LoadedModel.fingerprint`` sees it, the prompts and the length of the generations (``fluency_prompts``
+    None: no fluency)."""
+    key = {"model": loaded.fingerprint(), "unrelated": unrelated_prompts, "fluency": fluency_prompts,
+           "max_new_tokens": max_new_tokens}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -27,6 +27,8 @@ Quirks:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -35,9 +37,10 @@ from importlib import resources
 
 import torch
 
-from covedit.pipeline.errors import DataError
+from covedit.pipeline.errors import CannotWrite, DataError
 from covedit.pipeline.hooks import capture_inputs, run_until
-from covedit.pipeline.models import LoadedModel, ModelError
+from covedit.pipeline.atomic import replace_file
+from covedit.pipeline.models import LoadedModel, ModelError, cache_root
 from covedit.pipeline.tokens import pad_id
 
 log = logging.getLogger(__name__)
@@ -167,7 +170,8 @@ def _generate_prefixes(loaded: LoadedModel, starter: str, n: int, length: int, g
 
 
 def context_templates(loaded: LoadedModel, n_per_starter: int = 2, length: int = 10, seed: int = 0) -> list[str]:
-    """``["{}"]`` plus short generated prefixes ending in ``". {}"``; deterministic, cached on ``loaded``.
+    """``["{}"]`` plus short generated prefixes ending in ``". {}"``; deterministic, cached on ``loaded`` and
+    in the cache folder (``templates/``, by the model's fingerprint: an edited model gets its own).
 
     As MEMIT's ``generate_fast``: top-5 sampling, ``length`` tokens per prefix with the starter word
     (``max_out_len``), but from a seeded generator so the same model always gets the same templates.
@@ -175,16 +179,32 @@ def context_templates(loaded: LoadedModel, n_per_starter: int = 2, length: int =
     cache = loaded.template_cache
     key = (n_per_starter, length, seed)
     if key not in cache:
-        templates = ["{}"]
-        generator = torch.Generator().manual_seed(seed)
-        for starter in STARTERS:
-            for prefix in _generate_prefixes(loaded, starter, n_per_starter, length, generator):
-                template = f"{prefix}. {{}}"
-                if template not in templates:
-                    templates.append(template)
-        log.debug("context templates for %s: %s", loaded.model_id, templates)
-        cache[key] = templates
+        path = cache_root() / "templates" / (hashlib.sha256(json.dumps(
+            [loaded.fingerprint(), STARTERS, n_per_starter, length, seed]).encode()).hexdigest()[:24] + ".json")
+        try:
+            cache[key] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            cache[key] = _generate_templates(loaded, n_per_starter, length, seed)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                replace_file(path, json.dumps(cache[key]), "the context templates")
+            except (OSError, CannotWrite) as e:  # a cache that cannot be written only costs generating again
+                log.warning("%s", e)
     return list(cache[key])
+
+
+def _generate_templates(loaded: LoadedModel, n_per_starter: int, length: int, seed: int) -> list[str]:
+    """Generate what context_templates returns (about 50 sampled tokens: seconds on a CPU, so it is kept
+    on disk, keyed by the model's fingerprint and the settings)."""
+    templates = ["{}"]
+    generator = torch.Generator().manual_seed(seed)
+    for starter in STARTERS:
+        for prefix in _generate_prefixes(loaded, starter, n_per_starter, length, generator):
+            template = f"{prefix}. {{}}"
+            if template not in templates:
+                templates.append(template)
+    log.debug("context templates for %s: %s", loaded.model_id, templates)
+    return templates
 
 
 @torch.no_grad()

@@ -205,6 +205,20 @@ class LoadedModel:
             return logits[keep.to(logits.device)]
         return logits[:, -keep:] if keep else logits
 
+    def fingerprint(self) -> str:
+        """What a measurement of this model in this process depends on, for on-disk caches: its identity
+        (``model_id``), the sha256 of every down-projection (what covedit's edits change: an edited model
+        in memory keeps its ``model_id``), dtype, device type, and the torch and transformers versions."""
+        import transformers  # noqa: PLC0415
+
+        params = next(self.model.parameters())
+        down = hashlib.sha256()
+        for layer in range(self.num_layers):
+            down.update(self.down_weight(layer).detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        key = {"model_id": self.model_id, "down_sha256": down.hexdigest(), "dtype": str(params.dtype),
+               "device": params.device.type, "torch": torch.__version__, "transformers": transformers.__version__}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
     def check_layers(self, layers: list[int]) -> None:
         bad = [layer for layer in layers if not 0 <= layer < self.num_layers]
         if bad:

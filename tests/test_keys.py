@@ -155,10 +155,18 @@ def test_one_forward_per_batch_that_stops_after_the_deepest_layer(tokenizer):
     assert calls == {"first": 3, "after": 0}  # 9 rows in batches of 4; block 3 never runs
 
 
-def test_context_templates_are_deterministic(tokenizer):
+def _forwards(loaded):
+    """A list that gets an entry for every forward of block 0, and the hook's handle."""
+    calls = []
+    return calls, loaded.block(0).register_forward_hook(lambda *_: calls.append(1))
+
+
+def test_context_templates_are_deterministic(tokenizer, tmp_path, monkeypatch):
     loaded = build_tiny("llama", tokenizer)
+    monkeypatch.setenv("COVEDIT_CACHE", str(tmp_path / "a"))
     first = context_templates(loaded, n_per_starter=2, length=6)
-    loaded.template_cache.clear()  # generate again, not from the cache
+    loaded.template_cache.clear()
+    monkeypatch.setenv("COVEDIT_CACHE", str(tmp_path / "b"))  # an empty cache folder: generated again
     second = context_templates(loaded, n_per_starter=2, length=6)
     assert first == second
     assert first[0] == "{}" and 1 < len(first) <= 11
@@ -166,8 +174,7 @@ def test_context_templates_are_deterministic(tokenizer):
         assert template.count("{}") == 1 and "\n" not in template
         assert template.count("{") == template.count("}") == 1
     assert all(t.endswith(". {}") and t.startswith(keys_module.STARTERS) for t in first[1:])
-    calls = []
-    handle = loaded.block(0).register_forward_hook(lambda *_: calls.append(1))
+    calls, handle = _forwards(loaded)
     try:
         assert context_templates(loaded, n_per_starter=2, length=6) == first  # cached: no forward
     finally:
@@ -175,21 +182,33 @@ def test_context_templates_are_deterministic(tokenizer):
     assert calls == []
 
 
-def test_context_templates_are_cached_on_the_model_object_not_in_the_process(tokenizer):
-    """The cache lives on the LoadedModel: another object with the same model id generates its own (the
-    same templates, from its own forward passes), and nothing module-wide remembers them."""
+def test_context_templates_are_kept_by_model_fingerprint_not_in_the_process(tokenizer, tmp_path, monkeypatch):
+    """Templates live on the LoadedModel and on disk under the model's fingerprint: another object with the
+    same weights reads them back without a forward; the same model with an edited down-projection (same
+    model id) generates its own; nothing module-wide remembers them."""
+    monkeypatch.setenv("COVEDIT_CACHE", str(tmp_path))
     first = build_tiny("llama", tokenizer)
     templates = context_templates(first, n_per_starter=1, length=4)
     assert first.template_cache == {(1, 4, 0): templates}
+    assert len(list((tmp_path / "templates").glob("*.json"))) == 1
     other = build_tiny("llama", tokenizer)
     assert other.model_id == first.model_id and other.template_cache == {}
-    calls = []
-    handle = other.block(0).register_forward_hook(lambda *_: calls.append(1))
+    calls, handle = _forwards(other)
     try:
         assert context_templates(other, n_per_starter=1, length=4) == templates
     finally:
         handle.remove()
-    assert calls, "the templates of another model object came from a cache"
+    assert calls == [], "the same weights generated their templates again"
+    edited = build_tiny("llama", tokenizer)
+    with torch.no_grad():
+        edited.down_weight(1).add_(1e-3)
+    calls, handle = _forwards(edited)
+    try:
+        context_templates(edited, n_per_starter=1, length=4)
+    finally:
+        handle.remove()
+    assert calls, "an edited model read another model's templates"
+    assert len(list((tmp_path / "templates").glob("*.json"))) == 2
     assert not [name for name, value in vars(keys_module).items()  # no module-level cache of any kind
                 if isinstance(value, (dict, list, set)) and not name.startswith("__")]
 
