@@ -58,7 +58,7 @@ def similar_names(loaded, layer: int, C: torch.Tensor, subjects: list[str], name
     """The ``size`` names nearest to the subjects: whitened cosine (C⁻¹ metric) of bare keys at ``layer``,
     taking each subject's next-nearest name in turn."""
     def whitened(texts: list[str]) -> torch.Tensor:
-        k = compute_keys(loaded, [layer], texts, texts, ["{}"], batch_size=128)[layer].double().cpu()
+        k = compute_keys(loaded, [layer], ["{}"] * len(texts), texts, ["{}"], batch_size=128)[layer].double().cpu()
         u = torch.linalg.solve_triangular(L, k.T, upper=False).T  # C = L Lᵀ: u·u' = k C⁻¹ k'
         return u / u.norm(dim=1, keepdim=True)
 
@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--facts", type=int, default=100)
     ap.add_argument("--nus", default="10,100", help="preserve_relation weights ν")
     ap.add_argument("--pool-size", type=int, default=32)
+    ap.add_argument("--mu", type=float, default=0.0, help="preserve_prompts μ for every row (the prompts' other tokens)")
     ap.add_argument("--pools", default="ordinary,similar,oracle")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -104,14 +105,17 @@ def main() -> None:
                                          args.pool_size)
     pools["oracle"] = neighbour_subjects
     pools = {name: pool for name, pool in pools.items() if name in args.pools.split(",")}
-    result = {"model": loaded.model_id, "layers": hp.layers, "lam": hp.lam, "facts": len(facts),
+    result = {"model": loaded.model_id, "layers": hp.layers, "lam": hp.lam, "mu": args.mu, "facts": len(facts),
               "neighbour_prompts": len(pairs), "pools": pools, "rows": {}}
-    print("| pool | ν | efficacy | paraphrase | same-relation kept top-1 | drift KL |\n|---|---|---|---|---|---|", flush=True)
+    print("| pool | ν | efficacy | paraphrase | same-relation kept top-1 | drift KL | realised |\n|---|---|---|---|---|---|---|",
+          flush=True)
     original = keys_module.preserve_subjects
     runs = [("none", [], 0.0)] + [(name, pool, float(nu)) for name, pool in pools.items() for nu in args.nus.split(",")]
     for name, pool, nu in runs:
         keys_module.preserve_subjects = lambda pool=pool: tuple(pool)  # relation_key_moment's pool
-        variant = [(f"{name} ν {nu:g}", {"lam": hp.lam, "preserve_relation": nu, "relation_subjects": max(1, len(pool))})]
+        label = f"{name} ν {nu:g}" + (f" μ {args.mu:g}" if args.mu else "")
+        variant = [(label, {"lam": hp.lam, "preserve_relation": nu, "relation_subjects": max(1, len(pool)),
+                            "preserve_prompts": args.mu})]
         try:
             for label, row in edit_variants(loaded, hp, facts, targets, covs, variant, before, False):
                 near_after = next_token_logprobs(loaded, [p for p, _ in pairs])
@@ -119,7 +123,8 @@ def main() -> None:
                 row["same_relation_kept_top1_pct"] = 100.0 * sum(same) / len(same)
                 result["rows"][label] = row
                 print(f"| {name} | {nu:g} | {row['efficacy_acc']:.1f} | {row['generalization_acc']:.1f} | "
-                      f"{row['same_relation_kept_top1_pct']:.1f} | {row['drift_mean_kl']:.4f} |", flush=True)
+                      f"{row['same_relation_kept_top1_pct']:.1f} | {row['drift_mean_kl']:.4f} | {row['realised_mean']:.3f} |",
+                      flush=True)
         finally:
             keys_module.preserve_subjects = original
         if args.json:
