@@ -162,6 +162,7 @@ def test_the_same_model_as_base_moves_nothing_and_a_changed_one_moves_what_it_ch
 
 # ------------------------------------------------------------------------------------------ the command
 
+@pytest.mark.slow  # a subprocess of the command line, as the other end-to-end command tests (25 s on 2 cores)
 def test_geometry_command_writes_matrices_and_heatmaps_and_with_the_same_base_shows_no_movement(tiny_dir, tmp_path):
     facts = write_facts(tmp_path / "facts.jsonl")
     report = tmp_path / "report"
