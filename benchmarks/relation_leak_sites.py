@@ -33,12 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
-from benchmarks.common import TargetCache, covariances  # noqa: E402
-from benchmarks.relation_locality import RELATIONS, build  # noqa: E402
-from covedit.pipeline.edit import templates_for  # noqa: E402
-from covedit.pipeline.hparams import load_hparams  # noqa: E402
+from benchmarks.relation_locality import RELATIONS, setup  # noqa: E402
 from covedit.pipeline.memit import run_memit  # noqa: E402
-from covedit.pipeline.models import load_model  # noqa: E402
 
 CONDITIONS = ("unedited", "everywhere", "subject tokens", "last token", "other tokens")
 
@@ -90,12 +86,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    facts, neighbours = build(args.facts)
-    loaded = load_model(args.model)
-    hp = load_hparams("memit", loaded.model.config.model_type, loaded.num_layers, None, [])
-    templates = templates_for(loaded, hp)
-    targets = TargetCache(loaded, hp.layers[-1], hp.target, templates).get(facts)
-    covs = covariances(loaded, hp.layers)
+    facts, neighbours, loaded, hp, templates, targets, covs = setup(args.model, args.facts)
     originals = {layer: loaded.down_weight(layer).detach().clone() for layer in hp.layers}
     t0 = time.perf_counter()
     out = run_memit(loaded, facts, hp.layers, covs, hp.lam, hp.target, templates, time.perf_counter, targets=targets)

@@ -103,6 +103,17 @@ def build(n_facts: int = 100, seed: int = 0) -> tuple[list[Fact], dict[str, list
     return facts, neighbours
 
 
+def setup(model: str, n_facts: int, overrides: list[str] = ()):
+    """What the relation benchmarks share: (facts, neighbours, loaded model, MEMIT hyperparameters with
+    ``overrides``, its templates, the facts' targets from the shared cache, C of each edited layer)."""
+    facts, neighbours = build(n_facts)
+    loaded = load_model(model)
+    hp = load_hparams("memit", loaded.model.config.model_type, loaded.num_layers, None, list(overrides))
+    templates = templates_for(loaded, hp)
+    targets = TargetCache(loaded, hp.layers[-1], hp.target, templates).get(facts)
+    return facts, neighbours, loaded, hp, templates, targets, covariances(loaded, hp.layers)
+
+
 def first_token_right(loaded, tokens, pairs: list[tuple[str, str]]) -> float:
     """Share (%) of neighbour prompts whose top-1 next token is the first token of the true answer."""
     first = [loaded.tokenizer.decode(target_token_ids(loaded.tokenizer, answer)[:1]) for _, answer in pairs]
@@ -123,15 +134,10 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    facts, neighbours = build(args.facts)
     if args.write_facts:
-        write_facts(facts, args.write_facts)
-    loaded = load_model(args.model)
-    hp = load_hparams("memit", loaded.model.config.model_type, loaded.num_layers, None, args.set)
-    templates = templates_for(loaded, hp)
+        write_facts(build(args.facts)[0], args.write_facts)
+    facts, neighbours, loaded, hp, templates, targets, covs = setup(args.model, args.facts, args.set)
     pairs = [p for rel in RELATIONS for p in neighbours[rel]]
-    targets = TargetCache(loaded, hp.layers[-1], hp.target, templates).get(facts)
-    covs = covariances(loaded, hp.layers)
     before = evaluate_model(loaded, facts, with_fluency=args.fluency, generation=False)
     near_before = next_token_logprobs(loaded, [p for p, _ in pairs])
     result = {"model": loaded.model_id, "layers": hp.layers, "facts": len(facts),

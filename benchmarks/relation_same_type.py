@@ -35,13 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
 import covedit.pipeline.keys as keys_module  # noqa: E402
-from benchmarks.common import TargetCache, covariances, edit_variants  # noqa: E402
-from benchmarks.relation_locality import DATA, RELATIONS, build  # noqa: E402
-from covedit.pipeline.edit import templates_for  # noqa: E402
+from benchmarks.common import edit_variants  # noqa: E402
+from benchmarks.relation_locality import DATA, RELATIONS, setup  # noqa: E402
 from covedit.pipeline.evaluate import evaluate_model, next_token_logprobs  # noqa: E402
-from covedit.pipeline.hparams import load_hparams  # noqa: E402
 from covedit.pipeline.keys import compute_keys  # noqa: E402
-from covedit.pipeline.models import load_model  # noqa: E402
 
 
 def corpus_titles() -> list[str]:
@@ -86,13 +83,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    facts, neighbours = build(args.facts)
-    loaded = load_model(args.model)
-    hp = load_hparams("memit", loaded.model.config.model_type, loaded.num_layers, None, [])
-    templates = templates_for(loaded, hp)
+    facts, neighbours, loaded, hp, templates, targets, covs = setup(args.model, args.facts)
     pairs = [p for rel in RELATIONS for p in neighbours[rel]]
-    targets = TargetCache(loaded, hp.layers[-1], hp.target, templates).get(facts)
-    covs = covariances(loaded, hp.layers)
     before = evaluate_model(loaded, facts, with_fluency=False, generation=False)
     near_before = next_token_logprobs(loaded, [p for p, _ in pairs])
 
