@@ -465,8 +465,9 @@ def evaluate_model(loaded: LoadedModel, facts: list, batch_size: int = 32, unrel
     them (``cached_reference``); ``extra["reference_cached"]`` says which happened. The generation family
     (``generation``) is per fact, so it is measured every time, never cached.
 
-    Every greedy generation (the generation family's and fluency's) runs in one decoding pass: a decoding
-    step reads every weight of the model whatever the number of rows, so rows that share steps are cheap."""
+    Every greedy generation (the generation family's and fluency's) runs in one decoding pass: rows that
+    share a step share its fixed cost (on the 2-core CPU a step of 30 rows costs 2.3× one of 1, not 30×;
+    benchmarks/bench_eval.py)."""
     log.info("evaluating %s on %d facts%s", loaded.model_id, len(facts), ", with fluency" if with_fluency else "")
     rows = _teacher_forced_metrics(loaded, facts, batch_size) if facts else []
     extra = {}
