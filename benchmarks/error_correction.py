@@ -58,7 +58,7 @@ from benchmarks.common import fact_slice  # noqa: E402
 from benchmarks.relation_locality import world_facts  # noqa: E402
 from covedit.pipeline.correct import classify  # noqa: E402
 from covedit.pipeline.edit import key_weights_for, templates_for  # noqa: E402
-from covedit.pipeline.evaluate import (cached_reference, drift, fluency, greedy_continuations,  # noqa: E402
+from covedit.pipeline.evaluate import (drift, evaluate_model, fluency, greedy_continuations,  # noqa: E402
                                       next_token_logprobs, probe, says, score)
 from covedit.pipeline.hparams import load_hparams  # noqa: E402
 from covedit.pipeline.memit import run_memit  # noqa: E402
@@ -188,7 +188,9 @@ def main() -> None:
 
     err_before = measure(loaded, err_facts, err_truths, args.gen_tokens, [continuation[s, f.id] for s, f in errors])
     known_before = measure(loaded, known_facts, truths_known, args.gen_tokens, [continuation[s, f.id] for s, f in known])
-    reference, flu_before, _ = cached_reference(loaded, cache_root() / "eval", with_fluency=with_fluency)
+    unedited = evaluate_model(loaded, [], reference_cache=cache_root() / "eval", with_fluency=with_fluency,
+                              generation=False)
+    reference, flu_before = unedited.next_tokens, unedited.fluency
 
     t = time.perf_counter()
     uncached = len(cache.missing(err_facts))

@@ -76,7 +76,7 @@ def delta_at(loaded, factors: dict, mask: torch.Tensor):
 @torch.no_grad()
 def next_logprobs(loaded, prompt: str) -> torch.Tensor:
     ids = loaded.tokenizer(prompt, return_tensors="pt")["input_ids"].to(loaded.device)
-    return torch.log_softmax(loaded.model(input_ids=ids).logits[0, -1].double(), -1)
+    return torch.log_softmax(loaded.logits(1, input_ids=ids)[0, -1].double(), -1)
 
 
 def main() -> None:

@@ -67,7 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
 from covedit.pipeline.edit import templates_for  # noqa: E402
-from covedit.pipeline.evaluate import score  # noqa: E402
+from covedit.pipeline.evaluate import kl_divergence, score  # noqa: E402
 from covedit.pipeline.facts import read_facts  # noqa: E402
 from covedit.pipeline.geometry import (Concept, centroids, concepts_of, default_geometry_layers,  # noqa: E402
                                       subject_template)
@@ -251,13 +251,6 @@ class Prompts:
         return texts
 
 
-def kl_rows(before: torch.Tensor, after: torch.Tensor) -> np.ndarray:
-    """KL(before ‖ after) per row, in float64, as evaluate.drift computes it."""
-    lb, la = before.double().cpu(), after.double().cpu()
-    pb = lb.exp()
-    return torch.where(pb > 0, pb * (lb - la), torch.zeros_like(pb)).sum(-1).numpy()
-
-
 def pool_of(hand: list, zsre: list) -> list[dict]:
     """The neighbourhood prompts with a known subject: the hand-made facts' neighbours, and the first zsRE rewrite
     prompt of each subject."""
@@ -393,7 +386,7 @@ def main() -> None:
         own = score(loaded, [f.rewrite_prompt() for f in e.facts], [f.target_new for f in e.facts])
         efficacy.append(float(np.mean([sc.token_acc for sc in own])))
         edited = Prompts(loaded, prompts)
-        kl[i] = kl_rows(before_next, edited.next)
+        kl[i] = kl_divergence(before_next.cpu(), edited.next.cpu()).numpy()
         dlogp[i] = edited.target_logprob(news[i]) - before_lp[i]
         conts = edited.greedy()
         for j in cols:

@@ -60,7 +60,7 @@ class BatchEditConfig:
     evaluate: bool = True
     generation: bool = True  # the generation family (greedy answers, chat) in the evaluation; off: teacher-forced only
     # Where the unedited model's fact-independent evaluation (unrelated prompts, fluency) is kept between
-    # runs (evaluate.cached_reference); None measures it every time.
+    # runs (evaluate.evaluate_model's reference_cache); None measures it every time.
     reference_cache: Path | None = None
     force: bool = False  # write the model even when the evaluation says the edit broke it
     # Sequence limits (pipeline/history.py): refuse a batch whose model is further than this from the

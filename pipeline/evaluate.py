@@ -99,9 +99,13 @@ def _mean(values: list[float]) -> float | None:
 def fact_metrics(loaded: LoadedModel, facts: list, batch_size: int = 32, generation: bool = True) -> list[dict]:
     """Per fact: efficacy, generalisation, specificity in both teacher-forced families, P(new) on each prompt
     family, ripple token accuracy, and (``generation``) the generation family with the texts it scored."""
-    rows = _teacher_forced_metrics(loaded, facts, batch_size)
-    gens = generation_metrics(loaded, facts, batch_size) if generation else [{} for _ in facts]
-    return [{**row, **{m: None for m in GEN_METRICS}, **gen} for row, gen in zip(rows, gens)]
+    gens = generation_metrics(loaded, facts, batch_size) if generation else None
+    return _with_generation(_teacher_forced_metrics(loaded, facts, batch_size), gens)
+
+
+def _with_generation(rows: list[dict], gens: list[dict] | None) -> list[dict]:
+    """The teacher-forced rows with the generation family's metrics (absent, None, without ``gens``)."""
+    return [{**row, **{m: None for m in GEN_METRICS}, **gen} for row, gen in zip(rows, gens or [{}] * len(rows))]
 
 
 # ------------------------------------------------------------------------------------------ generation family
@@ -343,6 +347,13 @@ def next_token_logprobs(loaded: LoadedModel, prompts: list[str] | None = None, b
     return NextTokens(prompts, logprobs, top1)
 
 
+def kl_divergence(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """KL(before ‖ after) in nats of each row of two log-distributions, in float64 (exactly 0 for equal rows)."""
+    lb, la = before.double(), after.double()
+    pb = lb.exp()
+    return torch.where(pb > 0, pb * (lb - la), torch.zeros_like(pb)).sum(-1)
+
+
 def drift(before: NextTokens, after: NextTokens) -> dict:
     """How far ``after`` moved from ``before`` on the same prompts.
 
@@ -354,10 +365,8 @@ def drift(before: NextTokens, after: NextTokens) -> dict:
     if before.logprobs.shape != after.logprobs.shape:
         raise UsageError(f"Cannot compare next-token distributions over vocabularies of {before.logprobs.shape[-1]} "
                          f"and {after.logprobs.shape[-1]} tokens: the two models must share a tokenizer.")
-    lb, la = before.logprobs.double(), after.logprobs.double()
-    pb = lb.exp()
-    kl = torch.where(pb > 0, pb * (lb - la), torch.zeros_like(pb)).sum(-1)
-    changed = lb.argmax(-1) != la.argmax(-1)
+    kl = kl_divergence(before.logprobs, after.logprobs)
+    changed = before.logprobs.argmax(-1) != after.logprobs.argmax(-1)
     return {
         "n_prompts": len(before.prompts),
         "mean_kl": float(kl.mean()),
@@ -462,7 +471,10 @@ def evaluate_model(loaded: LoadedModel, facts: list, batch_size: int = 32, unrel
 
     ``reference_cache`` (a folder): take the parts that do not depend on the facts (the unrelated-prompt
     distributions and fluency) from there when this model's were measured before, else measure and store
-    them (``cached_reference``); ``extra["reference_cached"]`` says which happened. The generation family
+    them: an unedited model gives the same numbers every time, and measuring them again (the greedy
+    generations above all) is most of a small batch-edit's evaluation; a file that cannot be read is
+    measured again and replaced. ``extra["reference_cached"]`` says which happened. With no facts this is
+    the reference alone. The generation family
     (``generation``) is per fact, so it is measured every time, never cached.
 
     Every greedy generation (the generation family's and fluency's) runs in one decoding pass: rows that
@@ -490,8 +502,7 @@ def evaluate_model(loaded: LoadedModel, facts: list, batch_size: int = 32, unrel
         flu = fluency_of(flu_prompts, texts[len(jobs):], max_new_tokens)
     if path is not None and saved is None:
         _write_reference(path, next_tokens, flu)
-    gens = generation_rows(facts, jobs, texts[:len(jobs)]) if generation else [{} for _ in facts]
-    rows = [{**row, **{m: None for m in GEN_METRICS}, **gen} for row, gen in zip(rows, gens)]
+    rows = _with_generation(rows, generation_rows(facts, jobs, texts[:len(jobs)]) if generation else None)
     return Evaluation(model_id=loaded.model_id, per_fact=rows, aggregate=aggregate(rows), next_tokens=next_tokens,
                       fluency=flu, extra=extra)
 
@@ -504,27 +515,6 @@ def reference_key(loaded: LoadedModel, unrelated_prompts: list[str], fluency_pro
     key = {"model": loaded.fingerprint(), "unrelated": unrelated_prompts, "fluency": fluency_prompts,
            "max_new_tokens": max_new_tokens}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-
-
-def cached_reference(loaded: LoadedModel, folder: Path, unrelated_prompts: list[str] | None = None,
-                     with_fluency: bool = True, fluency_prompts: list[str] | None = None, max_new_tokens: int = 50
-                     ) -> tuple[NextTokens, dict | None, bool]:
-    """(unrelated-prompt distributions, fluency or None, whether they came from ``folder``) of an unedited
-    model. An unedited model gives the same numbers every time, and measuring them again (the greedy
-    generations above all) is most of a small batch-edit's evaluation. A file that cannot be read is
-    measured again and replaced."""
-    unrelated_prompts = load_prompts(UNRELATED_PROMPTS) if unrelated_prompts is None else list(unrelated_prompts)
-    fluency_list = None
-    if with_fluency:
-        fluency_list = load_prompts(FLUENCY_PROMPTS) if fluency_prompts is None else list(fluency_prompts)
-    path = Path(folder) / f"reference-{reference_key(loaded, unrelated_prompts, fluency_list, max_new_tokens)}.pt"
-    saved = _read_reference(path)
-    if saved is not None:
-        return *saved, True
-    next_tokens = next_token_logprobs(loaded, unrelated_prompts)
-    flu = fluency(loaded, fluency_list, max_new_tokens) if with_fluency else None
-    _write_reference(path, next_tokens, flu)
-    return next_tokens, flu, False
 
 
 def _read_reference(path: Path) -> tuple[NextTokens, dict | None] | None:

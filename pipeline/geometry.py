@@ -149,11 +149,8 @@ def states_at(loaded: LoadedModel, texts: list[tuple[str, str]], layers: list[in
         enc = encode_with_subject(loaded.tokenizer, [t for t, _ in chunk], [s for _, s in chunk], "right")
         first.append(enc.subject_last == 0)  # right padding: every row starts at column 0
         enc = enc.to(loaded.device)
-        inputs = enc.model_inputs()
-        if loaded.takes_logits_to_keep:
-            inputs["logits_to_keep"] = 1
         with capture_outputs(blocks) as seen:
-            loaded.model(**inputs)
+            loaded.logits(1, **enc.model_inputs())  # only the hooked states are read
         for layer, h in zip(layers, seen):
             rows = torch.arange(len(chunk), device=h.device)
             out[layer].append(h[rows, enc.subject_last.to(h.device)].double().cpu())

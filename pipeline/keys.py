@@ -37,9 +37,9 @@ from importlib import resources
 
 import torch
 
+from covedit.pipeline.atomic import replace_file
 from covedit.pipeline.errors import CannotWrite, DataError
 from covedit.pipeline.hooks import capture_inputs, run_until
-from covedit.pipeline.atomic import replace_file
 from covedit.pipeline.models import LoadedModel, ModelError, cache_root
 from covedit.pipeline.tokens import pad_id
 

@@ -347,11 +347,8 @@ def subject_outputs(loaded: LoadedModel, facts: list, modules: list[torch.nn.Mod
         chunk = facts[lo:lo + batch_rows]
         enc = encode_with_subject(loaded.tokenizer, [f.prompt for f in chunk], [f.subject for f in chunk],
                                   padding_side="left").to(loaded.device)
-        inputs = enc.model_inputs()
-        if loaded.takes_logits_to_keep:
-            inputs["logits_to_keep"] = 1
         with torch.no_grad(), capture_outputs(modules) as seen:
-            loaded.model(**inputs)
+            loaded.logits(1, **enc.model_inputs())  # only the hooked outputs are read
         for i, s in enumerate(seen):
             at = s.device  # the module's device
             out[i].append(s[torch.arange(len(chunk), device=at), enc.subject_last.to(at)].float())

@@ -281,7 +281,7 @@ def test_the_sink_benchmarks_batched_measures_are_the_locality_studys(tokenizer)
     before, after = ss.Prompts(loaded, prompts), ss.Prompts(other, prompts)
     assert torch.allclose(before.next, next_token_logprobs(loaded, prompts).logprobs, atol=1e-4)
     expected_kl = [d["kl"] for d in drift(next_token_logprobs(loaded, prompts), next_token_logprobs(other, prompts))["per_prompt"]]
-    assert ss.kl_rows(before.next, after.next) == pytest.approx(expected_kl, rel=1e-3, abs=1e-6)
+    assert ss.kl_divergence(before.next, after.next).numpy() == pytest.approx(expected_kl, rel=1e-3, abs=1e-6)
     for target in ("Rome", "Gustave Eiffel", "acetaminophen overdose"):
         expected = [s.logprob for s in score(loaded, prompts, [target] * len(prompts))]
         assert before.target_logprob(target) == pytest.approx(expected, abs=1e-3)
