@@ -137,6 +137,8 @@ class LoadedModel:
     # Context templates generated from this model (pipeline.keys.context_templates), by their settings. They
     # live and die with this object: another LoadedModel (dataclasses.replace included) starts empty.
     template_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    # fingerprint()'s last answer and the state of the down-projections it was computed from
+    _fingerprint_memo: tuple = field(default=((), ""), init=False, repr=False, compare=False)
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -208,16 +210,28 @@ class LoadedModel:
     def fingerprint(self) -> str:
         """What a measurement of this model in this process depends on, for on-disk caches: its identity
         (``model_id``), the sha256 of every down-projection (what covedit's edits change: an edited model
-        in memory keeps its ``model_id``), dtype, device type, and the torch and transformers versions."""
+        in memory keeps its ``model_id``), dtype, device type, and the torch and transformers versions.
+
+        Hashing the down-projections takes ~0.3 s on SmolLM2, and a batch-edit asks twice (evaluation reference,
+        context templates), so the answer is kept until a down-projection changes: every in-place change to a
+        tensor (``copy_``, ``+=``, under ``no_grad`` too) bumps its version counter, and a replaced parameter has
+        another identity. (Writing through ``.data`` would escape the counter; covedit never does.)
+        """
         import transformers  # noqa: PLC0415
 
+        weights = [self.down_proj(layer).weight for layer in range(self.num_layers)]
+        state = (self.model_id, *((id(w), w.data_ptr(), w._version) for w in weights))
+        if state == self._fingerprint_memo[0]:
+            return self._fingerprint_memo[1]
         params = next(self.model.parameters())
         down = hashlib.sha256()
         for layer in range(self.num_layers):
             down.update(self.down_weight(layer).detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         key = {"model_id": self.model_id, "down_sha256": down.hexdigest(), "dtype": str(params.dtype),
                "device": params.device.type, "torch": torch.__version__, "transformers": transformers.__version__}
-        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        answer = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        self._fingerprint_memo = (state, answer)
+        return answer
 
     def check_layers(self, layers: list[int]) -> None:
         bad = [layer for layer in layers if not 0 <= layer < self.num_layers]

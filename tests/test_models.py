@@ -1,6 +1,8 @@
 """The architecture registry finds the down-projection of every supported architecture, in the right
 orientation, and refuses what it cannot handle with a sentence that says what to do."""
 
+import hashlib
+
 import pytest
 import torch
 
@@ -119,3 +121,26 @@ def test_second_embedded_model_gemma3_loads_with_bos():
     with capture_inputs([m.down_proj(2)], stop_after=m.down_proj(2)) as seen, torch.no_grad():
         assert run_until(m.model, input_ids=ids) is None
     assert seen[0].shape == (1, ids.shape[1], m.d_ff) and torch.isfinite(seen[0]).all()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2's Conv1D: down_weight is a transposed view
+def test_fingerprint_follows_in_place_edits_and_is_not_recomputed_otherwise(arch, tokenizer, monkeypatch):
+    """fingerprint() is kept while no down-projection changes, and follows every in-place change (a view's
+    included): an edit gives another fingerprint, putting the weights back gives the first one again."""
+    loaded = build_tiny(arch, tokenizer)
+    first = loaded.fingerprint()
+    hashed = []
+    real_sha256 = hashlib.sha256
+    monkeypatch.setattr(hashlib, "sha256", lambda *a: hashed.append(1) or real_sha256(*a))
+    assert loaded.fingerprint() == first and not hashed
+    W = loaded.down_weight(1)
+    original = W.detach().clone()
+    with torch.no_grad():
+        W[0, 0] += 1.0
+    edited = loaded.fingerprint()
+    assert edited != first and hashed
+    with torch.no_grad():
+        W.copy_(original)
+    assert loaded.fingerprint() == first
+    loaded.model_id = "another"
+    assert loaded.fingerprint() not in (first, edited)
