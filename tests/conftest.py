@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -70,20 +71,28 @@ ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gem
 POST_NORM_ARCHS = ["gemma2", "gemma3", "gemma3_text", "olmo2"]  # a norm between the MLP and the residual stream
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread(request):
-    """Tests run with one torch thread, except the slow ones: tiny models run many small operations, where a
-    second thread only adds synchronisation (several times slower on a busy 2-core machine), while the real
-    model's forwards gain from every core. Restored after each test."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
+@contextmanager
+def one_thread():
+    """One torch thread inside, the previous count restored after: tiny models run many small operations,
+    where a second thread only adds synchronisation (several times slower on a busy 2-core machine). Module
+    and session fixtures that run tiny models use it too: they are set up before the per-test fixture below."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread(request):
+    """Tests run with one torch thread (``one_thread``), except the slow ones, whose real-model forwards gain
+    from every core."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    with one_thread():
+        yield
 
 
 def build_tiny(model_type: str, tokenizer, seed: int = 0) -> LoadedModel:
@@ -195,14 +204,10 @@ def evaluations(tokenizer):
     thread: many small forwards, where synchronisation would dominate)."""
     from covedit.pipeline.evaluate import evaluate_model
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         base = build_tiny("llama", tokenizer)
         other = build_tiny("llama", tokenizer)
         with torch.no_grad():
             other.down_weight(2).add_(0.5 * torch.randn_like(other.down_weight(2)))
         opts = dict(fluency_prompts=SHORT, max_new_tokens=12)
         return evaluate_model(base, EVAL_FACTS, **opts), evaluate_model(other, EVAL_FACTS, **opts)
-    finally:
-        torch.set_num_threads(threads)

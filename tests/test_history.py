@@ -12,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import one_thread
 from covedit.cli import app
 from covedit.pipeline.batch_edit import BatchEditConfig, run_batch_edit
 from covedit.pipeline.delta import layer_hashes, load_delta
@@ -62,9 +63,10 @@ def origin(tmp_path_factory, tokenizer):
 def seq(tmp_path_factory, origin):
     """e1, e2, e3: three batches in sequence (batch 2 evaluated), and the origin weights W0."""
     d = tmp_path_factory.mktemp("seq")
-    edit(BATCHES[0], d / "e1", model=origin)
-    edit(BATCHES[1], d / "e2", base=d / "e1", evaluate=True)
-    edit(BATCHES[2], d / "e3", base=d / "e2")
+    with one_thread():  # set up before the per-test one_torch_thread
+        edit(BATCHES[0], d / "e1", model=origin)
+        edit(BATCHES[1], d / "e2", base=d / "e1", evaluate=True)
+        edit(BATCHES[2], d / "e3", base=d / "e2")
     return {"dir": d, "W0": weights(origin), "origin": origin, **{f"e{i}": d / f"e{i}" for i in (1, 2, 3)}}
 
 
