@@ -8,7 +8,7 @@ facts of one zsRE slice (held out with ``--heldout-after``) in order, from the o
 * MEMIT with carried keys (``memit_carry``): every earlier batch's keys added to λC (run_memit's
   ``prev_keys``), so each solve also asks the earlier edits to stay where they are;
 * AlphaEdit: the null-space projected solve, every earlier batch's keys carried in ``C_prev`` (as
-  ``batch-edit --base`` does with alphaedit_keys.safetensors).
+  ``batch-edit --base`` does with carried_keys.safetensors).
 
 Targets come from the shared per-fact cache, optimised on the *unedited* model (what the sweeps use; facts
 of one subject and answer share one δ across the whole slice, even when they fall in two batches). A real

@@ -29,14 +29,12 @@ from covedit.pipeline.rome import run_rome
 from covedit.pipeline.errors import CannotWrite, DataError, MissingInput, MissingStatistics, UsageError
 from covedit.pipeline.evaluate import drift, evaluate_model
 from covedit.pipeline.facts import facts_sha256, read_facts
-from covedit.pipeline.history import HISTORY_DIR, Sequence
+from covedit.pipeline.history import CARRIED_KEYS, HISTORY_DIR, Sequence, carried_keys_file
 from covedit.pipeline.models import load_model
 from covedit.pipeline.targets import TargetResult
 from covedit.stats.store import StatsStore, default_stats_dir, find_store
 
 log = logging.getLogger(__name__)
-
-ALPHAEDIT_KEYS = "alphaedit_keys.safetensors"
 
 
 @dataclass
@@ -224,9 +222,11 @@ def run_batch_edit(cfg: BatchEditConfig) -> BatchEditResult:
     use_c = cfg.method == "alphaedit" or hp.covariance == "C"
     covs, stats_info = (load_covariances(cfg, original_model_id, loaded.arch.template(), layers, model_arg)
                         if use_c else (None, None))
-    prev_keys: dict[int, torch.Tensor] = {}
-    if cfg.method == "alphaedit" and cfg.base and (cfg.base / ALPHAEDIT_KEYS).exists():
-        prev_keys = {int(k.split(".")[1]): v for k, v in load_file(str(cfg.base / ALPHAEDIT_KEYS)).items()}
+    # Keys of the sequence's earlier batches: AlphaEdit's C_prev, MEMIT's preserve_earlier term.
+    carries = cfg.method == "alphaedit" or (cfg.method == "memit" and hp.preserve_earlier > 0)
+    keys_file = carried_keys_file(cfg.base) if cfg.base and carries else None
+    prev_keys: dict[int, torch.Tensor] = ({int(k.split(".")[1]): v for k, v in load_file(str(keys_file)).items()}
+                                          if keys_file else {})
 
     t_before = clock()
     before = (evaluate_model(loaded, facts, reference_cache=cfg.reference_cache, generation=cfg.generation)
@@ -242,7 +242,8 @@ def run_batch_edit(cfg: BatchEditConfig) -> BatchEditResult:
         outcome = run_memit(loaded, facts, layers, covs, hp.lam, hp.target, templates, clock, targets=cfg.targets,
                             keys_from=hp.keys_from, key_weights=key_weights_for(loaded, hp),
                             preserve_prompts=hp.preserve_prompts, preserve_relation=hp.preserve_relation,
-                            relation_subjects=hp.relation_subjects)
+                            relation_subjects=hp.relation_subjects, prev_keys=prev_keys,
+                            preserve_earlier=hp.preserve_earlier)
     else:
         projectors = alphaedit_projectors(covs, hp.null_space_threshold, hp.null_space_energy)
         outcome = run_memit(loaded, facts, layers, covs, 0.0, hp.target, templates, clock,
@@ -290,11 +291,11 @@ def run_batch_edit(cfg: BatchEditConfig) -> BatchEditResult:
         "history": sequence.summary(),
     }
     extra = {}
-    if cfg.method == "alphaedit":
+    if carries:
         carried = {layer: torch.cat([prev_keys[layer], outcome.keys[layer]]) if layer in prev_keys else outcome.keys[layer]
                    for layer in layers}
-        extra[ALPHAEDIT_KEYS] = carried
-        summary["alphaedit_carried_keys"] = {str(k): int(v.shape[0]) for k, v in carried.items()}
+        extra[CARRIED_KEYS] = carried
+        summary["carried_keys"] = {str(k): int(v.shape[0]) for k, v in carried.items()}
     write_edited_model(loaded, cfg.output, delta, summary, overwrite=cfg.overwrite,
                        extra_files={name: (lambda path, t=tensors: save_file(
                            {f"layer.{k}.keys": v.contiguous() for k, v in t.items()}, str(path)))

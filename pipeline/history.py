@@ -54,7 +54,18 @@ log = logging.getLogger(__name__)
 HISTORY_DIR = "history"
 HISTORY_FILE = "history.json"
 FORMAT_VERSION = 1
-ALPHAEDIT_KEYS = "alphaedit_keys.safetensors"  # batch_edit.py's name for AlphaEdit's carried keys
+# Every batch's keys so far, per edited layer ("layer.{L}.keys": (m, d_ff)), written beside an edited model so
+# that the next batch-edit --base can keep them: AlphaEdit's C_prev, MEMIT's preserve_earlier.
+CARRIED_KEYS = "carried_keys.safetensors"
+OLD_CARRIED_KEYS = "alphaedit_keys.safetensors"  # the name before MEMIT carried keys too (AlphaEdit only)
+
+
+def carried_keys_file(folder: Path) -> Path | None:
+    """The carried keys beside the edited model in ``folder`` (under either name), or None."""
+    for name in (CARRIED_KEYS, OLD_CARRIED_KEYS):
+        if (folder / name).is_file():
+            return folder / name
+    return None
 
 
 def _now() -> str:
@@ -423,10 +434,10 @@ def revert_batches(folder: Path | str, numbers: list[int], output: Path | str, *
                 "evaluation": {"per_batch": result.per_batch, "drift_from_origin": result.drift_from_origin}
                 if evaluate else None}
     extra = {HISTORY_DIR: lambda path: new.write(path)}
-    if (folder / ALPHAEDIT_KEYS).is_file():
-        log.warning("%s still holds the reverted batches' keys: later AlphaEdit batches keep protecting them",
-                    ALPHAEDIT_KEYS)
-        extra[ALPHAEDIT_KEYS] = lambda path: shutil.copyfile(folder / ALPHAEDIT_KEYS, path)
+    keys_file = carried_keys_file(folder)
+    if keys_file is not None:
+        log.warning("%s still holds the reverted batches' keys: later batches keep protecting them", keys_file.name)
+        extra[CARRIED_KEYS] = lambda path: shutil.copyfile(keys_file, path)
     write_edited_model(loaded, output, delta, manifest, overwrite=overwrite, extra_files=extra)
     return result
 

@@ -71,6 +71,15 @@ class MemitHParams:
     # asked about other subjects keeps its answers (memit.py). 0 is the reference MEMIT.
     preserve_relation: float = 0.0
     relation_subjects: int = 16
+    # Weight of Σ k kᵀ over the keys of every earlier batch of a sequence (``batch-edit --base``; kept in the
+    # output's carried_keys.safetensors) added to λC, so each new solve also asks what earlier batches wrote
+    # to stay: at 1 it is the least-squares edit of all batches' keys with the earlier residuals already
+    # written. 0 is the reference MEMIT, each batch solved alone. A single batch is the same either way.
+    # Why on: on 10 x 100 held-out zsRE facts in sequence it keeps the first batch at 71.0 % efficacy after
+    # the tenth where 0 keeps 39.8 % (benchmarks/sequential.py, docs/edit-quality.md). No value was tuned
+    # (1 is the weight a new key's own residual has) and the choice was measured on held-out facts only: a
+    # tuning-slice sequence is still to run.
+    preserve_earlier: float = 1.0
     target: TargetHParams = field(default_factory=TargetHParams)
 
 

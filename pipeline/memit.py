@@ -164,7 +164,7 @@ def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: 
               alphaedit: dict | None = None, targets: TargetResult | None = None,
               keys_from: str = "templates", key_weights: list[float] | None = None,
               preserve_prompts: float = 0.0, preserve_relation: float = 0.0, relation_subjects: int = 16,
-              prev_keys: dict[int, torch.Tensor] | None = None) -> EditOutcome:
+              prev_keys: dict[int, torch.Tensor] | None = None, preserve_earlier: float = 1.0) -> EditOutcome:
     """MEMIT (or AlphaEdit when ``alphaedit`` = {"P": {layer: P}, "prev_keys": {layer: K}, "alpha": a}, and
     optionally "lam": λ with ``covariances`` for λC inside the projected solve).
 
@@ -172,7 +172,8 @@ def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: 
     (memit.py); AlphaEdit ignores it. ``preserve_relation`` = ν > 0 adds ν Σ k kᵀ of the edited prompts with
     ``relation_subjects`` ordinary entity names in place of their subjects (keys.relation_key_moment).
     ``prev_keys`` ({layer: (m, d_ff)}, MEMIT only) are earlier sequential batches' keys, added to λC as
-    Σ k kᵀ: what they wrote is asked to stay (Δ k ≈ 0) with the weight a new key's residual has.
+    ``preserve_earlier`` · Σ k kᵀ: what they wrote is asked to stay (Δ k ≈ 0); at 1 with the weight a new
+    key's residual has.
 
     ``key_weights`` weigh ``templates`` in the key average (``key_weights_for``); None takes ``templates``
     as the bare ``"{}"`` followed by one group of prefixes (MEMIT's default). ``keys_from="prompt"`` takes
@@ -210,8 +211,8 @@ def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: 
                     loaded, layer, [f.prompt for f in facts], [f.subject for f in facts], relation_subjects)
                 C_keep = moment if C_keep is None else C_keep + moment
             carried = (prev_keys or {}).get(layer)
-            if carried is not None and len(carried):
-                moment = carried.to(at).double().T @ carried.to(at).double()
+            if carried is not None and len(carried) and preserve_earlier > 0:
+                moment = preserve_earlier * (carried.to(at).double().T @ carried.to(at).double())
                 C_keep = moment if C_keep is None else C_keep + moment
             up, down = memit_solve(K, R, C, lam, C_keep)
         else:

@@ -207,11 +207,11 @@ def test_alphaedit_sequence_carries_keys_forward(tiny_dir, corpus_file, tmp_path
     assert res.returncode == 0, res.stderr
     m1 = json.loads((tmp_path / "e1" / "manifest.json").read_text())
     m2 = json.loads((tmp_path / "e2" / "manifest.json").read_text())
-    assert m1["alphaedit_carried_keys"] == {"1": 2, "2": 2, "3": 2}
-    assert m2["alphaedit_carried_keys"] == {"1": 3, "2": 3, "3": 3}
+    assert m1["carried_keys"] == {"1": 2, "2": 2, "3": 2}
+    assert m2["carried_keys"] == {"1": 3, "2": 3, "3": 3}
     assert m2["original_model_id"] == m1["original_model_id"] and m2["stats"]["path"] == m1["stats"]["path"]
     from safetensors.torch import load_file
-    keys = load_file(str(tmp_path / "e2" / "alphaedit_keys.safetensors"))
+    keys = load_file(str(tmp_path / "e2" / "carried_keys.safetensors"))
     assert keys["layer.2.keys"].shape == (3, 32)
 
 

@@ -36,7 +36,8 @@ def edit(facts: list[dict], out: Path, model: Path | None = None, base: Path | N
     f = out.parent / f"{out.name}.jsonl"
     f.write_text("".join(json.dumps(x) + "\n" for x in facts))
     return run_batch_edit(BatchEditConfig(facts=f, output=out, model=str(model), base=base, covariance="identity",
-                                          overrides=COMMON, evaluate=kw.pop("evaluate", False), **kw))
+                                          overrides=kw.pop("overrides", COMMON), evaluate=kw.pop("evaluate", False),
+                                          **kw))
 
 
 def weights(folder: Path) -> dict[int, torch.Tensor]:
@@ -111,6 +112,38 @@ def test_history_records_every_batch(seq):
     assert [r[:3] for r in rows] == [["1", "applied", "memit"], ["2", "applied", "memit"], ["3", "applied", "memit"]]
     res = CliRunner().invoke(app, ["history", str(seq["e3"]), "--json"])
     assert json.loads(res.stdout)["batches"][2]["facts"]["sha256"] == hist.batches[2]["facts"]["sha256"]
+
+
+def test_memit_sequence_carries_every_batchs_keys(seq, tmp_path):
+    """Each MEMIT output holds every batch's keys so far (the earlier ones first, unchanged); a --base batch
+    with the carried keys weighed in moves the earlier batch's keys' outputs far less than the reference MEMIT
+    (preserve_earlier=0) does from the same base (the tiny model's keys are small against λ here, so the
+    weight is raised to show it); a base written before the file's rename (alphaedit_keys.safetensors) is
+    read the same as the new name."""
+    from safetensors.torch import load_file
+
+    keys = {name: load_file(str(seq[name] / "carried_keys.safetensors")) for name in ("e1", "e2", "e3")}
+    assert [keys[name]["layer.2.keys"].shape[0] for name in ("e1", "e2", "e3")] == [2, 3, 4]
+    assert torch.equal(keys["e2"]["layer.1.keys"][:2], keys["e1"]["layer.1.keys"])
+    assert json.loads((seq["e2"] / "manifest.json").read_text())["carried_keys"] == {"1": 3, "2": 3}
+
+    def moved(out: Path) -> float:  # how far batch 2's update moves batch 1's keys' outputs
+        delta = dense(read_history(out).delta(2))
+        return sum(float((delta[layer] @ keys["e1"][f"layer.{layer}.keys"].double().T).norm()) for layer in LAYERS)
+
+    with one_thread():
+        reference = edit(BATCHES[1], tmp_path / "ref", base=seq["e1"], overrides=COMMON + ["preserve_earlier=0"])
+        edit(BATCHES[1], tmp_path / "kept", base=seq["e1"], overrides=COMMON + ["preserve_earlier=1e4"])
+        old = tmp_path / "old-e1"
+        shutil.copytree(seq["e1"], old)
+        (old / "carried_keys.safetensors").rename(old / "alphaedit_keys.safetensors")
+        renamed = edit(BATCHES[1], tmp_path / "renamed", base=old)
+    assert "carried_keys" not in reference.manifest
+    assert moved(tmp_path / "kept") < 0.1 * moved(tmp_path / "ref")
+    assert moved(seq["e2"]) < moved(tmp_path / "ref")
+    assert renamed.manifest["carried_keys"] == {"1": 3, "2": 3}
+    for layer, dw in dense(read_history(tmp_path / "renamed").delta(2)).items():
+        close(dw, dense(read_history(seq["e2"]).delta(2))[layer])
 
 
 def test_drift_from_origin_of_a_later_batch_is_against_the_original_model(seq):

@@ -261,3 +261,24 @@ def test_memit_carrying_earlier_keys_solves_with_their_moment_added(tiny):
     torch.testing.assert_close(up @ down, up @ torch.linalg.solve(A, K).T, rtol=1e-6, atol=1e-9)
     moved = lambda f: float((f[0].double() @ f[1].double() @ P.T).norm())  # noqa: E731
     assert moved(carried.factors[2]) < moved(alone.factors[2])
+
+
+def test_preserve_earlier_weighs_the_carried_keys_moment(tiny):
+    """preserve_earlier = w adds w Σ k kᵀ of the carried keys: the same update as carrying √w · K_prev at
+    weight 1; at 0 the carried keys are ignored (the reference MEMIT, each batch alone)."""
+    from covedit.pipeline.targets import compute_targets
+
+    targets = compute_targets(tiny, FACTS, 2, FAST, ["{}"])
+    original = tiny.down_weight(2).detach().clone()
+    torch.manual_seed(1)
+    prev = torch.randn(5, tiny.d_ff)
+
+    def update(**kw):
+        with torch.no_grad():
+            tiny.down_weight(2).copy_(original)
+        up, down = run_memit(tiny, FACTS, [2], None, 0.3, FAST, ["{}"], lambda: 0.0, targets=targets, **kw).factors[2]
+        return up.double() @ down.double()
+
+    torch.testing.assert_close(update(prev_keys={2: prev}, preserve_earlier=4.0), update(prev_keys={2: 2 * prev}),
+                               rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(update(prev_keys={2: prev}, preserve_earlier=0.0), update(), rtol=0, atol=0)
