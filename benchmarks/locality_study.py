@@ -18,7 +18,8 @@ Fact sets: the first N distinct records of the zsRE sample (N = 1, 10, 100 by de
 benchmarks/data/study_facts.jsonl (a simple fact, the study's malignant hyperthermia → succinylcholine
 with its anaphylaxis / heparin prompts, the Eiffel Tower). Measured after each edit, against the unedited
 model: both metric families (success P(new) > P(true) where a true target exists; teacher-forced token
-accuracy), leakage (share of neighbourhood prompts whose greedy 10-token continuation now names the new
+accuracy; the generation family: the greedy continuation of the rewrite prompt and of the paraphrases, and
+the chat reply to the question asked through the chat template, name the new object), leakage (share of neighbourhood prompts whose greedy 10-token continuation now names the new
 object, the study's "contaminated"), drift on the 42 shipped unrelated prompts (mean KL, top-1 changed)
 and fluency (GE). Two more sections reuse the zsRE targets of the largest size: MEMIT with statistics of
 different token budgets (``--budget name=stats_dir``) and a λ sweep (``--lams``; with ``--skip 100`` on
@@ -160,6 +161,7 @@ def row(label: str, method: str, n: int, seconds: float | None, m: dict) -> dict
             "efficacy_success": a["efficacy_success"], "generalization_success": a["generalization_success"],
             "specificity_success": a["specificity_success"], "efficacy_acc": a["efficacy_acc"],
             "generalization_acc": a["generalization_acc"], "specificity_acc": a["specificity_acc"],
+            "efficacy_gen": a["efficacy_gen"], "generalization_gen": a["generalization_gen"], "chat_gen": a["chat_gen"],
             "leak_pct": m["leakage"].get("pct"), "leak": f"{m['leakage']['contaminated']}/{m['leakage']['n_prompts']}",
             "leak_examples": m["leakage"]["examples"], "drift_kl": m["drift"]["mean_kl"],
             "drift_top1_pct": m["drift"]["top1_changed_pct"], "ge": m["ge"]}
@@ -170,12 +172,14 @@ def fmt(x, digits: int = 1) -> str:
 
 
 def print_table(rows: list[dict], extra: str = "method") -> None:
-    print(f"| set | {extra} | facts | ES | PS | NS | eff acc | para acc | nbhd acc | leak | drift KL | top-1 changed | GE |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| set | {extra} | facts | ES | PS | NS | eff acc | para acc | nbhd acc | eff gen | para gen | chat | leak "
+          "| drift KL | top-1 changed | GE |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['set']} | {r[extra]} | {r['facts']} | {fmt(r['efficacy_success'])} | "
               f"{fmt(r['generalization_success'])} | {fmt(r['specificity_success'])} | {fmt(r['efficacy_acc'])} | "
-              f"{fmt(r['generalization_acc'])} | {fmt(r['specificity_acc'])} | {r['leak']} | "
+              f"{fmt(r['generalization_acc'])} | {fmt(r['specificity_acc'])} | {fmt(r.get('efficacy_gen'))} | "
+              f"{fmt(r.get('generalization_gen'))} | {fmt(r.get('chat_gen'))} | {r['leak']} | "
               f"{fmt(r['drift_kl'], 4)} | {fmt(r['drift_top1_pct'])} % | {fmt(r['ge'], 0)} |", flush=True)
 
 
