@@ -7,11 +7,18 @@ all columns alike):
   (b) covedit's collector: one truncated forward serves all layers, Σ k kᵀ accumulated (per --accumulate);
   (c) the reference strategy: one separate truncated pass per layer, each accumulating its own layer.
 
+With ``--compare mixed`` a fourth column (b') runs the collector with that other precision on the same
+batches, and the run reports its speed beside (a) and (b) and its largest relative difference from (b)'s
+float64 sums, max |Σ' − Σ| / max |Σ| over the layers (issue 15: ``mixed`` becomes the default only if this
+is below 1e-6 at 1M tokens). ``--skip-reference`` leaves (c) out.
+
 Then (d): the whole `build-stats` pipeline end to end (tokenising, batching, checkpoints, zarr) on the same
 token budget, and its peak resident memory at two budgets (it must not grow with the budget).
 
     python benchmarks/bench_stats.py --tokens 200000            # about 15 minutes on a 2-core CPU
     python benchmarks/bench_stats.py --device cuda --dtype bfloat16 --tokens 2000000
+    python benchmarks/bench_stats.py --tokens 1000000 --compare mixed --skip-reference --skip-end-to-end \
+        --json benchmarks/results/bench_stats_mixed_1M_cpu.json
 """
 
 from __future__ import annotations
@@ -91,6 +98,8 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--memory-budgets", default="50000,500000", help="token budgets for the peak-RSS check ('' to skip)")
     ap.add_argument("--skip-end-to-end", action="store_true")
+    ap.add_argument("--compare", default=None, help="another --accumulate to run beside it, e.g. mixed")
+    ap.add_argument("--skip-reference", action="store_true", help="leave out (c), one pass per layer")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
 
@@ -106,7 +115,9 @@ def main() -> None:
 
     ours = {L: SecondMoment(loaded.d_ff, args.accumulate, loaded.device) for L in args.layers}
     ref = {L: SecondMoment(loaded.d_ff, args.accumulate, loaded.device) for L in args.layers}
-    times = {"a": 0.0, "b": 0.0, "c": 0.0}
+    other = ({L: SecondMoment(loaded.d_ff, args.compare, loaded.device) for L in args.layers}
+             if args.compare else None)
+    times = {"a": 0.0, "b": 0.0, "c": 0.0, "b2": 0.0}
     bare_forward(loaded, args.layers, batches[0])  # warm-up
     for i, batch in enumerate(batches):
         sync(loaded.device); t = time.perf_counter()
@@ -116,22 +127,37 @@ def main() -> None:
         for _ in accumulate_batches(loaded, args.layers, [batch], ours):
             pass
         sync(loaded.device); times["b"] += time.perf_counter() - t
-        t = time.perf_counter()
-        for L in args.layers:
-            for _ in accumulate_batches(loaded, [L], [batch], {L: ref[L]}):
+        if other is not None:
+            t = time.perf_counter()
+            for _ in accumulate_batches(loaded, args.layers, [batch], other):
                 pass
-        sync(loaded.device); times["c"] += time.perf_counter() - t
+            sync(loaded.device); times["b2"] += time.perf_counter() - t
+        if not args.skip_reference:
+            t = time.perf_counter()
+            for L in args.layers:
+                for _ in accumulate_batches(loaded, [L], [batch], {L: ref[L]}):
+                    pass
+            sync(loaded.device); times["c"] += time.perf_counter() - t
         if (i + 1) % 10 == 0:
-            print(f"  batch {i + 1}/{len(batches)}: a {times['a']:.1f}s b {times['b']:.1f}s c {times['c']:.1f}s", flush=True)
-    for L in args.layers:  # the two strategies must agree
+            print(f"  batch {i + 1}/{len(batches)}: " + " ".join(f"{k} {v:.1f}s" for k, v in times.items() if v),
+                  flush=True)
+    for L in args.layers if not args.skip_reference else []:  # the two strategies must agree
         a, b = ours[L].state(), ref[L].state()
         assert a[1] == b[1] and abs(a[0] - b[0]).max() <= 1e-9 * abs(a[0]).max(), f"layer {L} differs"
+    compare_error = None
+    if other is not None:
+        compare_error = max(float(abs(other[L].state()[0] - ours[L].state()[0]).max() / abs(ours[L].state()[0]).max())
+                            for L in args.layers)
 
-    rate = {k: n_tokens / v for k, v in times.items()}
+    rate = {k: n_tokens / v for k, v in times.items() if v}
     results = {"machine": machine(), "model": loaded.model_id, "dtype": args.dtype, "device": str(loaded.device),
                "layers": args.layers, "tokens": n_tokens, "accumulate": args.accumulate,
-               "bare_forward_tok_s": rate["a"], "covedit_collect_tok_s": rate["b"], "per_layer_passes_tok_s": rate["c"],
-               "b_over_a": rate["b"] / rate["a"], "b_over_c": rate["b"] / rate["c"]}
+               "bare_forward_tok_s": rate["a"], "covedit_collect_tok_s": rate["b"],
+               "per_layer_passes_tok_s": rate.get("c"), "b_over_a": rate["b"] / rate["a"],
+               "b_over_c": rate["b"] / rate["c"] if "c" in rate else None}
+    if other is not None:
+        results["compare"] = {"accumulate": args.compare, "collect_tok_s": rate["b2"], "over_a": rate["b2"] / rate["a"],
+                              "over_b": rate["b2"] / rate["b"], "max_relative_difference": compare_error}
     if not args.skip_end_to_end:
         budgets = [int(x) for x in args.memory_budgets.split(",") if x] or [args.tokens]
         if args.tokens not in budgets:
@@ -148,11 +174,18 @@ def main() -> None:
     print("|---|---:|---:|")
     print(f"| (a) bare forward, truncated after layer {max(args.layers)} | {rate['a']:,.0f} | 1.00 |")
     print(f"| (b) covedit collector, {len(args.layers)} layers in one pass | {rate['b']:,.0f} | {rate['b'] / rate['a']:.2f} |")
-    print(f"| (c) reference strategy, one pass per layer | {rate['c']:,.0f} | {rate['c'] / rate['a']:.2f} |")
+    if other is not None:
+        print(f"| (b') covedit collector, accumulate {args.compare} | {rate['b2']:,.0f} | {rate['b2'] / rate['a']:.2f} |")
+    if "c" in rate:
+        print(f"| (c) reference strategy, one pass per layer | {rate['c']:,.0f} | {rate['c'] / rate['a']:.2f} |")
     if "build_stats_end_to_end_tok_s" in results:
         r = results["build_stats_end_to_end_tok_s"]
         print(f"| (d) `build-stats` end to end (incl. model load, tokenising, zarr) | {r:,.0f} | {r / rate['a']:.2f} |")
-    print(f"\n(b)/(c) = {rate['b'] / rate['c']:.2f}x faster than one pass per layer")
+    if "c" in rate:
+        print(f"\n(b)/(c) = {rate['b'] / rate['c']:.2f}x faster than one pass per layer")
+    if other is not None:
+        print(f"{args.compare} against {args.accumulate}: {rate['b2'] / rate['b']:.2f}x the speed, largest relative "
+              f"difference of the sums {compare_error:.2e}")
     for k, v in results.items():
         if k.endswith("peak_rss_mib"):
             print(f"peak RSS of build-stats at {k.split('_')[2]} tokens: {v:,.0f} MiB")
