@@ -14,7 +14,11 @@ What the model gets wrong is ``covedit probe``'s rule (pipeline/correct.py): not
 answer is its teacher-forced top-1 prediction. The errors become edits to the true answer, exactly as
 ``covedit probe --wrong-only --write FILE`` writes them, in a seeded order, and are written as MEMIT's
 defaults write them: one batch, or (``--batches K``) K sequential batches, each applied to the model the
-previous ones left. Targets come from the shared per-fact cache (benchmarks.common.TargetCache), optimised
+previous ones left with the earlier batches' keys carried as ``batch-edit --base`` carries them (MEMIT's
+``preserve_earlier``; ``--set preserve_earlier=0`` solves each batch alone). ``--keep-known W`` also puts the
+keys of a seeded half of the facts the model already knows into that term (weight W) from the first batch:
+what a user can do with ``probe``'s right answers; the other half says whether the protection reaches
+known facts the edit was not told about. Targets come from the shared per-fact cache (benchmarks.common.TargetCache), optimised
 on the unedited model, so reruns and other batchings reuse them; ``--fresh-targets`` optimises the targets of
 each batch after the first on the model as edited so far, as ``batch-edit --base`` does (not cached).
 
@@ -57,7 +61,7 @@ from benchmarks.common import DEFAULT_DATA, covariances, memit_target_cache  # n
 from benchmarks.common import fact_slice  # noqa: E402
 from benchmarks.relation_locality import world_facts  # noqa: E402
 from covedit.pipeline.correct import classify  # noqa: E402
-from covedit.pipeline.edit import key_weights_for, templates_for  # noqa: E402
+from covedit.pipeline.edit import key_weights_for, keys_at, templates_for  # noqa: E402
 from covedit.pipeline.evaluate import (drift, evaluate_model, fluency, greedy_continuations,  # noqa: E402
                                       next_token_logprobs, probe, says, score)
 from covedit.pipeline.hparams import load_hparams  # noqa: E402
@@ -135,6 +139,9 @@ def main() -> None:
                     help="optimise the targets of batches after the first on the edited model (not cached)")
     ap.add_argument("--gen-tokens", type=int, default=16, help="greedy tokens for the generation measure")
     ap.add_argument("--no-fluency", action="store_true", help="skip fluency (greedy 50-token generations)")
+    ap.add_argument("--keep-known", type=float, default=0.0, metavar="W",
+                    help="add W Σ k kᵀ of the keys of a seeded half of the known facts to λC from the first batch "
+                         "(the preserve_earlier term), and report what is kept of each half separately")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="hyperparameter override (default: MEMIT's defaults for the model)")
@@ -200,12 +207,20 @@ def main() -> None:
     originals = {layer: loaded.down_weight(layer).detach().clone() for layer in hp.layers}
     edited_subjects = {f.subject for f in err_facts}
     same_subject = [f.subject in edited_subjects for f in known_facts]
+    # --keep-known: the keys of a seeded half of the known facts, asked to stay from the first batch on; the
+    # other half measures whether that protection reaches known facts the edit was not told about
+    protected = set(random.Random(args.seed + 1).sample(range(len(known_facts)), len(known_facts) // 2)
+                    if args.keep_known > 0 else [])
+    known_keys = ({layer: keys_at(loaded, layer, [known_facts[i] for i in sorted(protected)], templates,
+                                  key_weights_for(loaded, hp)).float().cpu() for layer in hp.layers}
+                  if protected else {})
     result = {
         "machine": machine(), "model": loaded.model_id, "layers": hp.layers, "lam": hp.lam,
         "preserve_prompts": hp.preserve_prompts, "preserve_relation": hp.preserve_relation,
         "overrides": args.overrides, "target_hparams": vars(hp.target), "zsre_facts": len(zsre),
         "heldout_after": args.heldout_after, "world_facts": len(world), "seed": args.seed,
-        "gen_tokens": args.gen_tokens, "fresh_targets": args.fresh_targets,
+        "gen_tokens": args.gen_tokens, "fresh_targets": args.fresh_targets, "keep_known": args.keep_known,
+        "preserve_earlier": hp.preserve_earlier,
         "probed": len(probed), "known": len(known), "wrong": sum(not p["knows"] for p in probed),
         "edited": len(err_facts), "probe_s": probe_s, "targets_s": targets_s, "targets_optimised_now": uncached,
         "targets_optimisation_s": cache.seconds(err_facts),
@@ -219,6 +234,9 @@ def main() -> None:
         size = -(-len(err_facts) // k)
         parts = [list(range(lo, min(lo + size, len(err_facts)))) for lo in range(0, len(err_facts), size)]
         steps = []
+        # what later batches keep: the protected known facts' keys (weight --keep-known) and, as batch-edit
+        # --base does, every earlier batch's keys (weight preserve_earlier); one weighted moment via √w rows
+        carried = {layer: k * args.keep_known ** 0.5 for layer, k in known_keys.items()}
         for b, part in enumerate(parts):
             facts = [err_facts[i] for i in part]
             t = time.perf_counter()
@@ -231,8 +249,11 @@ def main() -> None:
             out = run_memit(loaded, facts, hp.layers, covs, hp.lam, hp.target, templates, time.perf_counter,
                             targets=batch_targets, keys_from=hp.keys_from, key_weights=key_weights_for(loaded, hp),
                             preserve_prompts=hp.preserve_prompts, preserve_relation=hp.preserve_relation,
-                            relation_subjects=hp.relation_subjects)
+                            relation_subjects=hp.relation_subjects, prev_keys=carried, preserve_earlier=1.0)
             solve_s = time.perf_counter() - t
+            if hp.preserve_earlier > 0:
+                carried = {layer: torch.cat([carried[layer], k * hp.preserve_earlier ** 0.5]) if layer in carried
+                           else k * hp.preserve_earlier ** 0.5 for layer, k in out.keys.items()}
             done = [i for p in parts[:b + 1] for i in p]
             so_far = measure(loaded, [err_facts[i] for i in done], [err_truths[i] for i in done], None)
             kept = measure(loaded, known_facts, truths_known, None)
@@ -262,6 +283,9 @@ def main() -> None:
             "batches": len(parts), "steps": steps, "corrected": corrected, "kept": kept,
             "kept_same_subject": summarise(known_before, known_after, lambda i: same_subject[i]),
             "kept_other_subjects": summarise(known_before, known_after, lambda i: not same_subject[i]),
+            "kept_protected": summarise(known_before, known_after, protected.__contains__) if protected else None,
+            "kept_unprotected": (summarise(known_before, known_after, lambda i: i not in protected)
+                                 if protected else None),
             "by_group": by_group,
             "drift": {"n_prompts": d["n_prompts"], "mean_kl": d["mean_kl"], "max_kl": d["max_kl"],
                       "top1_changed_pct": d["top1_changed_pct"], "per_prompt": d["per_prompt"]},
@@ -295,7 +319,10 @@ def main() -> None:
               f"{fmt(corrected['paraphrase_right_token']['after_pct'])} | | |")
         for name, s, n in (("known facts (kept)", kept, len(known)),
                            ("  same subject edited", run["kept_same_subject"], sum(same_subject)),
-                           ("  other subjects", run["kept_other_subjects"], len(known) - sum(same_subject))):
+                           ("  other subjects", run["kept_other_subjects"], len(known) - sum(same_subject)),
+                           *((("  protected (--keep-known)", run["kept_protected"], len(protected)),
+                              ("  not protected", run["kept_unprotected"], len(known) - len(protected)))
+                             if protected else ())):
             print(f"| {name} | {n} | {fmt(s['right_token']['before_pct'])} → {fmt(s['right_token']['after_pct'])} | "
                   f"{fmt(s['right_generation']['before_pct'])} → {fmt(s['right_generation']['after_pct'])} | "
                   f"{fmt(s['kept_generation']['pct'])} % of {s['kept_generation']['n']} |")
