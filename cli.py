@@ -290,6 +290,7 @@ def batch_edit_cmd(
     stats_tokens: Annotated[Optional[int], typer.Option(help="Token budget for --build-stats.")] = None,
     device_map: Annotated[Optional[str], typer.Option(help="Spread the model over the visible GPUs: auto, balanced or sequential (accelerate); each layer's update is computed on its own device. Replaces --device.")] = None,
     base: Annotated[Optional[Path], typer.Option(help="Continue from an earlier batch-edit output (sequential edits).")] = None,
+    keep: Annotated[Optional[Path], typer.Option(help="Facts file of facts the edit must leave alone (e.g. probe --write-known): their keys are kept with the earlier batches' (memit, alphaedit), in this batch and the later ones.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --output.")] = False,
     no_eval: Annotated[bool, typer.Option("--no-eval", help="Skip the before/after evaluation (then nothing checks that the edited model still works).")] = False,
     no_generation: Annotated[bool, typer.Option("--no-generation", help="Evaluate teacher-forced only: skip the generation family (greedy answers, chat), the slowest part of the evaluation.")] = False,
@@ -323,7 +324,7 @@ def batch_edit_cmd(
     result = run_batch_edit(BatchEditConfig(
         facts=facts, output=output, method=method, covariance=covariance, fmt=fmt, model=model, dtype=dtype,
         device=device, device_map=device_map, module_template=module_template, hparams_file=hparams,
-        overrides=list(set_ or []), stats_dir=stats_dir, stats=stats, base=base,
+        overrides=list(set_ or []), stats_dir=stats_dir, stats=stats, base=base, keep=keep,
         overwrite=overwrite, evaluate=not no_eval, generation=not no_generation, force=force, max_drift=max_drift,
         max_norm_growth=max_norm_growth,
         reference_cache=cache_root() / "eval",
@@ -403,6 +404,21 @@ def evaluate_cmd(
         typer.echo(f"\nwrote {report}/ (report.md, report.json, plots)")
 
 
+def _facts_file_to_write(path: Optional[Path], option: str, probed: Path, what: str) -> Optional[Path]:
+    """``path`` (user-expanded) once it is clear a facts file can be written there, else the error to exit with."""
+    if path is None:
+        return None
+    from covedit.pipeline.errors import CannotWrite  # noqa: PLC0415
+    path = path.expanduser()
+    if path.resolve() == probed.resolve():
+        raise UsageError(f"{option} {path} is the facts file being probed: write {what} to another file.")
+    if not path.parent.is_dir():
+        raise CannotWrite(f"Cannot write the facts file to {path}: the folder {path.parent} does not exist.")
+    if path.is_dir():
+        raise CannotWrite(f"Cannot write the facts file to {path}: it is a folder.")
+    return path
+
+
 @app.command("probe")
 @user_errors
 def probe_cmd(
@@ -418,12 +434,15 @@ def probe_cmd(
     write: Annotated[Optional[Path], typer.Option(
         "--write", help="Write the facts the model gets wrong as a facts file for batch-edit: target_new = the true "
                         "answer, target_true = what the model says now.")] = None,
+    write_known: Annotated[Optional[Path], typer.Option(
+        "--write-known", help="Write the facts the model already gets right (target_new = that answer) as a facts "
+                              "file for batch-edit --keep.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per fact.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ):
     """What the model says now for each fact: its continuation, P(true), P(new), and whether it already knows the answer."""
     setup_logging(quiet or as_json)
-    from covedit.pipeline.correct import classify, write_facts, zsre_lines  # noqa: PLC0415
+    from covedit.pipeline.correct import classify, known_fact, write_facts, zsre_lines  # noqa: PLC0415
     from covedit.pipeline.evaluate import probe  # noqa: PLC0415
     from covedit.pipeline.facts import read_facts  # noqa: PLC0415
     from covedit.pipeline.models import load_model  # noqa: PLC0415
@@ -433,15 +452,10 @@ def probe_cmd(
     if not facts.is_file():
         from covedit.pipeline.errors import MissingInput  # noqa: PLC0415
         raise MissingInput(f"Facts file {facts} does not exist.")
-    if write is not None:
-        from covedit.pipeline.errors import CannotWrite  # noqa: PLC0415
-        write = write.expanduser()
-        if write.resolve() == facts.resolve():
-            raise UsageError(f"--write {write} is the facts file being probed: write the corrections to another file.")
-        if not write.parent.is_dir():
-            raise CannotWrite(f"Cannot write the facts file to {write}: the folder {write.parent} does not exist.")
-        if write.is_dir():
-            raise CannotWrite(f"Cannot write the facts file to {write}: it is a folder.")
+    write = _facts_file_to_write(write, "--write", facts, "the corrections")
+    write_known = _facts_file_to_write(write_known, "--write-known", facts, "the known facts")
+    if write is not None and write_known is not None and write.resolve() == write_known.resolve():
+        raise UsageError(f"--write and --write-known are the same file {write}: give two files.")
     loaded = load_model(model, dtype, device, module_template)
     fact_list = read_facts(facts, fmt, loaded.tokenizer)
     rows = probe(loaded, fact_list, n_tokens=tokens)
@@ -449,8 +463,9 @@ def probe_cmd(
     for r, truth in zip(rows, sorted_facts.truths):
         r["true_answer"] = truth
         r["wrong"] = None if truth is None else not r["knows"]
+    known = [known_fact(f, r["true_answer"]) for f, r in zip(fact_list, rows) if r["wrong"] is False]
     notes = []
-    if (wrong_only or write is not None) and sorted_facts.unknown:
+    if (wrong_only or write is not None or write_known is not None) and sorted_facts.unknown:
         ids = [f.id for f in sorted_facts.unknown]
         notes.append(f"{len(ids)} of {len(rows)} facts have no known true answer (no target_true, and not zsRE "
                      f"records, whose answer is the true one), so they cannot be corrected and are skipped: "
@@ -469,6 +484,15 @@ def probe_cmd(
         else:
             notes.append(f"the model gets none of the {n_truth} facts with a known true answer wrong: nothing to "
                          f"correct, {write} not written.")
+    if write_known is not None:
+        if known:
+            write_facts(write_known, known)
+            n = len(known)
+            notes.append(f"wrote the {n} fact{'s' if n != 1 else ''} the model already knows to {write_known}, for "
+                         f"`covedit batch-edit ... --keep {write_known}`.")
+        else:
+            notes.append(f"the model knows none of the {n_truth} facts with a known true answer: {write_known} not "
+                         "written.")
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         for note in notes:

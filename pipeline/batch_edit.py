@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from covedit.pipeline import hparams as hparams_mod
 from covedit.pipeline.delta import make_and_apply_delta, write_edited_model
-from covedit.pipeline.edit import key_weights_for, templates_for
+from covedit.pipeline.edit import key_weights_for, keys_at, templates_for
 from covedit.pipeline.memit import alphaedit_projectors, run_memit
 from covedit.pipeline.rome import run_rome
 from covedit.pipeline.errors import CannotWrite, DataError, MissingInput, MissingStatistics, UsageError
@@ -54,6 +54,9 @@ class BatchEditConfig:
     stats_dir: Path | None = None
     stats: Path | None = None  # an explicit store
     base: Path | None = None
+    # Facts whose outputs the edit must leave alone (e.g. `probe --write-known`): their keys join the earlier
+    # batches' in the preservation term (MEMIT) or C_prev (AlphaEdit), and are carried to later batches.
+    keep: Path | None = None
     overwrite: bool = False
     evaluate: bool = True
     generation: bool = True  # the generation family (greedy answers, chat) in the evaluation; off: teacher-forced only
@@ -201,6 +204,12 @@ def run_batch_edit(cfg: BatchEditConfig) -> BatchEditResult:
     t_start = clock()
     if not cfg.facts.exists():
         raise MissingInput(f"Facts file {cfg.facts} does not exist.")
+    if cfg.keep is not None:
+        if cfg.method == "rome":
+            raise UsageError("--keep needs memit or alphaedit: ROME edits one fact at a time with no term for keys "
+                             "to keep.")
+        if not cfg.keep.is_file():
+            raise MissingInput(f"Facts file to keep {cfg.keep} does not exist.")
     _check_output(cfg)
     base_manifest = _base_manifest(cfg.base) if cfg.base else None
     loaded = load_model(str(cfg.base) if cfg.base else cfg.model, cfg.dtype, cfg.device, cfg.module_template,
@@ -208,6 +217,7 @@ def run_batch_edit(cfg: BatchEditConfig) -> BatchEditResult:
     original_model_id = base_manifest["original_model_id"] if base_manifest else loaded.model_id
     model_arg = base_manifest["original_model"] if base_manifest else cfg.model
     facts = read_facts(cfg.facts, cfg.fmt, loaded.tokenizer)
+    keep_facts = read_facts(cfg.keep, "auto", loaded.tokenizer) if cfg.keep else []
     hp = hparams_mod.load_hparams(cfg.method, loaded.model.config.model_type, loaded.num_layers,
                                   cfg.hparams_file, list(cfg.overrides))
     if cfg.covariance is not None:
@@ -223,7 +233,7 @@ def run_batch_edit(cfg: BatchEditConfig) -> BatchEditResult:
     covs, stats_info = (load_covariances(cfg, original_model_id, loaded.arch.template(), layers, model_arg)
                         if use_c else (None, None))
     # Keys of the sequence's earlier batches: AlphaEdit's C_prev, MEMIT's preserve_earlier term.
-    carries = cfg.method == "alphaedit" or (cfg.method == "memit" and hp.preserve_earlier > 0)
+    carries = cfg.method == "alphaedit" or (cfg.method == "memit" and hp.preserve_earlier > 0) or bool(keep_facts)
     keys_file = carried_keys_file(cfg.base) if cfg.base and carries else None
     prev_keys: dict[int, torch.Tensor] = ({int(k.split(".")[1]): v for k, v in load_file(str(keys_file)).items()}
                                           if keys_file else {})
@@ -234,6 +244,22 @@ def run_batch_edit(cfg: BatchEditConfig) -> BatchEditResult:
     t_eval = clock() - t_before
     originals = {layer: loaded.down_weight(layer).detach().clone() for layer in layers}
     templates = templates_for(loaded, hp)
+    # --keep: the kept facts' keys on the model as it is before this batch (taken as the edit's own keys are),
+    # weight 1, a new key's own. With the earlier batches' keys (MEMIT: weight preserve_earlier) they make
+    # the term of keys whose outputs this solve must leave alone.
+    key_templates, key_weights = (["{}"], None) if hp.keys_from == "prompt" else (templates, key_weights_for(loaded, hp))
+    keep_keys = {layer: keys_at(loaded, layer, keep_facts, key_templates, key_weights).float().cpu()
+                 for layer in layers} if keep_facts else {}
+    earlier = hp.preserve_earlier if cfg.method == "memit" else 1.0  # AlphaEdit's C_prev has no weight
+    protect: dict[int, torch.Tensor] = {}
+    for layer in layers:
+        parts = []
+        if layer in prev_keys and earlier > 0:
+            parts.append(prev_keys[layer] * earlier ** 0.5)  # Σ (√w k)(√w k)ᵀ = w Σ k kᵀ
+        if layer in keep_keys:
+            parts.append(keep_keys[layer])
+        if parts:
+            protect[layer] = torch.cat(parts)
     t0 = clock()
     if cfg.method == "rome":
         outcome = run_rome(loaded, facts, hp.layer, covs[hp.layer] if covs else None, hp.target, templates, clock,
@@ -242,12 +268,11 @@ def run_batch_edit(cfg: BatchEditConfig) -> BatchEditResult:
         outcome = run_memit(loaded, facts, layers, covs, hp.lam, hp.target, templates, clock, targets=cfg.targets,
                             keys_from=hp.keys_from, key_weights=key_weights_for(loaded, hp),
                             preserve_prompts=hp.preserve_prompts, preserve_relation=hp.preserve_relation,
-                            relation_subjects=hp.relation_subjects, prev_keys=prev_keys,
-                            preserve_earlier=hp.preserve_earlier)
+                            relation_subjects=hp.relation_subjects, prev_keys=protect, preserve_earlier=1.0)
     else:
         projectors = alphaedit_projectors(covs, hp.null_space_threshold, hp.null_space_energy)
         outcome = run_memit(loaded, facts, layers, covs, 0.0, hp.target, templates, clock,
-                            alphaedit={"P": projectors, "prev_keys": prev_keys, "alpha": hp.alpha, "lam": hp.lam},
+                            alphaedit={"P": projectors, "prev_keys": protect, "alpha": hp.alpha, "lam": hp.lam},
                             targets=cfg.targets,
                             keys_from=hp.keys_from, key_weights=key_weights_for(loaded, hp))
     edit_seconds = clock() - t0
@@ -292,10 +317,12 @@ def run_batch_edit(cfg: BatchEditConfig) -> BatchEditResult:
     }
     extra = {}
     if carries:
-        carried = {layer: torch.cat([prev_keys[layer], outcome.keys[layer]]) if layer in prev_keys else outcome.keys[layer]
-                   for layer in layers}
+        carried = {layer: torch.cat([k for k in (prev_keys.get(layer), keep_keys.get(layer), outcome.keys[layer])
+                                     if k is not None]) for layer in layers}
         extra[CARRIED_KEYS] = carried
         summary["carried_keys"] = {str(k): int(v.shape[0]) for k, v in carried.items()}
+    if keep_facts:
+        summary["kept_facts"] = {"file": str(cfg.keep), "n_facts": len(keep_facts), "sha256": facts_sha256(cfg.keep)}
     write_edited_model(loaded, cfg.output, delta, summary, overwrite=cfg.overwrite,
                        extra_files={name: (lambda path, t=tensors: save_file(
                            {f"layer.{k}.keys": v.contiguous() for k, v in t.items()}, str(path)))

@@ -84,6 +84,12 @@ def correction(fact: Fact, truth: str, continuation: str) -> Fact:
     return replace(fact, **changes)
 
 
+def known_fact(fact: Fact, truth: str) -> Fact:
+    """A fact the model already gets right, as one to keep (``batch-edit --keep``): target_new = the answer it
+    gives, no target_true (nothing is to be replaced), no ripple prompts (they follow from an edit)."""
+    return replace(fact, target_new=truth, target_true=None, ripple=())
+
+
 @dataclass
 class Classified:
     """Facts sorted by what ``probe`` found: ``wrong`` (the corrections, in the facts' order), ``known``

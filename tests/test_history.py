@@ -5,6 +5,7 @@ as a PEFT LoRA adapter that gives the edited model's logits on the base model an
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -144,6 +145,40 @@ def test_memit_sequence_carries_every_batchs_keys(seq, tmp_path):
     assert renamed.manifest["carried_keys"] == {"1": 3, "2": 3}
     for layer, dw in dense(read_history(tmp_path / "renamed").delta(2)).items():
         close(dw, dense(read_history(seq["e2"]).delta(2))[layer])
+
+
+def test_keep_leaves_the_kept_facts_outputs_alone_and_carries_their_keys(seq, tmp_path):
+    """batch-edit --keep FILE: the kept facts' keys join the preservation term, so the update moves their
+    outputs far less (a small λ here, so that the kept keys weigh as much as the edited ones), they are carried to
+    later batches with the batch's own keys, and the manifest names the file. A missing file or --method rome
+    exits with one sentence and writes nothing."""
+    from safetensors.torch import load_file
+
+    keep = tmp_path / "keep.jsonl"
+    keep.write_text("".join(json.dumps(f) + "\n" for f in BATCHES[2]))
+    overrides = ["layers=1-2", "target.steps=3", "lam=1e-4"]
+    with one_thread():
+        plain = edit(BATCHES[0], tmp_path / "plain", model=seq["origin"], overrides=overrides)
+        kept = edit(BATCHES[0], tmp_path / "kept", model=seq["origin"], overrides=overrides, keep=keep)
+    keys = load_file(str(tmp_path / "kept" / "carried_keys.safetensors"))
+    assert kept.manifest["kept_facts"]["n_facts"] == 1 and kept.manifest["carried_keys"] == {"1": 3, "2": 3}
+    assert "kept_facts" not in plain.manifest
+
+    def moved(out: Path) -> float:  # how far the update moves the kept fact's keys' outputs
+        delta = dense(read_history(out).delta(1))
+        return sum(float((delta[layer] @ keys[f"layer.{layer}.keys"][:1].double().T).norm()) for layer in LAYERS)
+
+    assert moved(tmp_path / "kept") < 0.4 * moved(tmp_path / "plain")  # 0.28 measured: weight 1 is a compromise
+    facts = tmp_path / "plain.jsonl"  # written by edit()
+    for extra, code, message in (
+            (["--keep", str(tmp_path / "missing.jsonl")], 66, "Facts file to keep .*missing.jsonl does not exist."),
+            (["--keep", str(keep), "--method", "rome"], 2, "--keep needs memit or alphaedit: ROME edits one fact at a "
+                                                          "time with no term for keys to keep.")):
+        out = tmp_path / "refused"
+        res = CliRunner().invoke(app, ["batch-edit", str(facts), "--model", str(seq["origin"]), "-o", str(out),
+                                       "--covariance", "identity", "--no-eval", "-q", *extra])
+        assert res.exit_code == code and re.fullmatch(f"covedit: error: {message}\n", res.stderr), res.stderr
+        assert not out.exists()
 
 
 def test_drift_from_origin_of_a_later_batch_is_against_the_original_model(seq):

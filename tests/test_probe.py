@@ -201,6 +201,28 @@ def test_nothing_to_correct_writes_nothing(tiny_dir, facts_file, tmp_path, monke
     assert not out.exists()
 
 
+def test_write_known_writes_the_facts_the_model_gets_right_for_keep(tiny_dir, facts_file, tmp_path, monkeypatch):
+    """--write-known: the facts with a known true answer that the model gives, as facts to keep (target_new =
+    that answer, no target_true); the fact without a true answer is left out; the same file as --write is refused."""
+    real = ev.probe
+
+    def knows_the_first(*args, **kwargs):
+        return [{**r, "knows": i == 0} for i, r in enumerate(real(*args, **kwargs))]
+
+    monkeypatch.setattr(ev, "probe", knows_the_first)
+    wrong, known = tmp_path / "wrong.jsonl", tmp_path / "known.jsonl"
+    code, stdout, stderr = invoke(["probe", facts_file, "--model", tiny_dir, "--write", wrong, "--write-known", known,
+                                   "-q"])
+    assert code == 0, stderr
+    assert f"wrote the 1 fact the model already knows to {known}, for `covedit batch-edit ... --keep {known}`." in stdout
+    assert [(f.id, f.target_new) for f in read_facts(wrong)] == [("line3", "Illinois Institute of Technology")]
+    kept = read_facts(known)
+    assert [(f.id, f.subject, f.prompt, f.target_new, f.target_true) for f in kept] == [
+        ("eiffel", "Eiffel Tower", "The {} is located in", "Paris", None)]
+    code, _, stderr = invoke(["probe", facts_file, "--model", tiny_dir, "--write", wrong, "--write-known", wrong, "-q"])
+    assert code == 2 and "--write and --write-known are the same file" in stderr
+
+
 @pytest.mark.parametrize("case,code,message", [
     ("missing-facts", 66, r"Facts file .*missing\.jsonl does not exist\."),
     ("missing-folder", 73, r"Cannot write the facts file to .*no-such-dir/w\.jsonl: the folder .*no-such-dir does not exist\."),
