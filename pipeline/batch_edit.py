@@ -247,9 +247,12 @@ def run_batch_edit(cfg: BatchEditConfig) -> BatchEditResult:
     # --keep: the kept facts' keys on the model as it is before this batch (taken as the edit's own keys are),
     # weight 1, a new key's own. With the earlier batches' keys (MEMIT: weight preserve_earlier) they make
     # the term of keys whose outputs this solve must leave alone.
-    key_templates, key_weights = (["{}"], None) if hp.keys_from == "prompt" else (templates, key_weights_for(loaded, hp))
-    keep_keys = {layer: keys_at(loaded, layer, keep_facts, key_templates, key_weights).float().cpu()
-                 for layer in layers} if keep_facts else {}
+    keep_keys: dict[int, torch.Tensor] = {}
+    if keep_facts:  # (never with ROME: refused above)
+        key_templates, key_weights = (["{}"], None) if hp.keys_from == "prompt" else (templates,
+                                                                                      key_weights_for(loaded, hp))
+        keep_keys = {layer: keys_at(loaded, layer, keep_facts, key_templates, key_weights).float().cpu()
+                     for layer in layers}
     earlier = hp.preserve_earlier if cfg.method == "memit" else 1.0  # AlphaEdit's C_prev has no weight
     protect: dict[int, torch.Tensor] = {}
     for layer in layers:
