@@ -61,11 +61,11 @@ from benchmarks.common import DEFAULT_DATA, covariances, memit_target_cache  # n
 from benchmarks.common import fact_slice  # noqa: E402
 from benchmarks.relation_locality import world_facts  # noqa: E402
 from covedit.pipeline.correct import classify  # noqa: E402
-from covedit.pipeline.edit import key_weights_for, keys_at, templates_for  # noqa: E402
+from covedit.pipeline.edit import key_weights_for, templates_for  # noqa: E402
 from covedit.pipeline.evaluate import (drift, evaluate_model, fluency, greedy_continuations,  # noqa: E402
                                       next_token_logprobs, probe, says, score)
 from covedit.pipeline.hparams import load_hparams  # noqa: E402
-from covedit.pipeline.memit import run_memit  # noqa: E402
+from covedit.pipeline.memit import fact_keys, run_memit  # noqa: E402
 from covedit.pipeline.models import cache_root  # noqa: E402
 from covedit.pipeline.targets import compute_targets  # noqa: E402
 
@@ -211,8 +211,8 @@ def main() -> None:
     # other half measures whether that protection reaches known facts the edit was not told about
     protected = set(random.Random(args.seed + 1).sample(range(len(known_facts)), len(known_facts) // 2)
                     if args.keep_known > 0 else [])
-    known_keys = ({layer: keys_at(loaded, layer, [known_facts[i] for i in sorted(protected)], templates,
-                                  key_weights_for(loaded, hp)).float().cpu() for layer in hp.layers}
+    known_keys = ({layer: fact_keys(loaded, layer, [known_facts[i] for i in sorted(protected)], templates,
+                                    hp.keys_from, key_weights_for(loaded, hp)).float().cpu() for layer in hp.layers}
                   if protected else {})
     result = {
         "machine": machine(), "model": loaded.model_id, "layers": hp.layers, "lam": hp.lam,

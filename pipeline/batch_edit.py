@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from covedit.pipeline import hparams as hparams_mod
 from covedit.pipeline.delta import make_and_apply_delta, write_edited_model
-from covedit.pipeline.edit import key_weights_for, keys_at, templates_for
-from covedit.pipeline.memit import alphaedit_projectors, run_memit
+from covedit.pipeline.edit import key_weights_for, templates_for
+from covedit.pipeline.memit import alphaedit_projectors, fact_keys, run_memit
 from covedit.pipeline.rome import run_rome
 from covedit.pipeline.errors import CannotWrite, DataError, MissingInput, MissingStatistics, UsageError
 from covedit.pipeline.evaluate import drift, evaluate_model
@@ -249,10 +249,8 @@ def run_batch_edit(cfg: BatchEditConfig) -> BatchEditResult:
     # the term of keys whose outputs this solve must leave alone.
     keep_keys: dict[int, torch.Tensor] = {}
     if keep_facts:  # (never with ROME: refused above)
-        key_templates, key_weights = (["{}"], None) if hp.keys_from == "prompt" else (templates,
-                                                                                      key_weights_for(loaded, hp))
-        keep_keys = {layer: keys_at(loaded, layer, keep_facts, key_templates, key_weights).float().cpu()
-                     for layer in layers}
+        keep_keys = {layer: fact_keys(loaded, layer, keep_facts, templates, hp.keys_from,
+                                      key_weights_for(loaded, hp)).float().cpu() for layer in layers}
     earlier = hp.preserve_earlier if cfg.method == "memit" else 1.0  # AlphaEdit's C_prev has no weight
     protect: dict[int, torch.Tensor] = {}
     for layer in layers:

@@ -159,6 +159,19 @@ def alphaedit_projectors(covariances: dict[int, torch.Tensor], threshold: float,
     return {layer: null_space_projector(C, threshold, energy) for layer, C in covariances.items()}
 
 
+def fact_keys(loaded: LoadedModel, layer: int, facts: list, templates: list[str], keys_from: str = "templates",
+              key_weights: list[float] | None = None) -> torch.Tensor:
+    """Each fact's key at ``layer`` (n, d_ff) as the solve takes it: the subject's last token averaged over
+    ``templates`` with ``key_weights`` (None: the bare ``"{}"`` against one group of prefixes, MEMIT's
+    default), or at the bare rewrite prompt with ``keys_from="prompt"``. Keys to keep (``batch-edit --keep``)
+    are taken the same way, so that they meet the edited keys in one space."""
+    if keys_from == "prompt":
+        return keys_at(loaded, layer, facts, ["{}"], None)
+    if key_weights is None:
+        key_weights = memit_key_weights([templates[:1], templates[1:]] if templates[0] == "{}" else [templates])
+    return keys_at(loaded, layer, facts, templates, key_weights)
+
+
 def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: dict[int, torch.Tensor] | None,
               lam: float, target_hp, templates: list[str], clock: Callable[[], float],
               alphaedit: dict | None = None, targets: TargetResult | None = None,
@@ -178,12 +191,6 @@ def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: 
     ``key_weights`` weigh ``templates`` in the key average (``key_weights_for``); None takes ``templates``
     as the bare ``"{}"`` followed by one group of prefixes (MEMIT's default). ``keys_from="prompt"`` takes
     each fact's key at its bare rewrite prompt instead (the targets still use the templates)."""
-    if keys_from == "prompt":
-        key_templates, key_weights = ["{}"], None
-    else:
-        key_templates = templates
-        if key_weights is None:
-            key_weights = memit_key_weights([templates[:1], templates[1:]] if templates[0] == "{}" else [templates])
     layers = sorted(layers)
     t0 = clock()
     result = targets if targets is not None else compute_targets(loaded, facts, layers[-1], target_hp, templates)
@@ -194,7 +201,7 @@ def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: 
     t1 = clock()
     for i, layer in enumerate(layers):
         at = loaded.layer_device(layer)  # every tensor of this layer's update lives with its weight
-        K = keys_at(loaded, layer, facts, key_templates, key_weights).double().T.to(at)  # (d_ff, n)
+        K = fact_keys(loaded, layer, facts, templates, keys_from, key_weights).double().T.to(at)  # (d_ff, n)
         keys_out[layer] = K.T.float().cpu()
         R, h = residual(loaded, facts, layer, layers[-1], z, len(layers) - i)
         if i == 0:
