@@ -20,6 +20,7 @@ Quirks:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import typing
@@ -184,7 +185,15 @@ def defaults_for(method: str, model_type: str, num_layers: int) -> HParams:
 # ------------------------------------------------------------------------------------ setting fields
 
 def _field_types(obj: object) -> dict[str, object]:
-    return {f.name: typing.get_type_hints(type(obj))[f.name] for f in dataclasses.fields(obj)}
+    return dict(_class_field_types(type(obj)))
+
+
+@functools.cache
+def _class_field_types(cls: type) -> tuple[tuple[str, object], ...]:
+    """A dataclass's fields and their resolved types; resolving the hints parses every annotation string of
+    the class, so it is done once per class, not once per field of every ``--set``."""
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls))
 
 
 def _parse_int_list(value: object, key: str) -> list[int]:

@@ -95,6 +95,65 @@ def one_torch_thread(request):
         yield
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "chat_template.jinja", "chat_template.json")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def tokenizers_parsed_once():
+    """Every tiny model, edited copy and history folder carries the same 2 MB SmolLM2 tokenizer, and parsing it
+    (transformers reads tokenizer.json with Python's json, then the Rust library parses it again) was a quarter
+    of the fast lane. In this test process a folder whose tokenizer files are byte for byte ones already loaded
+    gets that tokenizer object back; anything else (another tokenizer, a damaged file, a hub name) is loaded
+    as before. covedit never changes a tokenizer after loading it, which is what makes sharing one safe; the
+    product itself keeps no such process-wide cache."""
+    import hashlib
+
+    from covedit.pipeline import models
+
+    original, loaded = models._load_tokenizer, {}
+
+    def content_key(location: str, revision: str | None):
+        folder = Path(location)
+        if revision is not None or not folder.is_dir():
+            return None
+        h = hashlib.sha256()
+        for name in _TOKENIZER_FILES:
+            f = folder / name
+            h.update(name.encode() + (b"\0" + f.read_bytes() if f.is_file() else b"\1"))
+        return h.hexdigest()
+
+    def load_once(name: str, location: str, revision: str | None):
+        key = content_key(location, revision)
+        if key is None:
+            return original(name, location, revision)
+        if key not in loaded:
+            loaded[key] = original(name, location, revision)
+        return loaded[key]
+
+    models._load_tokenizer = load_once
+    yield
+    models._load_tokenizer = original
+
+
+@pytest.fixture(autouse=True, scope="session")
+def cli_app_built_once():
+    """typer's CliRunner rebuilds the click command from the app's signatures on every invoke (reading every
+    parameter's annotations); the app does not change during the tests, so it is built once."""
+    import typer.testing
+
+    original, built = typer.testing._get_command, {}
+
+    def get_command_once(app):
+        if id(app) not in built:
+            built[id(app)] = (app, original(app))
+        return built[id(app)][1]
+
+    typer.testing._get_command = get_command_once
+    yield
+    typer.testing._get_command = original
+
+
 def build_tiny(model_type: str, tokenizer, seed: int = 0) -> LoadedModel:
     torch.manual_seed(seed)
     config = tiny_config(model_type, len(tokenizer))
