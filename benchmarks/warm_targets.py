@@ -5,6 +5,7 @@ benchmarks.common.TargetCache 50 facts at a time (a killed run loses at most one
 batch's wall time, which bench_edit.py --cached-targets reports as the target-optimisation time.
 
     python benchmarks/warm_targets.py --facts 1000
+    python benchmarks/warm_targets.py --model gemma3-270m --facts 100 --heldout-after 1000 --save-every 10
 
 Targets cached before times were kept (bench_edit.py's batched-vs-one-at-a-time run stores its batched
 targets) get the time that run measured with ``--seconds-from bench_edit.json`` (its ``targets.batched_s``
@@ -22,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
-from benchmarks.common import DEFAULT_DATA, TargetCache, memit_target_cache, zsre_facts  # noqa: E402
+from benchmarks.common import TargetCache, add_slice_arguments, fact_slice, memit_target_cache, zsre_facts  # noqa: E402
 
 
 def record_seconds(cache: TargetCache, facts: list, seconds: float) -> None:
@@ -37,14 +38,12 @@ def record_seconds(cache: TargetCache, facts: list, seconds: float) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--facts", type=int, default=1000)
+    add_slice_arguments(ap, facts=1000)
     ap.add_argument("--save-every", type=int, default=50)
     ap.add_argument("--seconds-from", type=Path, help="a bench_edit.py --json result whose batched targets are cached")
     args = ap.parse_args()
     cache = memit_target_cache(args.model)
-    facts = zsre_facts(args.data, args.facts)
+    facts = fact_slice(args.data, args.facts, args.heldout_after)
     if args.seconds_from:
         timed = json.loads(args.seconds_from.read_text())["targets"]
         record_seconds(cache, zsre_facts(args.data, timed["facts"]), timed["batched_s"])
