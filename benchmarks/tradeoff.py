@@ -14,6 +14,13 @@ against drift (log scale), one curve per method, from the JSON alone.
 
     python benchmarks/tradeoff.py --facts 100 --heldout-after 1000 \\
         --json benchmarks/results/tradeoff_heldout100_cpu.json --plot benchmarks/results/tradeoff_heldout100.png
+
+At 1,000 facts one solve costs 20 minutes on a 2-core CPU, so the MEMIT curve there is the λ sweep's own
+points (lambda_sweep.py, same targets and slice), taken in with ``--from-sweep`` rather than recomputed:
+
+    python benchmarks/tradeoff.py --facts 1000 --heldout-after 1000 --lams 1500,5000,15000 --mu 0 --alphas "" \\
+        --from-sweep benchmarks/results/heldout1000_cpu.json --from-sweep benchmarks/results/heldout1000_lams_cpu.json \\
+        --json benchmarks/results/tradeoff_heldout1000_cpu.json --plot benchmarks/results/tradeoff_heldout1000.png
 """
 
 from __future__ import annotations
@@ -66,6 +73,23 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def points_from_sweep(path: Path, args, result: dict | None) -> dict:
+    """A lambda_sweep.py result's plain-MEMIT points (μ 0), as this script would have measured them: the sweep
+    must be on the same slice (facts, held-out offset) and have no overrides, so its targets are the ones
+    this script takes from the cache."""
+    sweep = json.loads(path.read_text())
+    if (sweep["facts"], sweep["heldout_after"]) != (args.facts, args.heldout_after) or sweep.get("overrides"):
+        raise SystemExit(f"{path} is {sweep['facts']} facts after {sweep['heldout_after']} with overrides "
+                         f"{sweep.get('overrides')}; this run is {args.facts} after {args.heldout_after}, none")
+    result = result or {key: sweep[key] for key in ("model", "layers", "facts", "heldout_after", "subjects",
+                                                     "target_hparams", "unedited")} | {"points": {}}
+    for key, row in sweep["lams"].items():
+        lam = float(key.split()[0])
+        if "μ" not in key and lam in {float(x) for x in args.lams.split(",") if x}:
+            result["points"][f"MEMIT λ {lam:g}"] = {"method": "MEMIT", "knob": lam, "from": str(path), **row}
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_slice_arguments(ap, facts=100)
@@ -75,9 +99,16 @@ def main() -> None:
     ap.add_argument("--fluency", action="store_true")
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--plot", type=Path)
+    ap.add_argument("--from-sweep", type=Path, action="append", default=[],
+                    help="a lambda_sweep.py --json result on the same slice: its λ points join the MEMIT curve "
+                         "(repeatable)")
     args = ap.parse_args()
 
     result = json.loads(args.json.read_text()) if args.json.exists() else None
+    for sweep in args.from_sweep:
+        result = points_from_sweep(sweep, args, result)
+    if args.from_sweep:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
     lams = [float(x) for x in args.lams.split(",") if x]
     alphas = [float(x) for x in args.alphas.split(",") if x]
     todo = [p for p in curves(lams, args.mu, alphas) if result is None or p[1] not in result["points"]]
