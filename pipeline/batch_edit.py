@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from covedit.pipeline import hparams as hparams_mod
 from covedit.pipeline.delta import make_and_apply_delta, write_edited_model
@@ -29,7 +28,8 @@ from covedit.pipeline.rome import run_rome
 from covedit.pipeline.errors import CannotWrite, DataError, MissingInput, MissingStatistics, UsageError
 from covedit.pipeline.evaluate import drift, evaluate_model
 from covedit.pipeline.facts import facts_sha256, read_facts
-from covedit.pipeline.history import CARRIED_KEYS, HISTORY_DIR, Sequence, carried_keys_file
+from covedit.pipeline.history import (CARRIED_KEYS, HISTORY_DIR, Sequence, carried_keys_file, read_carried_keys,
+                                      write_carried_keys)
 from covedit.pipeline.models import load_model
 from covedit.pipeline.targets import TargetResult
 from covedit.stats.store import StatsStore, default_stats_dir, find_store
@@ -235,8 +235,7 @@ def run_batch_edit(cfg: BatchEditConfig) -> BatchEditResult:
     # Keys of the sequence's earlier batches: AlphaEdit's C_prev, MEMIT's preserve_earlier term.
     carries = cfg.method == "alphaedit" or (cfg.method == "memit" and hp.preserve_earlier > 0) or bool(keep_facts)
     keys_file = carried_keys_file(cfg.base) if cfg.base and carries else None
-    prev_keys: dict[int, torch.Tensor] = ({int(k.split(".")[1]): v for k, v in load_file(str(keys_file)).items()}
-                                          if keys_file else {})
+    prev_keys, prev_runs = read_carried_keys(keys_file) if keys_file else ({}, {})
 
     t_before = clock()
     before = (evaluate_model(loaded, facts, reference_cache=cfg.reference_cache, generation=cfg.generation)
@@ -317,16 +316,17 @@ def run_batch_edit(cfg: BatchEditConfig) -> BatchEditResult:
         "history": sequence.summary(),
     }
     extra = {}
-    if carries:
-        carried = {layer: torch.cat([k for k in (prev_keys.get(layer), keep_keys.get(layer), outcome.keys[layer])
-                                     if k is not None]) for layer in layers}
-        extra[CARRIED_KEYS] = carried
+    if carries:  # this batch's run: its kept facts' keys and its own, after every earlier batch's
+        own = {layer: torch.cat([k for k in (keep_keys.get(layer), outcome.keys[layer]) if k is not None])
+               for layer in layers}
+        carried = {layer: torch.cat([k for k in (prev_keys.get(layer), own[layer]) if k is not None]) for layer in layers}
+        runs = {layer: prev_runs.get(layer, []) + [[sequence.summary()["batch"], int(own[layer].shape[0])]]
+                for layer in layers}
+        extra[CARRIED_KEYS] = lambda path: write_carried_keys(path, carried, runs)
         summary["carried_keys"] = {str(k): int(v.shape[0]) for k, v in carried.items()}
     if keep_facts:
         summary["kept_facts"] = {"file": str(cfg.keep), "n_facts": len(keep_facts), "sha256": facts_sha256(cfg.keep)}
     write_edited_model(loaded, cfg.output, delta, summary, overwrite=cfg.overwrite,
-                       extra_files={name: (lambda path, t=tensors: save_file(
-                           {f"layer.{k}.keys": v.contiguous() for k, v in t.items()}, str(path)))
-                           for name, tensors in extra.items()} | {HISTORY_DIR: sequence.write})
+                       extra_files=extra | {HISTORY_DIR: sequence.write})
     return BatchEditResult(method=cfg.method, n_facts=len(facts), layers=layers, output=cfg.output, timings=timings,
                            targets=targets_info, evaluation=evaluation, broken=broken, manifest=summary)

@@ -68,6 +68,49 @@ def carried_keys_file(folder: Path) -> Path | None:
     return None
 
 
+def read_carried_keys(path: Path) -> tuple[dict[int, torch.Tensor], dict[int, list[list]]]:
+    """The carried keys per layer, and per layer which batch each run of its rows came from
+    (``[[batch, rows], ...]``, earliest first; a batch's run holds its --keep facts' keys and its own). A file
+    written before covedit recorded the runs has one run of unknown batches (``[None, rows]``)."""
+    from safetensors import safe_open  # noqa: PLC0415
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+        keys = {int(name.split(".")[1]): f.get_tensor(name) for name in f.keys()}
+    try:
+        runs = {int(k): [[b, int(n)] for b, n in v] for k, v in json.loads(meta.get("batches", "{}")).items()}
+    except (ValueError, TypeError):
+        runs = {}
+    for layer, k in keys.items():
+        if sum(n for _, n in runs.get(layer, [])) != k.shape[0]:
+            runs[layer] = [[None, k.shape[0]]]
+    return keys, runs
+
+
+def write_carried_keys(path: Path, keys: dict[int, torch.Tensor], runs: dict[int, list[list]]) -> None:
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    save_file({f"layer.{k}.keys": v.contiguous() for k, v in keys.items()}, str(path),
+              metadata={"batches": json.dumps({str(k): runs[k] for k in keys})})
+
+
+def carried_keys_without(keys: dict[int, torch.Tensor], runs: dict[int, list[list]], numbers: list[int]):
+    """The carried keys with the rows of batches ``numbers`` taken out (what a revert leaves to protect),
+    their runs, and whether that is exact: False if some rows came from a file that did not record batches."""
+    kept_keys, kept_runs, exact = {}, {}, True
+    for layer, k in keys.items():
+        rows, start = [], 0
+        kept_runs[layer] = []
+        for batch, n in runs[layer]:
+            exact &= batch is not None
+            if batch not in numbers:
+                rows.append(k[start:start + n])
+                kept_runs[layer].append([batch, n])
+            start += n
+        kept_keys[layer] = torch.cat(rows) if rows else k[:0]
+    return kept_keys, kept_runs, exact
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -435,9 +478,12 @@ def revert_batches(folder: Path | str, numbers: list[int], output: Path | str, *
                 if evaluate else None}
     extra = {HISTORY_DIR: lambda path: new.write(path)}
     keys_file = carried_keys_file(folder)
-    if keys_file is not None:
-        log.warning("%s still holds the reverted batches' keys: later batches keep protecting them", keys_file.name)
-        extra[CARRIED_KEYS] = lambda path: shutil.copyfile(keys_file, path)
+    if keys_file is not None:  # later batches protect what is still applied, not what was reverted
+        keys, runs, exact = carried_keys_without(*read_carried_keys(keys_file), numbers)
+        if not exact:
+            log.warning("%s was written before covedit recorded which batch each key came from: the reverted "
+                        "batches' keys may still be in it, and later batches keep protecting them", keys_file.name)
+        extra[CARRIED_KEYS] = lambda path: write_carried_keys(path, keys, runs)
     write_edited_model(loaded, output, delta, manifest, overwrite=overwrite, extra_files=extra)
     return result
 

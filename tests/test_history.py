@@ -19,7 +19,7 @@ from covedit.pipeline.batch_edit import BatchEditConfig, run_batch_edit
 from covedit.pipeline.delta import layer_hashes, load_delta
 from covedit.pipeline.errors import DataError, UsageError
 from covedit.pipeline.evaluate import drift, next_token_logprobs
-from covedit.pipeline.history import check_weights, read_history, revert_batches
+from covedit.pipeline.history import check_weights, read_carried_keys, read_history, revert_batches
 from covedit.pipeline.models import load_model
 
 LAYERS = [1, 2]
@@ -214,6 +214,33 @@ def test_revert_the_middle_batch(seq, tmp_path):
     edit([{"subject": "Steve Jobs", "prompt": "{} founded", "target_new": "Microsoft"}], tmp_path / "e4", base=out)
     h4 = read_history(tmp_path / "e4")
     assert h4.active() == [1, 3, 4] and h4.batches[3]["weight_hashes"]["before"] == new.data["weight_hashes"]
+    # the carried keys lose exactly batch 2's row, so later batches stop protecting what it wrote
+    keys3, runs3 = read_carried_keys(seq["e3"] / "carried_keys.safetensors")
+    keys, runs = read_carried_keys(out / "carried_keys.safetensors")
+    assert runs3 == {layer: [[1, 2], [2, 1], [3, 1]] for layer in LAYERS}
+    assert runs == {layer: [[1, 2], [3, 1]] for layer in LAYERS}
+    for layer in LAYERS:
+        assert torch.equal(keys[layer], torch.cat([keys3[layer][:2], keys3[layer][3:]]))
+    keys4, runs4 = read_carried_keys(tmp_path / "e4" / "carried_keys.safetensors")
+    assert runs4 == {layer: [[1, 2], [3, 1], [4, 1]] for layer in LAYERS}
+    assert all(torch.equal(keys4[layer][:3], keys[layer]) for layer in LAYERS)
+
+
+def test_revert_of_keys_that_name_no_batch_keeps_them_and_says_so(seq, tmp_path, caplog):
+    """Carried keys written before covedit recorded each row's batch: a revert cannot tell the reverted
+    batch's rows apart, so it keeps every row and warns that later batches still protect them."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "e3"
+    shutil.copytree(seq["e3"], folder)
+    save_file(load_file(str(folder / "carried_keys.safetensors")), str(folder / "carried_keys.safetensors"))
+    with caplog.at_level("WARNING", logger="covedit"):
+        revert_batches(folder, [2], tmp_path / "r", evaluate=False)
+    assert "may still be in it" in caplog.text
+    keys, runs = read_carried_keys(tmp_path / "r" / "carried_keys.safetensors")
+    assert runs == {layer: [[None, 4]] for layer in LAYERS}
+    assert all(torch.equal(keys[layer], load_file(str(folder / "carried_keys.safetensors"))[f"layer.{layer}.keys"])
+               for layer in LAYERS)
 
 
 def test_reverting_every_batch_returns_the_original_weights(seq, tmp_path):
