@@ -65,7 +65,7 @@ from covedit.pipeline.edit import key_weights_for, templates_for  # noqa: E402
 from covedit.pipeline.evaluate import (drift, evaluate_model, fluency, greedy_continuations,  # noqa: E402
                                       next_token_logprobs, probe, says, score)
 from covedit.pipeline.hparams import load_hparams  # noqa: E402
-from covedit.pipeline.memit import fact_keys, run_memit  # noqa: E402
+from covedit.pipeline.memit import fact_keys, protected_rows, run_memit  # noqa: E402
 from covedit.pipeline.models import cache_root  # noqa: E402
 from covedit.pipeline.targets import compute_targets  # noqa: E402
 
@@ -236,7 +236,7 @@ def main() -> None:
         steps = []
         # what later batches keep: the protected known facts' keys (weight --keep-known) and, as batch-edit
         # --base does, every earlier batch's keys (weight preserve_earlier); one weighted moment via √w rows
-        carried = {layer: k * args.keep_known ** 0.5 for layer, k in known_keys.items()}
+        carried = protected_rows((known_keys, args.keep_known))
         for b, part in enumerate(parts):
             facts = [err_facts[i] for i in part]
             t = time.perf_counter()
@@ -249,11 +249,9 @@ def main() -> None:
             out = run_memit(loaded, facts, hp.layers, covs, hp.lam, hp.target, templates, time.perf_counter,
                             targets=batch_targets, keys_from=hp.keys_from, key_weights=key_weights_for(loaded, hp),
                             preserve_prompts=hp.preserve_prompts, preserve_relation=hp.preserve_relation,
-                            relation_subjects=hp.relation_subjects, prev_keys=carried, preserve_earlier=1.0)
+                            relation_subjects=hp.relation_subjects, protected_keys=carried)
             solve_s = time.perf_counter() - t
-            if hp.preserve_earlier > 0:
-                carried = {layer: torch.cat([carried[layer], k * hp.preserve_earlier ** 0.5]) if layer in carried
-                           else k * hp.preserve_earlier ** 0.5 for layer, k in out.keys.items()}
+            carried = protected_rows((carried, 1.0), (out.keys, hp.preserve_earlier))
             done = [i for p in parts[:b + 1] for i in p]
             so_far = measure(loaded, [err_facts[i] for i in done], [err_truths[i] for i in done], None)
             kept = measure(loaded, known_facts, truths_known, None)

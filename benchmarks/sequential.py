@@ -61,7 +61,7 @@ def run_sequence(loaded, method: str, batches: list[list], targets: list, covs: 
     templates = templates_for(loaded, hp)
     originals = {layer: loaded.down_weight(layer).detach().clone() for layer in hp.layers}
     norms0 = {layer: float(W.double().norm()) for layer, W in originals.items()}
-    carried: dict = {}  # earlier batches' keys per layer (AlphaEdit's C_prev, or MEMIT's prev_keys)
+    carried: dict = {}  # earlier batches' keys per layer (AlphaEdit's C_prev, or MEMIT's protected_keys)
     alphaedit = None
     if method == "alphaedit":
         alphaedit = {"P": alphaedit_projectors(covs, ahp.null_space_threshold, ahp.null_space_energy),
@@ -71,7 +71,7 @@ def run_sequence(loaded, method: str, batches: list[list], targets: list, covs: 
         for b, (facts, tgt) in enumerate(zip(batches, targets), 1):
             t0 = time.perf_counter()
             out = run_memit(loaded, facts, hp.layers, covs, hp.lam, hp.target, templates, time.perf_counter,
-                            targets=tgt, alphaedit=alphaedit, prev_keys=carried if method == "memit_carry" else None)
+                            targets=tgt, alphaedit=alphaedit, protected_keys=carried if method == "memit_carry" else None)
             solve_s = time.perf_counter() - t0
             for layer, k in out.keys.items():
                 carried[layer] = k if layer not in carried else torch.cat([carried[layer], k])

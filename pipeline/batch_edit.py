@@ -23,7 +23,7 @@ import torch
 from covedit.pipeline import hparams as hparams_mod
 from covedit.pipeline.delta import make_and_apply_delta, write_edited_model
 from covedit.pipeline.edit import key_weights_for, templates_for
-from covedit.pipeline.memit import alphaedit_projectors, fact_keys, run_memit
+from covedit.pipeline.memit import alphaedit_projectors, fact_keys, protected_rows, run_memit
 from covedit.pipeline.rome import run_rome
 from covedit.pipeline.errors import CannotWrite, DataError, MissingInput, MissingStatistics, UsageError
 from covedit.pipeline.evaluate import drift, evaluate_model
@@ -251,15 +251,7 @@ def run_batch_edit(cfg: BatchEditConfig) -> BatchEditResult:
         keep_keys = {layer: fact_keys(loaded, layer, keep_facts, templates, hp.keys_from,
                                       key_weights_for(loaded, hp)).float().cpu() for layer in layers}
     earlier = hp.preserve_earlier if cfg.method == "memit" else 1.0  # AlphaEdit's C_prev has no weight
-    protect: dict[int, torch.Tensor] = {}
-    for layer in layers:
-        parts = []
-        if layer in prev_keys and earlier > 0:
-            parts.append(prev_keys[layer] * earlier ** 0.5)  # Σ (√w k)(√w k)ᵀ = w Σ k kᵀ
-        if layer in keep_keys:
-            parts.append(keep_keys[layer])
-        if parts:
-            protect[layer] = torch.cat(parts)
+    protect = protected_rows((prev_keys, earlier), (keep_keys, 1.0))
     t0 = clock()
     if cfg.method == "rome":
         outcome = run_rome(loaded, facts, hp.layer, covs[hp.layer] if covs else None, hp.target, templates, clock,
@@ -268,7 +260,7 @@ def run_batch_edit(cfg: BatchEditConfig) -> BatchEditResult:
         outcome = run_memit(loaded, facts, layers, covs, hp.lam, hp.target, templates, clock, targets=cfg.targets,
                             keys_from=hp.keys_from, key_weights=key_weights_for(loaded, hp),
                             preserve_prompts=hp.preserve_prompts, preserve_relation=hp.preserve_relation,
-                            relation_subjects=hp.relation_subjects, prev_keys=protect, preserve_earlier=1.0)
+                            relation_subjects=hp.relation_subjects, protected_keys=protect)
     else:
         projectors = alphaedit_projectors(covs, hp.null_space_threshold, hp.null_space_energy)
         outcome = run_memit(loaded, facts, layers, covs, 0.0, hp.target, templates, clock,

@@ -172,21 +172,38 @@ def fact_keys(loaded: LoadedModel, layer: int, facts: list, templates: list[str]
     return keys_at(loaded, layer, facts, templates, key_weights)
 
 
+def protected_rows(*sources: tuple[dict[int, torch.Tensor], float]) -> dict[int, torch.Tensor]:
+    """The keys a solve must leave alone, per layer, from several sources each with its weight w (0 leaves
+    the source out): each source's rows scaled by √w, so that their Σ k kᵀ carries w Σ k kᵀ into the one
+    preservation term (MEMIT's, added to λC) or AlphaEdit's C_prev. A batch-edit sequence gives the earlier
+    batches' keys weight ``preserve_earlier`` and ``--keep`` facts' keys weight 1, a new key's own."""
+    out: dict[int, torch.Tensor] = {}
+    for keys, weight in sources:
+        if weight <= 0:
+            continue
+        for layer, k in keys.items():
+            if k is None or not len(k):
+                continue
+            rows = k * weight ** 0.5
+            out[layer] = rows if layer not in out else torch.cat([out[layer], rows])
+    return out
+
+
 def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: dict[int, torch.Tensor] | None,
               lam: float, target_hp, templates: list[str], clock: Callable[[], float],
               alphaedit: dict | None = None, targets: TargetResult | None = None,
               keys_from: str = "templates", key_weights: list[float] | None = None,
               preserve_prompts: float = 0.0, preserve_relation: float = 0.0, relation_subjects: int = 16,
-              prev_keys: dict[int, torch.Tensor] | None = None, preserve_earlier: float = 1.0) -> EditOutcome:
+              protected_keys: dict[int, torch.Tensor] | None = None) -> EditOutcome:
     """MEMIT (or AlphaEdit when ``alphaedit`` = {"P": {layer: P}, "prev_keys": {layer: K}, "alpha": a}, and
     optionally "lam": λ with ``covariances`` for λC inside the projected solve).
 
     ``preserve_prompts`` = μ > 0 adds μ Σ k kᵀ over the edited prompts' other tokens to MEMIT's λC
     (memit.py); AlphaEdit ignores it. ``preserve_relation`` = ν > 0 adds ν Σ k kᵀ of the edited prompts with
     ``relation_subjects`` ordinary entity names in place of their subjects (keys.relation_key_moment).
-    ``prev_keys`` ({layer: (m, d_ff)}, MEMIT only) are earlier sequential batches' keys, added to λC as
-    ``preserve_earlier`` · Σ k kᵀ: what they wrote is asked to stay (Δ k ≈ 0); at 1 with the weight a new
-    key's residual has.
+    ``protected_keys`` ({layer: (m, d_ff)}, MEMIT only) are keys whose outputs this solve must leave alone
+    (Δ k ≈ 0): earlier sequential batches' keys, kept facts' keys. Their Σ k kᵀ is added to λC as it is, so
+    each source's weight is already in its rows (``protected_rows``).
 
     ``key_weights`` weigh ``templates`` in the key average (``key_weights_for``); None takes ``templates``
     as the bare ``"{}"`` followed by one group of prefixes (MEMIT's default). ``keys_from="prompt"`` takes
@@ -217,9 +234,9 @@ def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: 
                 moment = preserve_relation * relation_key_moment(
                     loaded, layer, [f.prompt for f in facts], [f.subject for f in facts], relation_subjects)
                 C_keep = moment if C_keep is None else C_keep + moment
-            carried = (prev_keys or {}).get(layer)
-            if carried is not None and len(carried) and preserve_earlier > 0:
-                moment = preserve_earlier * (carried.to(at).double().T @ carried.to(at).double())
+            protected = (protected_keys or {}).get(layer)
+            if protected is not None and len(protected):
+                moment = protected.to(at).double().T @ protected.to(at).double()
                 C_keep = moment if C_keep is None else C_keep + moment
             up, down = memit_solve(K, R, C, lam, C_keep)
         else:

@@ -240,9 +240,9 @@ def test_keys_from_prompt_writes_the_target_exactly_at_the_bare_prompt(tiny):
     assert max(averaged.target_info["realised"]) < 0.999
 
 
-def test_memit_carrying_earlier_keys_solves_with_their_moment_added(tiny):
-    """prev_keys: the single-layer update is R Kᵀ (λC + K_prev K_prevᵀ + K Kᵀ)⁻¹ (identity C here), and it
-    moves the earlier keys' outputs less than the same edit without them."""
+def test_memit_protected_keys_solve_with_their_moment_added(tiny):
+    """protected_keys: the single-layer update is R Kᵀ (λC + K_p K_pᵀ + K Kᵀ)⁻¹ (identity C here), and it
+    moves the protected keys' outputs less than the same edit without them."""
     from covedit.pipeline.memit import keys_at
     from covedit.pipeline.targets import compute_targets
 
@@ -253,7 +253,8 @@ def test_memit_carrying_earlier_keys_solves_with_their_moment_added(tiny):
     alone = run_memit(tiny, FACTS, [2], None, 0.3, FAST, ["{}"], lambda: 0.0, targets=targets)
     with torch.no_grad():
         tiny.down_weight(2).copy_(original)
-    carried = run_memit(tiny, FACTS, [2], None, 0.3, FAST, ["{}"], lambda: 0.0, targets=targets, prev_keys={2: prev})
+    carried = run_memit(tiny, FACTS, [2], None, 0.3, FAST, ["{}"], lambda: 0.0, targets=targets,
+                        protected_keys={2: prev})
     up, down = (f.double() for f in carried.factors[2])
     K = keys_at(tiny, 2, FACTS, ["{}"], None).double().T  # (d_ff, n), as run_memit reads them
     P = prev.double()
@@ -263,22 +264,17 @@ def test_memit_carrying_earlier_keys_solves_with_their_moment_added(tiny):
     assert moved(carried.factors[2]) < moved(alone.factors[2])
 
 
-def test_preserve_earlier_weighs_the_carried_keys_moment(tiny):
-    """preserve_earlier = w adds w Σ k kᵀ of the carried keys: the same update as carrying √w · K_prev at
-    weight 1; at 0 the carried keys are ignored (the reference MEMIT, each batch alone)."""
-    from covedit.pipeline.targets import compute_targets
+def test_protected_rows_carry_each_sources_weight_into_one_moment():
+    """protected_rows((K1, w1), (K2, w2)): rows √w1 K1 then √w2 K2 per layer, so their Σ k kᵀ is
+    w1 K1ᵀK1 + w2 K2ᵀK2; weight 0 leaves a source out (preserve_earlier=0: each batch solved alone), and a
+    layer only one source has gets that source's rows."""
+    from covedit.pipeline.memit import protected_rows
 
-    targets = compute_targets(tiny, FACTS, 2, FAST, ["{}"])
-    original = tiny.down_weight(2).detach().clone()
     torch.manual_seed(1)
-    prev = torch.randn(5, tiny.d_ff)
-
-    def update(**kw):
-        with torch.no_grad():
-            tiny.down_weight(2).copy_(original)
-        up, down = run_memit(tiny, FACTS, [2], None, 0.3, FAST, ["{}"], lambda: 0.0, targets=targets, **kw).factors[2]
-        return up.double() @ down.double()
-
-    torch.testing.assert_close(update(prev_keys={2: prev}, preserve_earlier=4.0), update(prev_keys={2: 2 * prev}),
-                               rtol=1e-5, atol=1e-9)
-    torch.testing.assert_close(update(prev_keys={2: prev}, preserve_earlier=0.0), update(), rtol=0, atol=0)
+    earlier, kept, other = torch.randn(5, 8, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64), torch.randn(3, 8)
+    rows = protected_rows(({2: earlier, 3: other}, 4.0), ({2: kept}, 1.0))
+    torch.testing.assert_close(rows[2].T @ rows[2], 4.0 * earlier.T @ earlier + kept.T @ kept, rtol=1e-12, atol=1e-12)
+    assert torch.equal(rows[2][5:], kept) and torch.equal(rows[3], 2.0 * other)
+    assert protected_rows(({2: earlier}, 0.0), ({2: kept}, 1.0)).keys() == {2}
+    assert torch.equal(protected_rows(({2: earlier}, 0.0), ({2: kept}, 1.0))[2], kept)
+    assert protected_rows(({2: earlier}, 0.0)) == {}
