@@ -6,7 +6,7 @@ facts of one zsRE slice (held out with ``--heldout-after``) in order, from the o
 
 * MEMIT: each batch solved alone with its own λC (the reference has nothing that protects earlier batches);
 * MEMIT with carried keys (``memit_carry``): every earlier batch's keys added to λC (run_memit's
-  ``prev_keys``), so each solve also asks the earlier edits to stay where they are;
+  ``protected_keys``), so each solve also asks the earlier edits to stay where they are;
 * AlphaEdit: the null-space projected solve, every earlier batch's keys carried in ``C_prev`` (as
   ``batch-edit --base`` does with carried_keys.safetensors).
 

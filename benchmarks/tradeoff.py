@@ -78,9 +78,12 @@ def points_from_sweep(path: Path, args, result: dict | None) -> dict:
     must be on the same slice (facts, held-out offset) and have no overrides, so its targets are the ones
     this script takes from the cache."""
     sweep = json.loads(path.read_text())
-    if (sweep["facts"], sweep["heldout_after"]) != (args.facts, args.heldout_after) or sweep.get("overrides"):
-        raise SystemExit(f"{path} is {sweep['facts']} facts after {sweep['heldout_after']} with overrides "
+    if (sweep["facts"], sweep.get("heldout_after", 0)) != (args.facts, args.heldout_after) or sweep.get("overrides"):
+        raise SystemExit(f"{path} is {sweep['facts']} facts after {sweep.get('heldout_after', 0)} with overrides "
                          f"{sweep.get('overrides')}; this run is {args.facts} after {args.heldout_after}, none")
+    same = ("model", "layers", "target_hparams", "unedited")
+    if result is not None and any(result.get(key) != sweep.get(key) for key in same):
+        raise SystemExit(f"{path} differs from {args.json} in its model, layers, target settings or unedited scores")
     result = result or {key: sweep[key] for key in ("model", "layers", "facts", "heldout_after", "subjects",
                                                      "target_hparams", "unedited")} | {"points": {}}
     for key, row in sweep["lams"].items():

@@ -68,10 +68,13 @@ def carried_keys_file(folder: Path) -> Path | None:
     return None
 
 
+KEPT = "kept"  # the run label of --keep facts' keys: what the model knew, so no revert drops them
+
+
 def read_carried_keys(path: Path) -> tuple[dict[int, torch.Tensor], dict[int, list[list]]]:
-    """The carried keys per layer, and per layer which batch each run of its rows came from
-    (``[[batch, rows], ...]``, earliest first; a batch's run holds its --keep facts' keys and its own). A file
-    written before covedit recorded the runs has one run of unknown batches (``[None, rows]``)."""
+    """The carried keys per layer, and per layer where each run of its rows came from (``[[label, rows],
+    ...]``, earliest first): a batch number (that batch's own keys), ``"kept"`` (a batch's --keep facts) or
+    None (unknown: a file written before covedit recorded the runs, or a --base without a history)."""
     from safetensors import safe_open  # noqa: PLC0415
 
     with safe_open(str(path), "pt") as f:
@@ -79,7 +82,7 @@ def read_carried_keys(path: Path) -> tuple[dict[int, torch.Tensor], dict[int, li
         keys = {int(name.split(".")[1]): f.get_tensor(name) for name in f.keys()}
     try:
         runs = {int(k): [[b, int(n)] for b, n in v] for k, v in json.loads(meta.get("batches", "{}")).items()}
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, AttributeError):  # damaged metadata: the rows stay, their origin unknown
         runs = {}
     for layer, k in keys.items():
         if sum(n for _, n in runs.get(layer, [])) != k.shape[0]:
@@ -95,19 +98,21 @@ def write_carried_keys(path: Path, keys: dict[int, torch.Tensor], runs: dict[int
 
 
 def carried_keys_without(keys: dict[int, torch.Tensor], runs: dict[int, list[list]], numbers: list[int]):
-    """The carried keys with the rows of batches ``numbers`` taken out (what a revert leaves to protect),
-    their runs, and whether that is exact: False if some rows came from a file that did not record batches."""
-    kept_keys, kept_runs, exact = {}, {}, True
+    """The carried keys with batches ``numbers``' own rows taken out (what a revert leaves to protect; kept
+    facts' rows stay), their runs, and whether that is exact: False if a reverted batch has no recorded run
+    while rows of unknown origin remain (its keys may be among them)."""
+    kept_keys, kept_runs = {}, {}
     for layer, k in keys.items():
         rows, start = [], 0
         kept_runs[layer] = []
-        for batch, n in runs[layer]:
-            exact &= batch is not None
-            if batch not in numbers:
+        for label, n in runs[layer]:
+            if label not in numbers:
                 rows.append(k[start:start + n])
-                kept_runs[layer].append([batch, n])
+                kept_runs[layer].append([label, n])
             start += n
         kept_keys[layer] = torch.cat(rows) if rows else k[:0]
+    recorded = {label for layer_runs in runs.values() for label, _ in layer_runs}
+    exact = None not in recorded or all(n in recorded for n in numbers)
     return kept_keys, kept_runs, exact
 
 
@@ -481,8 +486,9 @@ def revert_batches(folder: Path | str, numbers: list[int], output: Path | str, *
     if keys_file is not None:  # later batches protect what is still applied, not what was reverted
         keys, runs, exact = carried_keys_without(*read_carried_keys(keys_file), numbers)
         if not exact:
-            log.warning("%s was written before covedit recorded which batch each key came from: the reverted "
-                        "batches' keys may still be in it, and later batches keep protecting them", keys_file.name)
+            log.warning("%s holds keys of unknown origin (written before covedit recorded which batch each key "
+                        "came from): the reverted batches' keys may still be in it, and later batches keep "
+                        "protecting them", keys_file.name)
         extra[CARRIED_KEYS] = lambda path: write_carried_keys(path, keys, runs)
     write_edited_model(loaded, output, delta, manifest, overwrite=overwrite, extra_files=extra)
     return result

@@ -303,6 +303,8 @@ def validate(hp: HParams, num_layers: int | None = None) -> HParams:
         raise UsageError(f"Hyperparameter lam must be >= 0, got {hp.lam}.")
     if isinstance(hp, MemitHParams) and hp.preserve_prompts < 0:
         raise UsageError(f"Hyperparameter preserve_prompts must be >= 0, got {hp.preserve_prompts}.")
+    if isinstance(hp, MemitHParams) and not hp.preserve_earlier >= 0:  # also refuses NaN
+        raise UsageError(f"Hyperparameter preserve_earlier must be >= 0, got {hp.preserve_earlier}.")
     if isinstance(hp, MemitHParams) and (hp.preserve_relation < 0 or hp.relation_subjects < 1):
         raise UsageError("Hyperparameter preserve_relation must be >= 0 and relation_subjects at least 1, got "
                          f"{hp.preserve_relation} and {hp.relation_subjects}.")

@@ -29,7 +29,7 @@ as low-rank factors ΔW = up @ down with r = n.
 * AlphaEdit (jianghoucheng/AlphaEdit, AlphaEdit_main.py): Δᵀ = (P (K Kᵀ + C_prev) + α I)⁻¹ P K Rᵀ, where P
   projects onto the near-null space of C, so Δ k ≈ 0 for the keys the layer already serves, and C_prev
   holds K Kᵀ of earlier sequential batches so that later batches do not undo them. MEMIT can carry them
-  too (``prev_keys``, not in the reference): Δ = R Kᵀ (λC + K_prev K_prevᵀ + K Kᵀ)⁻¹ is the least-squares
+  too (``protected_keys``, not in the reference): Δ = R Kᵀ (λC + K_prev K_prevᵀ + K Kᵀ)⁻¹ is the least-squares
   edit of all batches' keys at once, the earlier ones' residuals already written (so asked to stay 0).
   The reference takes P over the eigenvalues of C below an absolute threshold (2e-2). Where C has no
   eigenvalue that small (SmolLM2: none below 1e-3, and 2e-2 is its median eigenvalue) that "null space"

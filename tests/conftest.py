@@ -115,8 +115,8 @@ def tokenizers_parsed_once():
 
     def content_key(location: str, revision: str | None):
         folder = Path(location)
-        if revision is not None or not folder.is_dir():
-            return None
+        if revision is not None or not (folder / "tokenizer.json").is_file():
+            return None  # a hub name, a revision, or another kind of tokenizer: loaded as before
         h = hashlib.sha256()
         for name in _TOKENIZER_FILES:
             f = folder / name

@@ -181,6 +181,45 @@ def test_keep_leaves_the_kept_facts_outputs_alone_and_carries_their_keys(seq, tm
         assert not out.exists()
 
 
+def test_reverting_a_batch_keeps_its_kept_facts_and_a_base_without_history_keeps_its_keys(seq, tmp_path, caplog):
+    """--keep facts' keys are carried as their own run ("kept"), which a revert of the batch that brought them
+    does not drop (they are what the model knew, not what the batch wrote). A --base without a history
+    restarts the batch numbers, so its carried runs lose theirs (None) and no revert of the new history can
+    drop them; reverting a batch whose own run is recorded then says nothing about unknown keys."""
+    from safetensors.torch import load_file
+
+    keep = tmp_path / "keep.jsonl"
+    keep.write_text("".join(json.dumps(f) + "\n" for f in BATCHES[2]))
+    with one_thread():
+        edit(BATCHES[0], tmp_path / "kept", model=seq["origin"], keep=keep)
+    keys, runs = read_carried_keys(tmp_path / "kept" / "carried_keys.safetensors")
+    assert runs == {layer: [["kept", 1], [1, 2]] for layer in LAYERS}
+    revert_batches(tmp_path / "kept", [1], tmp_path / "kept-r", evaluate=False)
+    left, left_runs = read_carried_keys(tmp_path / "kept-r" / "carried_keys.safetensors")
+    assert left_runs == {layer: [["kept", 1]] for layer in LAYERS}
+    assert all(torch.equal(left[layer], keys[layer][:1]) for layer in LAYERS)
+
+    bare = tmp_path / "bare-e2"
+    shutil.copytree(seq["e2"], bare)
+    shutil.rmtree(bare / "history")
+    with one_thread():
+        edit(BATCHES[2], tmp_path / "after-bare", base=bare)
+    keys, runs = read_carried_keys(tmp_path / "after-bare" / "carried_keys.safetensors")
+    assert read_history(tmp_path / "after-bare").active() == [1]
+    assert runs == {layer: [[None, 2], [None, 1], [1, 1]] for layer in LAYERS}
+    old = load_file(str(seq["e2"] / "carried_keys.safetensors"))
+    assert all(torch.equal(keys[layer][:3], old[f"layer.{layer}.keys"]) for layer in LAYERS)
+    with caplog.at_level("WARNING", logger="covedit"):
+        revert_batches(tmp_path / "after-bare", [1], tmp_path / "after-bare-r", evaluate=False)
+    assert "unknown origin" not in caplog.text
+    left, left_runs = read_carried_keys(tmp_path / "after-bare-r" / "carried_keys.safetensors")
+    assert left_runs == {layer: [[None, 2], [None, 1]] for layer in LAYERS}
+    assert all(torch.equal(left[layer], old[f"layer.{layer}.keys"]) for layer in LAYERS)
+    with pytest.raises(UsageError, match="preserve_earlier must be >= 0"):
+        edit(BATCHES[2], tmp_path / "negative", base=seq["e2"], overrides=COMMON + ["preserve_earlier=-1"])
+    assert not (tmp_path / "negative").exists()
+
+
 def test_drift_from_origin_of_a_later_batch_is_against_the_original_model(seq):
     """Batch 2's drift is measured against the origin (its earlier batch taken off in memory), and equals the
     drift between the original model and e2 measured directly."""
@@ -236,7 +275,7 @@ def test_revert_of_keys_that_name_no_batch_keeps_them_and_says_so(seq, tmp_path,
     save_file(load_file(str(folder / "carried_keys.safetensors")), str(folder / "carried_keys.safetensors"))
     with caplog.at_level("WARNING", logger="covedit"):
         revert_batches(folder, [2], tmp_path / "r", evaluate=False)
-    assert "may still be in it" in caplog.text
+    assert "unknown origin" in caplog.text and "may still be in it" in caplog.text
     keys, runs = read_carried_keys(tmp_path / "r" / "carried_keys.safetensors")
     assert runs == {layer: [[None, 4]] for layer in LAYERS}
     assert all(torch.equal(keys[layer], load_file(str(folder / "carried_keys.safetensors"))[f"layer.{layer}.keys"])
