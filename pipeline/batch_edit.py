@@ -29,7 +29,7 @@ from covedit.pipeline.errors import CannotWrite, DataError, MissingInput, Missin
 from covedit.pipeline.evaluate import drift, evaluate_model
 from covedit.pipeline.facts import facts_sha256, read_facts
 from covedit.pipeline.history import (CARRIED_KEYS, HISTORY_DIR, KEPT, Sequence, carried_keys_file,
-                                      read_carried_keys, write_carried_keys)
+                                      carried_keys_with, read_carried_keys, write_carried_keys)
 from covedit.pipeline.models import load_model
 from covedit.pipeline.targets import TargetResult
 from covedit.stats.store import StatsStore, default_stats_dir, find_store
@@ -235,10 +235,8 @@ def run_batch_edit(cfg: BatchEditConfig) -> BatchEditResult:
     # Keys of the sequence's earlier batches: AlphaEdit's C_prev, MEMIT's preserve_earlier term.
     carries = cfg.method == "alphaedit" or (cfg.method == "memit" and hp.preserve_earlier > 0) or bool(keep_facts)
     keys_file = carried_keys_file(cfg.base) if cfg.base and carries else None
-    prev_keys, prev_runs = read_carried_keys(keys_file) if keys_file else ({}, {})
-    if sequence.past is None:  # a --base without a history: its batch numbers are not this history's
-        prev_runs = {layer: [[None if isinstance(label, int) else label, n] for label, n in r]
-                     for layer, r in prev_runs.items()}
+    prev_keys, prev_runs = (read_carried_keys(keys_file, batch_numbers=sequence.past is not None) if keys_file
+                            else ({}, {}))
 
     t_before = clock()
     before = (evaluate_model(loaded, facts, reference_cache=cfg.reference_cache, generation=cfg.generation)
@@ -312,13 +310,8 @@ def run_batch_edit(cfg: BatchEditConfig) -> BatchEditResult:
     }
     extra = {}
     if carries:  # after every earlier batch's runs: this batch's kept facts' keys, then its own keys
-        number = sequence.summary()["batch"]
-        carried, runs = dict(prev_keys), {layer: list(r) for layer, r in prev_runs.items()}  # layers not edited now stay
-        for layer in layers:
-            for label, k in ((KEPT, keep_keys.get(layer)), (number, outcome.keys[layer])):
-                if k is not None and len(k):
-                    carried[layer] = k if layer not in carried else torch.cat([carried[layer], k])
-                    runs[layer] = runs.get(layer, []) + [[label, int(k.shape[0])]]
+        carried, runs = carried_keys_with(prev_keys, prev_runs, (KEPT, keep_keys),
+                                          (sequence.summary()["batch"], outcome.keys))
         extra[CARRIED_KEYS] = lambda path: write_carried_keys(path, carried, runs)
         summary["carried_keys"] = {str(k): int(v.shape[0]) for k, v in carried.items()}
     if keep_facts:

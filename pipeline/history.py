@@ -71,10 +71,11 @@ def carried_keys_file(folder: Path) -> Path | None:
 KEPT = "kept"  # the run label of --keep facts' keys: what the model knew, so no revert drops them
 
 
-def read_carried_keys(path: Path) -> tuple[dict[int, torch.Tensor], dict[int, list[list]]]:
+def read_carried_keys(path: Path, batch_numbers: bool = True) -> tuple[dict[int, torch.Tensor], dict[int, list[list]]]:
     """The carried keys per layer, and per layer where each run of its rows came from (``[[label, rows],
     ...]``, earliest first): a batch number (that batch's own keys), ``"kept"`` (a batch's --keep facts) or
-    None (unknown: a file written before covedit recorded the runs, or a --base without a history)."""
+    None (unknown: a file written before covedit recorded the runs). ``batch_numbers=False`` clears the batch
+    numbers to None, for a --base without a history, whose numbers are not those of the history that starts."""
     from safetensors import safe_open  # noqa: PLC0415
 
     with safe_open(str(path), "pt") as f:
@@ -87,6 +88,21 @@ def read_carried_keys(path: Path) -> tuple[dict[int, torch.Tensor], dict[int, li
     for layer, k in keys.items():
         if sum(n for _, n in runs.get(layer, [])) != k.shape[0]:
             runs[layer] = [[None, k.shape[0]]]
+    if not batch_numbers:
+        runs = {layer: [[None if isinstance(label, int) else label, n] for label, n in r] for layer, r in runs.items()}
+    return keys, runs
+
+
+def carried_keys_with(keys: dict[int, torch.Tensor], runs: dict[int, list[list]],
+                      *additions: tuple[object, dict[int, torch.Tensor]]):
+    """The carried keys and runs with each ``(label, {layer: rows})`` appended as a run of its own (empty
+    ones left out); layers no addition touches are carried on as they are."""
+    keys, runs = dict(keys), {layer: list(r) for layer, r in runs.items()}
+    for label, added in additions:
+        for layer, k in added.items():
+            if k is not None and len(k):
+                keys[layer] = k if layer not in keys else torch.cat([keys[layer], k])
+                runs[layer] = runs.get(layer, []) + [[label, int(k.shape[0])]]
     return keys, runs
 
 

@@ -131,9 +131,9 @@ def tokenizers_parsed_once():
             loaded[key] = original(name, location, revision)
         return loaded[key]
 
-    models._load_tokenizer = load_once
-    yield
-    models._load_tokenizer = original
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(models, "_load_tokenizer", load_once)
+        yield
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -149,9 +149,9 @@ def cli_app_built_once():
             built[id(app)] = (app, original(app))
         return built[id(app)][1]
 
-    typer.testing._get_command = get_command_once
-    yield
-    typer.testing._get_command = original
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(typer.testing, "_get_command", get_command_once)
+        yield
 
 
 def build_tiny(model_type: str, tokenizer, seed: int = 0) -> LoadedModel:
