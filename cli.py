@@ -121,7 +121,7 @@ def build_stats_cmd(
     max_length: Annotated[int, typer.Option(help="Tokens per sequence; longer documents are split.")] = 1024,
     batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward pass (bounds memory).")] = 8192,
     bos: Annotated[str, typer.Option(help="'skip' leaves the BOS position out of the sums, 'keep' counts it.")] = "skip",
-    accumulate: Annotated[str, typer.Option(help="float64 (default), mixed (float32 products, float64 sums) or float32.")] = "float64",
+    accumulate: Annotated[str, typer.Option(help="mixed (default: float32 products per batch, float64 running sums), float64 or float32.")] = "mixed",
     dtype: Dtype = "float32",
     device: Device = "cpu",
     module_template: Template = None,
@@ -150,7 +150,7 @@ def build_stats_cmd(
         raise UsageError("--max-length must be at least 2.")
     check_bos_policy(bos, "--bos")
     if accumulate not in ("float64", "mixed", "float32"):
-        raise UsageError("--accumulate must be float64, mixed or float32.")
+        raise UsageError("--accumulate must be mixed, float64 or float32.")
     if window_docs < 1:
         raise UsageError("--window-docs must be at least 1.")
     if workers < 1:

@@ -6,9 +6,11 @@ blocks above it, the final norm and the unembedding never run.
 
 Precision (``accumulate``):
 
-* ``float64`` (default): keys widened to float64, products and running sums in float64.
-* ``mixed``: each batch's product in float32 (the keys' own precision on a float32 model), the running
-  sum in float64, so rounding does not grow with the corpus. Faster on CPUs and GPUs.
+* ``mixed`` (the default of ``build-stats``): each batch's product in float32 (the keys' own precision on a
+  float32 model), the running sum in float64, so rounding does not grow with the corpus. 1.09× faster than
+  float64 on a 2-core CPU and within 3.5e-8 (largest relative difference) of its sums at 1M tokens
+  (docs/statistics.md).
+* ``float64``: keys widened to float64, products and running sums in float64.
 * ``float32``: products and sums in float32, as the reference code does.
 
 Only the upper block triangle of Σ k kᵀ is computed (it is symmetric), one row panel at a time;

@@ -57,7 +57,14 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 SLOTS = ("a", "b")
-ACCUMULATE_DTYPES = ("float64", "float32")
+SUM_DTYPES = ("float64", "float32")  # what a store's sums are kept in
+ACCUMULATE = ("float64", "mixed", "float32")  # how they were accumulated (the key's ``accumulate``)
+
+
+def sum_dtype(accumulate: str) -> str:
+    """The dtype a store keeps its sums in for an accumulation policy: float32 only for ``float32``."""
+    return "float32" if accumulate == "float32" else "float64"
+
 WHOLE_CHUNK_MAX = 2048
 CHUNK = 1024
 
@@ -105,8 +112,8 @@ def canonical_key(**fields: Any) -> dict:
     if key.get("dtype") is not None:
         key["dtype"] = _dtype_name(key["dtype"])
     key["accumulate"] = _dtype_name(key["accumulate"])
-    if key["accumulate"] not in ACCUMULATE_DTYPES:
-        raise UsageError(f"accumulation dtype must be float64 or float32, not {key['accumulate']!r}.")
+    if key["accumulate"] not in ACCUMULATE:
+        raise UsageError(f"accumulation must be float64, mixed or float32, not {key['accumulate']!r}.")
     if key.get("bos") is not None:
         check_bos_policy(key["bos"])
     for name in ("tokens", "max_length", "seed", "schema_version"):
@@ -293,14 +300,14 @@ class StatsStore:
         """
         path = Path(path)
         dtype_name = _dtype_name(dtype)
-        if dtype_name not in ACCUMULATE_DTYPES:
-            raise UsageError(f"accumulation dtype must be float64 or float32, not {dtype_name!r}.")
+        if dtype_name not in SUM_DTYPES:
+            raise UsageError(f"the sums' dtype must be float64 or float32, not {dtype_name!r}.")
         layers = sorted({int(layer) for layer in layers})
         key = canonical_key(**{"layers": layers, "accumulate": dtype_name, **key})
         if key["layers"] != layers:
             raise ValueError(f"key layers {key['layers']} differ from layers {layers}")
-        if key["accumulate"] != dtype_name:
-            raise ValueError(f"key accumulate={key['accumulate']} differs from dtype {dtype_name}")
+        if sum_dtype(key["accumulate"]) != dtype_name:
+            raise ValueError(f"key accumulate={key['accumulate']} does not keep its sums in {dtype_name}")
         attrs = cls._root_attrs(path)
         if attrs is None:
             ensure_writable_dir(path.parent)

@@ -46,7 +46,8 @@ def test_store_equals_direct_accumulation(tiny_dir, corpus_file, tokenizer, tmp_
     loaded = load_model(str(tiny_dir))
     corpus = open_corpus(CorpusSpec(str(corpus_file)))
     plan = make_plan(corpus, loaded.tokenizer, 5000, 64, "skip")
-    moments = {L: SecondMoment(loaded.d_ff) for L in (1, 2)}
+    assert StatsStore.open(res["path"]).key["accumulate"] == "mixed"  # the default
+    moments = {L: SecondMoment(loaded.d_ff, "mixed") for L in (1, 2)}
     for _ in accumulate_batches(loaded, [1, 2], iter_batches(corpus, loaded.tokenizer, 0, plan.n_docs, plan, 64, 256,
                                                              "skip", 8), moments):
         pass

@@ -89,6 +89,20 @@ def test_canonical_key_normalises_and_hash_is_stable():
     assert store_path(Path("/x"), make_key()).name.startswith("HuggingFaceTB--SmolLM2-135M-Instruct-")
 
 
+def test_mixed_accumulation_keeps_float64_sums_and_its_own_key(tmp_path):
+    """``mixed`` (the build default) is a key of its own, kept in float64; a store of one policy is not
+    read as another's, and no policy may claim sums of another dtype."""
+    mixed = make_key(accumulate="mixed")
+    assert canonical_key(**mixed)["accumulate"] == "mixed"
+    assert key_hash(canonical_key(**mixed)) != key_hash(canonical_key(**make_key(accumulate="float64")))
+    store = StatsStore.open_or_create(store_path(tmp_path, mixed), mixed, {}, LAYERS, D, "float64")
+    assert store.key["accumulate"] == "mixed" and store.dtype == np.float64
+    with pytest.raises(ValueError, match="does not keep its sums in float32"):
+        StatsStore.open_or_create(store_path(tmp_path / "b", mixed), mixed, {}, LAYERS, D, "float32")
+    with pytest.raises(store_mod.UsageError, match="accumulation must be float64, mixed or float32"):
+        canonical_key(**make_key(accumulate="bfloat16"))
+
+
 def test_default_stats_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("COVEDIT_STATS_DIR", str(tmp_path / "s"))
     assert default_stats_dir() == tmp_path / "s"
