@@ -66,7 +66,7 @@ def test_shard_is_i_of_n():
     (["build-stats", "--tokens", "0"], "--tokens must be a positive number of tokens."),
     (["build-stats", "--max-length", "1"], "--max-length must be at least 2."),
     (["build-stats", "--bos", "always"], "--bos must be 'skip' or 'keep', not 'always'."),
-    (["build-stats", "--accumulate", "float16"], "--accumulate must be float64, mixed or float32."),
+    (["build-stats", "--accumulate", "float16"], "--accumulate must be mixed, float64 or float32."),
     (["build-stats", "--checkpoint-every", "10d"],
      "--checkpoint-every: cannot read '10d'; use a token count (200000) or a time (300s, 10m)."),
     (["build-stats", "--layers", "7-3"], "--layers: range '7-3' runs backwards."),
