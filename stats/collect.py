@@ -50,8 +50,8 @@ class SecondMoment:
         self.sum = torch.zeros(d, d, dtype=self.sum_dtype, device=device)
         self.count = 0
         # Row panel i covers columns from its own diagonal block on: (n+1)/2n of a full product's work,
-        # 9/16 with 8 panels, in one large matrix product per panel (measured fastest of 2-16 panels for
-        # d 1536 on a 2-core CPU, benchmarks/bench_stats.py; 4 blocks taken pairwise were 16 % slower).
+        # 9/16 with 8 panels, in one large matrix product per panel (benchmarks/bench_panels.py, d 1536, 2-core
+        # CPU: 7 % faster than 4 × 4 blocks taken pairwise; 4-8 panels within 2 % of each other).
         self._panels = _panel_edges(d, panels if d >= 256 else 1)
 
     def add(self, keys: torch.Tensor) -> None:
