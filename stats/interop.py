@@ -12,6 +12,7 @@ bad edits.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import struct
@@ -21,8 +22,8 @@ import numpy as np
 
 from covedit.pipeline.errors import CannotWrite, DataError, MissingInput, StoreConflict
 from covedit.pipeline.fileio import file_sha256
-from covedit.stats.store import (StatsStore, array_sha256, brief_error, canonical_json, canonical_key,
-                                 default_provenance, ensure_writable_dir, store_path)
+from covedit.stats.store import (ACCUMULATE, StatsStore, array_sha256, brief_error, canonical_json, canonical_key,
+                                 default_provenance, ensure_writable_dir, store_path, sum_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,22 @@ def export_npz(store: StatsStore, layer: int, out_path: Path | str, *, sample_si
     return out_path
 
 
+def _accumulate_of(exported_key: str | None, dtype_name: str) -> str:
+    """How the sums were accumulated: the policy covedit's own export recorded (``mixed`` sums are float64),
+    if it agrees with the file's dtype; otherwise the dtype itself (another tool's file)."""
+    try:
+        policy = json.loads(exported_key).get("accumulate") if exported_key else None
+    except (ValueError, AttributeError):
+        policy = None
+    return policy if policy in ACCUMULATE and sum_dtype(policy) == dtype_name else dtype_name
+
+
 def import_npz(npz_path: Path | str, stats_dir: Path | str, key: dict, layer: int,
                expected_dim: int | None = None) -> StatsStore:
     """A complete one-layer store from a ROME/MEMIT/EasyEdit ``.npz`` (raw sum + count).
 
-    The key's ``accumulate`` is set from the file's dtype (float16 files are widened to float32).
+    The key's ``accumulate`` is the one covedit's export recorded, else the file's dtype (float16 files are
+    widened to float32).
     ``expected_dim`` (the model's key width) refuses a file made for another model before anything is written.
     """
     npz_path = Path(npz_path)
@@ -76,6 +88,7 @@ def import_npz(npz_path: Path | str, stats_dir: Path | str, key: dict, layer: in
             total = np.asarray(npz["mom2.mom2"])
             count_value = npz["mom2.count"]
             sample_size = npz["sample_size"].item() if "sample_size" in names else None
+            exported_key = str(npz["covedit.key"]) if "covedit.key" in names else None
     except (ValueError, OSError) as exc:
         raise DataError(f"{npz_path} cannot be read as an npz file ({brief_error(exc)}).") from exc
     if total.ndim != 2 or total.shape[0] != total.shape[1]:
@@ -98,7 +111,7 @@ def import_npz(npz_path: Path | str, stats_dir: Path | str, key: dict, layer: in
     if isinstance(sample_size, float) and np.isnan(sample_size):
         sample_size = None
     dtype_name = total.dtype.name
-    key = canonical_key(**{**key, "layers": [int(layer)], "accumulate": dtype_name})
+    key = canonical_key(**{**key, "layers": [int(layer)], "accumulate": _accumulate_of(exported_key, dtype_name)})
     provenance = {**default_provenance(), "imported_from": str(npz_path.resolve()),
                   "npz_sha256": file_sha256(npz_path), "npz_sample_size": sample_size}
     store = StatsStore.open_or_create(store_path(Path(stats_dir), key), key, provenance, [int(layer)],

@@ -28,6 +28,7 @@ from covedit.stats.store import (
     key_hash,
     list_stores,
     store_path,
+    sum_dtype,
 )
 
 D = 8
@@ -45,7 +46,7 @@ def make_key(**over) -> dict:
 def make_store(stats_dir: Path, **over) -> StatsStore:
     key = make_key(**over)
     return StatsStore.open_or_create(store_path(stats_dir, key), key, {"host": "test"}, key["layers"], D,
-                                     key["accumulate"])
+                                     sum_dtype(key["accumulate"]))
 
 
 def moments(seed: int, layers=LAYERS, n: int = 20) -> dict[int, np.ndarray]:
@@ -497,6 +498,14 @@ def test_export_import_npz_round_trip(tmp_path):
     again = import_npz(out, tmp_path / "imported", make_key(model_id="other"), 5)  # same file: no conflict
     assert again.path == imported.path
     assert find_store(tmp_path / "imported", make_key(model_id="other"), [5]).path == imported.path
+
+
+def test_a_mixed_store_keeps_its_policy_through_npz(tmp_path):
+    """covedit's export records its key: a mixed store comes back keyed mixed (float64 sums), not float64."""
+    store, _ = complete_store(tmp_path, accumulate="mixed")
+    out = export_npz(store, 5, tmp_path / "out" / "mixed.npz")
+    imported = import_npz(out, tmp_path / "imported", make_key(model_id="other"), 5)
+    assert imported.key["accumulate"] == "mixed" and imported.dtype == np.float64
 
 
 def test_import_rome_style_float32_file(tmp_path):
