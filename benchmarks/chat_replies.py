@@ -9,9 +9,9 @@ explanations predict different things, and this script measures both on the same
   δ = z − h (the target minus the unedited top-layer state at the subject's last token of the bare
   prompt), (h_edited − h_unedited) · δ / ‖δ‖² at the subject's last token, in the completion form and in the
   chat form. Equal shares refute this explanation.
-* **the reply does not read it**: with the top edited layer's state at the subject's last token *forced* to
-  z in the unedited model (a perfect write), how many chat replies name the new object, against how many
-  completions do. If forcing z moves completions but not chat replies, the chat form does not read the
+* **the reply does not read it**: with the target's δ added to the top edited layer's state at the
+  subject's last token in the unedited model (a perfect write of that one state), how many chat replies
+  name the new object, against how many completions do. If forcing z moves completions but not chat replies, the chat form does not read the
   subject's state the way the completion does, whatever the update writes.
 
 And what the edited model's chat replies say instead, counted: the new object (as a whole word), a
@@ -92,26 +92,29 @@ def states_at_subject(loaded, layer: int, items: list[Form]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def replies(loaded, items: list[Form], budgets: list[int], layer: int | None = None, z: torch.Tensor | None = None,
-            batch_size: int = 16) -> list[str]:
-    """Greedy continuations of the forms; with ``z``, block ``layer``'s output at each subject's last token is
-    set to its row of z on the prompt's forward (the generated tokens come after it and are left alone)."""
+def replies(loaded, items: list[Form], budgets: list[int], layer: int | None = None,
+            delta: torch.Tensor | None = None, batch_size: int = 16) -> list[str]:
+    """Greedy continuations of the forms; with ``delta``, its row is added to block ``layer``'s output at each
+    subject's last token on the prompt's forward (the generated tokens come after it and are left alone).
+    Adding δ = z − h, not setting the state to z, keeps what the form's own context put there: in the bare
+    prompt the two are the same (its state is h), in the chat form setting z would also erase the chat
+    context's part of the state."""
     texts: list[str] = []
     for start in range(0, len(items), batch_size):
         chunk, chunk_budgets = items[start:start + batch_size], budgets[start:start + batch_size]
-        if z is None:
+        if delta is None:
             texts += greedy_continuations(loaded, [f.ids for f in chunk], chunk_budgets, batch_size=len(chunk))
             continue
         width = max(len(f.ids) for f in chunk)  # greedy_continuations pads on the left to the longest
         rows = torch.arange(len(chunk))
         cols = torch.tensor([width - len(f.ids) + f.subject_last for f in chunk])
-        values = z[start:start + len(chunk)]
+        values = delta[start:start + len(chunk)]
 
         def force(h: torch.Tensor) -> torch.Tensor:
             if h.shape[1] != width:  # a decoding step: nothing of the prompt is in it
                 return h
             h = h.clone()
-            h[rows, cols] = values.to(h.dtype).to(h.device)
+            h[rows, cols] += values.to(h.dtype).to(h.device)
             return h
 
         with edit_output(loaded.block(layer), force):
@@ -119,14 +122,16 @@ def replies(loaded, items: list[Form], budgets: list[int], layer: int | None = N
     return texts
 
 
-def derived(text: str, target: str) -> bool:
+def derived(text: str, target: str, already: str) -> bool:
     """A word of ``text`` sharing the first letters of one of the target's words (at least 3, and all but one
-    of a short word's, at most 5 of a long one's): "Roman" for "Rome", "German" for "Germany". Not the target
-    itself (count that first)."""
-    words = [w.casefold() for w in text.replace("-", " ").split()]
+    of a short word's, at most 5 of a long one's): "Roman" for "Rome", "Elie" for "Eliel". Words that are in
+    ``already`` (the question and the unedited reply) do not count, nor do the target's numbers. Not the
+    target itself (count that first)."""
+    seen = {w.casefold().strip(".,()\"'?!:;") for w in already.replace("-", " ").split()}
+    words = [w for w in (w.casefold().strip(".,()\"'?!:;") for w in text.replace("-", " ").split()) if w not in seen]
     for part in target.split():
         part = part.casefold().strip(".,()")
-        if len(part) < 4:
+        if len(part) < 4 or any(c.isdigit() for c in part):
             continue
         n = min(len(part) - 1, 5)
         if any(w.startswith(part[:n]) for w in words):
@@ -135,15 +140,15 @@ def derived(text: str, target: str) -> bool:
 
 
 def classify(edited: list[str], unedited: list[str], facts: list) -> dict:
-    """Counts of what the edited replies say: new, derived, unchanged, other."""
-    counts = {"new": 0, "derived": 0, "unchanged": 0, "other": 0}
+    """Counts of what the edited replies say: new, unchanged (the unedited reply), derived, other."""
+    counts = {"new": 0, "unchanged": 0, "derived": 0, "other": 0}
     for e, u, f in zip(edited, unedited, facts, strict=True):
         if says(e, f.target_new):
             counts["new"] += 1
-        elif derived(e, f.target_new):
-            counts["derived"] += 1
         elif e.strip() == u.strip():
             counts["unchanged"] += 1
+        elif derived(e, f.target_new, f.rewrite_prompt() + " " + u):
+            counts["derived"] += 1
         else:
             counts["other"] += 1
     return counts
@@ -182,13 +187,18 @@ def main() -> None:
     covs = covariances(loaded, hp.layers)
     completions, chats = zip(*(forms(tok, f) for f in facts))
     completions, chats = list(completions), list(chats)
+    # The subject's last token must be the same token in both forms (found by character offsets in each).
+    same = sum(c.ids[c.subject_last] == h.ids[h.subject_last] for c, h in zip(completions, chats))
+    if same != len(facts):
+        print(f"warning: the subject's last token differs between the forms for {len(facts) - same} facts")
     n_target = [len(target_token_ids(tok, f.target_new)) for f in facts]
     completion_budget = [n + 4 for n in n_target]
     chat_budget = [len(tok(f.rewrite_prompt(), add_special_tokens=False).input_ids) + n + CHAT_EXTRA_TOKENS
                    for f, n in zip(facts, n_target)]
     long_budget = [LONG_REPLY] * len(facts)
 
-    result: dict = {"model": loaded.model_id, "facts": len(facts), "layer": top, "lam": hp.lam}
+    result: dict = {"model": loaded.model_id, "facts": len(facts), "subjects": len({f.subject for f in facts}),
+                    "layer": top, "lam": hp.lam, "subject_token_same_in_both_forms": same}
     h_completion = states_at_subject(loaded, top, completions)
     h_chat = states_at_subject(loaded, top, chats)
     # The completion form is the targets' own bare prompt: its state must be the one they started from.
@@ -198,9 +208,9 @@ def main() -> None:
         "unedited_completion": replies(loaded, completions, completion_budget),
         "unedited_chat": replies(loaded, chats, chat_budget),
         "unedited_chat_long": replies(loaded, chats, long_budget),
-        "forced_z_completion": replies(loaded, completions, completion_budget, top, targets.z),
-        "forced_z_chat": replies(loaded, chats, chat_budget, top, targets.z),
-        "forced_z_chat_long": replies(loaded, chats, long_budget, top, targets.z),
+        "forced_z_completion": replies(loaded, completions, completion_budget, top, targets.delta),
+        "forced_z_chat": replies(loaded, chats, chat_budget, top, targets.delta),
+        "forced_z_chat_long": replies(loaded, chats, long_budget, top, targets.delta),
     }
     print({k: round(named(v, facts), 1) for k, v in text.items()}, flush=True)
 
