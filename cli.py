@@ -142,14 +142,14 @@ def build_stats_cmd(
     from covedit.pipeline.tokens import check_bos_policy  # noqa: PLC0415
     from covedit.stats.corpus import CorpusSpec  # noqa: PLC0415
     from covedit.stats.distributed import StatsJob, build_stats  # noqa: PLC0415
-    from covedit.stats.store import default_stats_dir  # noqa: PLC0415
+    from covedit.stats.store import ACCUMULATE, default_stats_dir  # noqa: PLC0415
 
     if tokens is not None and tokens <= 0:
         raise UsageError("--tokens must be a positive number of tokens.")
     if max_length <= 1:
         raise UsageError("--max-length must be at least 2.")
     check_bos_policy(bos, "--bos")
-    if accumulate not in ("float64", "mixed", "float32"):
+    if accumulate not in ACCUMULATE:
         raise UsageError("--accumulate must be mixed, float64 or float32.")
     if window_docs < 1:
         raise UsageError("--window-docs must be at least 1.")

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
-from covedit.stats.collect import ACCUMULATE, SecondMoment, _panel_edges  # noqa: E402
+from covedit.stats.collect import SecondMoment, _panel_edges  # noqa: E402
 
 
 class PairwiseBlocks(SecondMoment):
@@ -65,7 +65,6 @@ def main() -> None:
     full_flops = 2.0 * args.tokens * args.d * args.d
     rows = []
     for accumulate in ("mixed", "float64"):
-        assert accumulate in ACCUMULATE
         splits = [("4 × 4 blocks, pairwise (before)", PairwiseBlocks(args.d, accumulate), 10 / 16)]
         splits += [(f"{n} row panels", SecondMoment(args.d, accumulate, panels=n), (n + 1) / (2 * n))
                    for n in (1, 2, 4, 6, 8, 12, 16)]

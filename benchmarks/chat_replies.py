@@ -23,8 +23,8 @@ question's tokens + the target's + 8) and, to see whether the answer comes later
 
     python benchmarks/chat_replies.py --facts 100 --json benchmarks/results/chat_replies_cpu.json
 
-The facts are the locality study's (the first 100 zsRE records); statistics and targets come from the
-benchmarks' caches (``covedit build-stats`` first).
+The facts are the locality study's (the first 100 zsRE records; ``--heldout-after N`` takes held-out ones);
+statistics and targets come from the benchmarks' caches (``covedit build-stats`` first).
 """
 
 from __future__ import annotations
@@ -39,12 +39,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
-from benchmarks.common import DEFAULT_DATA, TargetCache, covariances, zsre_facts  # noqa: E402
+from benchmarks.common import TargetCache, add_slice_arguments, covariances, fact_slice  # noqa: E402
 from covedit.pipeline.edit import templates_for  # noqa: E402
-from covedit.pipeline.evaluate import CHAT_EXTRA_TOKENS, greedy_continuations, says  # noqa: E402
+from covedit.pipeline.evaluate import generation_jobs, greedy_continuations, says  # noqa: E402
 from covedit.pipeline.hooks import capture_outputs, edit_output  # noqa: E402
 from covedit.pipeline.hparams import load_hparams  # noqa: E402
-from covedit.pipeline.keys import target_token_ids  # noqa: E402
 from covedit.pipeline.memit import run_memit  # noqa: E402
 from covedit.pipeline.models import load_model  # noqa: E402
 
@@ -169,9 +168,7 @@ def subject_restated(texts: list[str], facts: list) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--facts", type=int, default=100)
+    add_slice_arguments(ap, facts=100)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -181,7 +178,7 @@ def main() -> None:
         raise SystemExit(f"{loaded.model_id} has no chat template: nothing to compare")
     hp = load_hparams("memit", loaded.model.config.model_type, loaded.num_layers, None, [])
     templates = templates_for(loaded, hp)
-    facts = zsre_facts(args.data, args.facts)
+    facts = fact_slice(args.data, args.facts, args.heldout_after)
     top = hp.layers[-1]
     targets = TargetCache(loaded, top, hp.target, templates).get(facts)
     covs = covariances(loaded, hp.layers)
@@ -191,10 +188,10 @@ def main() -> None:
     same = sum(c.ids[c.subject_last] == h.ids[h.subject_last] for c, h in zip(completions, chats))
     if same != len(facts):
         print(f"warning: the subject's last token differs between the forms for {len(facts) - same} facts")
-    n_target = [len(target_token_ids(tok, f.target_new)) for f in facts]
-    completion_budget = [n + 4 for n in n_target]
-    chat_budget = [len(tok(f.rewrite_prompt(), add_special_tokens=False).input_ids) + n + CHAT_EXTRA_TOKENS
-                   for f, n in zip(facts, n_target)]
+    # The evaluation's own budgets (its generation family), so the counts here are the reports' counts.
+    budget = {(i, kind): b for _, b, i, kind in generation_jobs(loaded, facts) if kind in ("rewrite", "chat")}
+    completion_budget = [budget[i, "rewrite"] for i in range(len(facts))]
+    chat_budget = [budget[i, "chat"] for i in range(len(facts))]
     long_budget = [LONG_REPLY] * len(facts)
 
     result: dict = {"model": loaded.model_id, "facts": len(facts), "subjects": len({f.subject for f in facts}),
