@@ -7,6 +7,15 @@ all columns alike):
   (b) covedit's collector: one truncated forward serves all layers, Σ k kᵀ accumulated (per --accumulate);
   (c) the reference strategy: one separate truncated pass per layer, each accumulating its own layer.
 
+Batches are packed as ``build-stats`` packs them (its ``--window-docs``, ``--batch-tokens`` and
+``--max-length`` defaults): padding costs the forward time but adds no keys, so a benchmark packed
+differently would measure another ratio.
+
+Beside them, (p): the physical limit of the products. Each batch, one full float32 product kᵀk of as many
+keys as the batch counts (random: the rate does not depend on the values) is timed on its own; the exact
+symmetric product (a rank-k update, d(d+1)/2 of the d² entries) of every layer at that rate is the least
+the products can cost, so a/(a + p) is the best ratio (b) can reach on this machine, whatever the code.
+
 With ``--compare mixed`` a fourth column (b') runs the collector with that other precision on the same
 batches, and the run reports its speed beside (a) and (b) and its largest relative difference from (b)'s
 float64 sums, max |Σ' − Σ| / max |Σ| over the layers (issue 15: ``mixed`` becomes the default only if this
@@ -16,6 +25,8 @@ Then (d): the whole `build-stats` pipeline end to end (tokenising, batching, che
 token budget, and its peak resident memory at two budgets (it must not grow with the budget).
 
     python benchmarks/bench_stats.py --tokens 200000            # about 15 minutes on a 2-core CPU
+    python benchmarks/bench_stats.py --tokens 200000 --skip-reference --skip-end-to-end --window-docs 64 \
+        --json benchmarks/results/bench_stats_packing64_cpu.json   # (and 512, the default, and 2048)
     python benchmarks/bench_stats.py --device cuda --dtype bfloat16 --tokens 2000000
     python benchmarks/bench_stats.py --tokens 1000000 --compare mixed --skip-reference --skip-end-to-end \
         --json benchmarks/results/bench_stats_mixed_1M_cpu.json
@@ -41,6 +52,7 @@ from covedit.pipeline.hooks import capture_inputs, run_until  # noqa: E402
 from covedit.pipeline.models import default_layers, load_model  # noqa: E402
 from covedit.stats.collect import SecondMoment, accumulate_batches  # noqa: E402
 from covedit.stats.corpus import CorpusSpec, iter_batches, make_plan, open_corpus  # noqa: E402
+from covedit.stats.distributed import StatsJob  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -53,6 +65,15 @@ def bare_forward(loaded, layers, batch) -> None:
     with torch.inference_mode(), capture_inputs([deepest], stop_after=deepest):
         run_until(loaded.model, input_ids=batch.input_ids.to(loaded.device),
                   attention_mask=batch.attention_mask.to(loaded.device), use_cache=False)
+
+
+def full_product_seconds(n_keys: int, d: int, device: torch.device) -> float:
+    """Seconds of one full float32 kᵀk of n random keys: the machine's matrix-product rate for this shape."""
+    k = torch.randn(n_keys, d, device=device)
+    sync(device); t = time.perf_counter()
+    k.T @ k
+    sync(device)
+    return time.perf_counter() - t
 
 
 def machine() -> str:
@@ -93,9 +114,11 @@ def main() -> None:
     ap.add_argument("--layers", default=None, help="comma list; default: the edit layers of the model")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--accumulate", default="float64")
-    ap.add_argument("--batch-tokens", type=int, default=8192)
-    ap.add_argument("--max-length", type=int, default=1024)
+    job = StatsJob(model="", layers=())  # build-stats' own defaults
+    ap.add_argument("--accumulate", default=job.accumulate)
+    ap.add_argument("--batch-tokens", type=int, default=job.batch_tokens)
+    ap.add_argument("--max-length", type=int, default=job.max_length)
+    ap.add_argument("--window-docs", type=int, default=job.window_docs)
     ap.add_argument("--memory-budgets", default="50000,500000", help="token budgets for the peak-RSS check ('' to skip)")
     ap.add_argument("--skip-end-to-end", action="store_true")
     ap.add_argument("--compare", default=None, help="another --accumulate to run beside it, e.g. mixed")
@@ -107,17 +130,21 @@ def main() -> None:
     args.layers = [int(x) for x in args.layers.split(",")] if args.layers else default_layers(loaded.num_layers)
     corpus = open_corpus(CorpusSpec())
     plan = make_plan(corpus, loaded.tokenizer, args.tokens, args.max_length, "skip")
-    batches = list(iter_batches(corpus, loaded.tokenizer, 0, plan.n_docs, plan, args.max_length, args.batch_tokens, "skip"))
+    batches = list(iter_batches(corpus, loaded.tokenizer, 0, plan.n_docs, plan, args.max_length, args.batch_tokens, "skip",
+                                args.window_docs))
     n_tokens = sum(b.n_tokens for b in batches)
+    real_share = sum(int(b.attention_mask.sum()) for b in batches) / sum(b.input_ids.numel() for b in batches)
     print(f"machine: {machine()}")
     print(f"model {loaded.model_id} ({args.dtype} on {loaded.device}), layers {args.layers}, "
-          f"{n_tokens:,} tokens in {len(batches)} batches, accumulate {args.accumulate}")
+          f"{n_tokens:,} tokens in {len(batches)} batches (windows of {args.window_docs} documents, "
+          f"{real_share:.1%} of the batch cells real tokens), accumulate {args.accumulate}")
 
     ours = {L: SecondMoment(loaded.d_ff, args.accumulate, loaded.device) for L in args.layers}
     ref = {L: SecondMoment(loaded.d_ff, args.accumulate, loaded.device) for L in args.layers}
     other = ({L: SecondMoment(loaded.d_ff, args.compare, loaded.device) for L in args.layers}
              if args.compare else None)
-    times = {"a": 0.0, "b": 0.0, "c": 0.0, "b2": 0.0}
+    times = {"a": 0.0, "b": 0.0, "c": 0.0, "b2": 0.0, "p": 0.0}
+    symmetric_share = len(args.layers) * (loaded.d_ff + 1) / (2 * loaded.d_ff)
     bare_forward(loaded, args.layers, batches[0])  # warm-up
     for i, batch in enumerate(batches):
         sync(loaded.device); t = time.perf_counter()
@@ -127,6 +154,7 @@ def main() -> None:
         for _ in accumulate_batches(loaded, args.layers, [batch], ours):
             pass
         sync(loaded.device); times["b"] += time.perf_counter() - t
+        times["p"] += symmetric_share * full_product_seconds(batch.n_tokens, loaded.d_ff, loaded.device)
         if other is not None:
             t = time.perf_counter()
             for _ in accumulate_batches(loaded, args.layers, [batch], other):
@@ -150,8 +178,12 @@ def main() -> None:
                             for L in args.layers)
 
     rate = {k: n_tokens / v for k, v in times.items() if v}
+    best_ratio = times["a"] / (times["a"] + times["p"])
     results = {"machine": machine(), "model": loaded.model_id, "dtype": args.dtype, "device": str(loaded.device),
                "layers": args.layers, "tokens": n_tokens, "accumulate": args.accumulate,
+               "window_docs": args.window_docs, "batch_tokens": args.batch_tokens, "max_length": args.max_length,
+               "real_token_share_of_batches": real_share, "seconds": times,
+               "symmetric_products_at_gemm_rate_s": times["p"], "best_possible_b_over_a": best_ratio,
                "bare_forward_tok_s": rate["a"], "covedit_collect_tok_s": rate["b"],
                "per_layer_passes_tok_s": rate.get("c"), "b_over_a": rate["b"] / rate["a"],
                "b_over_c": rate["b"] / rate["c"] if "c" in rate else None}
@@ -176,6 +208,8 @@ def main() -> None:
     print(f"| (b) covedit collector, {len(args.layers)} layers in one pass | {rate['b']:,.0f} | {rate['b'] / rate['a']:.2f} |")
     if other is not None:
         print(f"| (b') covedit collector, accumulate {args.compare} | {rate['b2']:,.0f} | {rate['b2'] / rate['a']:.2f} |")
+    print(f"| (p) bound: bare forward + the exact symmetric products at this machine's matrix-product rate | "
+          f"{n_tokens / (times['a'] + times['p']):,.0f} | {best_ratio:.2f} |")
     if "c" in rate:
         print(f"| (c) reference strategy, one pass per layer | {rate['c']:,.0f} | {rate['c'] / rate['a']:.2f} |")
     if "build_stats_end_to_end_tok_s" in results:
