@@ -183,8 +183,8 @@ def edit_variants(loaded, hp, facts: list, targets: TargetResult, covs: dict, va
     """For each (label, keyword arguments of ``run_memit``: ``lam``, ``preserve_prompts``, ``preserve_relation``,
     ``relation_subjects``, ``alphaedit``):
     the edit from the original weights with the same targets, then the evaluation against ``before`` (the
-    unedited model's). Yields (label, row): the metrics, the realised share, drift, fluency and solve
-    seconds; while a variant is yielded its weights are in place. ``generation`` adds the generation family
+    unedited model's). Yields (label, row): the metrics, the realised share, drift, fluency (its GE and the
+    generations it scored) and solve seconds; while a variant is yielded its weights are in place. ``generation`` adds the generation family
     (off by default: sweeps compare teacher-forced scores, and generating costs more than the solve)."""
     from covedit.pipeline.memit import run_memit
     from covedit.pipeline.evaluate import drift, evaluate_model
@@ -206,7 +206,8 @@ def edit_variants(loaded, hp, facts: list, targets: TargetResult, covs: dict, va
         yield (label,
                {**after.aggregate, "realised_mean": sum(out.target_info["realised"]) / len(facts),
                 "drift_mean_kl": d["mean_kl"], "top1_changed_pct": d["top1_changed_pct"],
-                "fluency_ge": (after.fluency or {}).get("ge"), "solve_s": solve_s})
+                "fluency_ge": (after.fluency or {}).get("ge"), "solve_s": solve_s,
+                "fluency_generations": (after.fluency or {}).get("generations")})
 
 
 def memit_target_cache(model: str, overrides: list[str] | None = None) -> TargetCache:

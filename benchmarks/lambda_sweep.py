@@ -55,7 +55,8 @@ def main() -> None:
               "overrides": args.overrides, "target_hparams": vars(hp.target), "targets_s": cache.seconds(facts),
               "target_updates_mean": float(targets.steps_taken.float().mean()),
               "target_nll_after_mean": float(targets.nll_after.mean()),
-              "unedited": {**before.aggregate, "fluency_ge": (before.fluency or {}).get("ge")}, "lams": {}}
+              "unedited": {**before.aggregate, "fluency_ge": (before.fluency or {}).get("ge"),
+                           "fluency_generations": (before.fluency or {}).get("generations")}, "lams": {}}
     print(f"| λ | efficacy | paraphrase | neighbourhood | realised | drift KL | top-1 changed | GE |\n|---|---|---|---|---|---|---|---|\n"
           f"| unedited | {before.aggregate['efficacy_acc']:.1f} | {before.aggregate['generalization_acc']:.1f} | "
           f"{before.aggregate['specificity_acc']:.1f} | | | | {result['unedited']['fluency_ge'] or ''} |", flush=True)
