@@ -10,6 +10,8 @@ at (mean, median, how many above 0.5 and 0.1); the JSON holds every fact's loss 
         --json benchmarks/results/step_rule_lr_cpu.json
     python benchmarks/step_rule.py --facts 40 2:const:12 4:lin:12 4:cos:12 2:lin:12 \\
         --json benchmarks/results/step_rule_schedules_cpu.json
+    python benchmarks/step_rule.py --model gemma3-270m --facts 40 0.5:const:25 --set target.clamp_norm_factor=4 \\
+        --json benchmarks/results/gemma3_step_rule_clamp4_cpu.json
 """
 
 from __future__ import annotations
@@ -59,13 +61,16 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--facts", type=int, default=40)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="hyperparameter override for every rule, e.g. target.clamp_norm_factor=4")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
     loaded = load_model(args.model)
-    hp = load_hparams("memit", loaded.model.config.model_type, loaded.num_layers, None, [])
+    hp = load_hparams("memit", loaded.model.config.model_type, loaded.num_layers, None, args.overrides)
     facts = zsre_facts(args.data, args.facts)
-    out = {"model": loaded.model_id, "facts": len(facts), "layer": hp.layers[-1], "rules": {}}
+    out = {"model": loaded.model_id, "facts": len(facts), "layer": hp.layers[-1], "overrides": args.overrides,
+           "rules": {}}
     for rule in args.rules:
         lr, schedule, passes = rule.split(":")
         target_hp = dataclasses.replace(hp.target, lr=float(lr), steps=int(passes))

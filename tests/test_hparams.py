@@ -32,8 +32,11 @@ def test_per_architecture_adjustments():
     qwen = defaults_for("memit", "qwen2", 28)
     assert qwen.target.clamp_norm_factor == 4.0 and qwen.target.weight_decay == 1e-3 and qwen.lam == 15000.0
     assert defaults_for("alphaedit", "qwen2", 28).alpha == 1.0
+    gemma3 = defaults_for("memit", "gemma3_text", 18)  # behind a post-MLP norm: docs/gemma3.md
+    assert gemma3.lam == 6000.0 and gemma3.target.clamp_norm_factor == 4.0 and gemma3.target.lr == 0.5
     # the table for one architecture leaves the others alone
     assert defaults_for("memit", "mistral", 32).target.clamp_norm_factor == 0.75
+    assert defaults_for("memit", "gemma2", 26).target.clamp_norm_factor == 0.75
 
 
 def test_rome_and_alphaedit_defaults():
