@@ -152,11 +152,13 @@ ARCH_DEFAULTS: dict[str, dict[str, dict[str, object]]] = {
     # Targets: the reference step rule (lr 0.5, 25 passes; lr 2 rescues none of the targets that stay far off,
     # results/gemma3_step_rule_lr_cpu.json), but the clamp at 4 ‖W k‖ instead of 0.75 (4 is EasyEdit's MEMIT
     # value for Qwen). Behind the scale-invariant post-MLP norm δ can only turn W k, and 0.75 ‖W k‖ caps the
-    # turn at 49° (the argued mechanism; what was measured is the effect): on the first 40 tuning records the 4 of 16 targets stuck above 0.5 nats all reach < 0.04
-    # (results/gemma3_step_rule_clamp4_cpu.json). Same λ, first 50 tuning facts: efficacy / paraphrase
-    # 67.1 / 59.9 -> 94.3 / 87.4 at drift 0.012 -> 0.016 (results/gemma3_lambda_tuning_clamp{075,4}_cpu.json).
+    # turn at 49° (the argued mechanism; what was measured is the effect): on the first 40 tuning records
+    # the 4 of 16 targets stuck above 0.5 nats all reach < 0.04 (results/gemma3_step_rule_clamp4_cpu.json).
+    # Same λ, first 50 tuning facts: efficacy / paraphrase 67.1 / 59.9 -> 94.3 / 87.4 at drift 0.012 -> 0.016
+    # (results/gemma3_lambda_tuning_clamp{075,4}_cpu.json).
     # λ with clamp 4 re-chosen on the first 100 tuning facts (the size it is reported at; drift grows with the
-    # batch) by a rule fixed before the run: the smallest of 15,000 / 6,000 / 3,000 whose drift is at most
+    # batch), after a held-out run had shown λ 3,000 drifting 0.052 with clamp 4 (docs/gemma3.md says so), by
+    # a rule set before the tuning run: the smallest of 15,000 / 6,000 / 3,000 whose drift is at most
     # 0.025 nats, SmolLM2's default's on its 100 held-out facts. 6,000: 88.7 / 79.6 % at drift 0.022
     # (3,000: 90.6 / 81.2 at 0.030; results/gemma3_lambda_tuning100_clamp4_cpu.json). Held out: docs/gemma3.md.
     # AlphaEdit here, and Gemma-2 and OLMo-2 (also post-MLP norms), keep 0.75 until measured.
