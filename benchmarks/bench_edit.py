@@ -44,7 +44,8 @@ from covedit.pipeline.hparams import load_hparams  # noqa: E402
 from covedit.pipeline.models import load_model  # noqa: E402
 from covedit.pipeline.targets import compute_targets, fact_groups  # noqa: E402
 
-from benchmarks.common import DEFAULT_DATA, TargetCache, memit_target_cache, write_facts, zsre_facts  # noqa: E402
+from benchmarks.common import (DEFAULT_DATA, TargetCache, add_override_argument, memit_target_cache,  # noqa: E402
+                               write_facts, zsre_facts)
 
 def compare_target_optimisation(model: str, facts: list, overrides: list[str]) -> dict:
     loaded = load_model(model)
@@ -115,7 +116,7 @@ def main() -> None:
     ap.add_argument("--build-stats-tokens", type=int)
     ap.add_argument("--sizes", default="10,100,1000")
     ap.add_argument("--compare", type=int, default=100, help="facts for batched vs one-at-a-time (0 to skip)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    add_override_argument(ap)
     ap.add_argument("--cached-targets", action="store_true",
                     help="targets from the shared per-fact cache (timed when optimised), see above")
     ap.add_argument("--json", type=Path)

@@ -52,7 +52,7 @@ import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedi
 
 from covedit.pipeline.hooks import capture_inputs, run_until  # noqa: E402
 from covedit.pipeline.models import default_layers, load_model  # noqa: E402
-from covedit.stats.collect import ACCUMULATE, SecondMoment, accumulate_batches  # noqa: E402
+from covedit.stats.collect import PRODUCT_DTYPE, SecondMoment, accumulate_batches  # noqa: E402
 from covedit.stats.corpus import CorpusSpec, iter_batches, make_plan, open_corpus  # noqa: E402
 from covedit.stats.distributed import StatsJob  # noqa: E402
 
@@ -147,7 +147,7 @@ def main() -> None:
              if args.compare else None)
     times = {"a": 0.0, "b": 0.0, "c": 0.0, "b2": 0.0, "p": 0.0}
     symmetric_share = len(args.layers) * (loaded.d_ff + 1) / (2 * loaded.d_ff)
-    product_dtype = ACCUMULATE[args.accumulate][0]
+    product_dtype = PRODUCT_DTYPE[args.accumulate]
     bare_forward(loaded, args.layers, batches[0])  # warm-up
     full_product_seconds(batches[0].n_tokens, loaded.d_ff, product_dtype, loaded.device)
     for i, batch in enumerate(batches):

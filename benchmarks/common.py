@@ -76,6 +76,19 @@ def add_slice_arguments(ap, facts: int) -> None:
                     help="take held-out facts after this many tuning facts (0: the tuning slice itself)")
 
 
+def add_override_argument(ap) -> None:
+    """``--set KEY=VALUE`` (repeatable) into ``args.overrides``: hyperparameter overrides for load_hparams."""
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="hyperparameter override, repeatable, e.g. lam=5000 or target.clamp_norm_factor=4 "
+                         "(targets are cached per setting)")
+
+
+def fluency_fields(evaluation) -> dict:
+    """An evaluation's fluency as the sweeps record it: the GE and the generations it scored (None without)."""
+    fluency = evaluation.fluency or {}
+    return {"fluency_ge": fluency.get("ge"), "fluency_generations": fluency.get("generations")}
+
+
 def write_facts(facts: list, path: Path) -> None:
     with open(path, "w") as f:
         for fact in facts:
@@ -183,9 +196,9 @@ def edit_variants(loaded, hp, facts: list, targets: TargetResult, covs: dict, va
     """For each (label, keyword arguments of ``run_memit``: ``lam``, ``preserve_prompts``, ``preserve_relation``,
     ``relation_subjects``, ``alphaedit``):
     the edit from the original weights with the same targets, then the evaluation against ``before`` (the
-    unedited model's). Yields (label, row): the metrics, the realised share, drift, fluency (its GE and the
-    generations it scored) and solve seconds; while a variant is yielded its weights are in place. ``generation`` adds the generation family
-    (off by default: sweeps compare teacher-forced scores, and generating costs more than the solve)."""
+    unedited model's). Yields (label, row): the metrics, the realised share, drift, fluency (``fluency_fields``)
+    and solve seconds; while a variant is yielded its weights are in place. ``generation`` adds the generation
+    family (off by default: sweeps compare teacher-forced scores, and generating costs more than the solve)."""
     from covedit.pipeline.memit import run_memit
     from covedit.pipeline.evaluate import drift, evaluate_model
     templates = templates_for(loaded, hp)
@@ -206,8 +219,7 @@ def edit_variants(loaded, hp, facts: list, targets: TargetResult, covs: dict, va
         yield (label,
                {**after.aggregate, "realised_mean": sum(out.target_info["realised"]) / len(facts),
                 "drift_mean_kl": d["mean_kl"], "top1_changed_pct": d["top1_changed_pct"],
-                "fluency_ge": (after.fluency or {}).get("ge"), "solve_s": solve_s,
-                "fluency_generations": (after.fluency or {}).get("generations")})
+                **fluency_fields(after), "solve_s": solve_s})
 
 
 def memit_target_cache(model: str, overrides: list[str] | None = None) -> TargetCache:

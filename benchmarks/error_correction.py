@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
 from benchmarks.bench_stats import machine  # noqa: E402
-from benchmarks.common import DEFAULT_DATA, covariances, memit_target_cache  # noqa: E402
+from benchmarks.common import DEFAULT_DATA, add_override_argument, covariances, memit_target_cache  # noqa: E402
 from benchmarks.common import fact_slice  # noqa: E402
 from benchmarks.relation_locality import world_facts  # noqa: E402
 from covedit.pipeline.correct import classify  # noqa: E402
@@ -143,8 +143,7 @@ def main() -> None:
                     help="add W Σ k kᵀ of the keys of a seeded half of the known facts to λC from the first batch "
                          "(the preserve_earlier term), and report what is kept of each half separately")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="hyperparameter override (default: MEMIT's defaults for the model)")
+    add_override_argument(ap)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     batchings = [int(k) for k in args.batches.split(",")]

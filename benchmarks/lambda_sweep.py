@@ -24,7 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
-from benchmarks.common import TargetCache, add_slice_arguments, covariances, fact_slice, memit_variants  # noqa: E402
+from benchmarks.common import (TargetCache, add_override_argument, add_slice_arguments, covariances,  # noqa: E402
+                               fact_slice, fluency_fields, memit_variants)
 from covedit.pipeline.edit import templates_for  # noqa: E402
 from covedit.pipeline.evaluate import evaluate_model  # noqa: E402
 from covedit.pipeline.hparams import load_hparams  # noqa: E402
@@ -37,8 +38,7 @@ def main() -> None:
     ap.add_argument("--lams", default="15000,3000,1000,300")
     ap.add_argument("--mus", default="0", help="preserve_prompts values μ to try with each λ (0: reference MEMIT)")
     ap.add_argument("--fluency", action="store_true")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="hyperparameter override, e.g. target.lr=2 (targets are cached per setting)")
+    add_override_argument(ap)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -55,8 +55,7 @@ def main() -> None:
               "overrides": args.overrides, "target_hparams": vars(hp.target), "targets_s": cache.seconds(facts),
               "target_updates_mean": float(targets.steps_taken.float().mean()),
               "target_nll_after_mean": float(targets.nll_after.mean()),
-              "unedited": {**before.aggregate, "fluency_ge": (before.fluency or {}).get("ge"),
-                           "fluency_generations": (before.fluency or {}).get("generations")}, "lams": {}}
+              "unedited": {**before.aggregate, **fluency_fields(before)}, "lams": {}}
     print(f"| λ | efficacy | paraphrase | neighbourhood | realised | drift KL | top-1 changed | GE |\n|---|---|---|---|---|---|---|---|\n"
           f"| unedited | {before.aggregate['efficacy_acc']:.1f} | {before.aggregate['generalization_acc']:.1f} | "
           f"{before.aggregate['specificity_acc']:.1f} | | | | {result['unedited']['fluency_ge'] or ''} |", flush=True)

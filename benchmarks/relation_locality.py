@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
-from benchmarks.common import TargetCache, covariances, edit_variants, write_facts  # noqa: E402
+from benchmarks.common import TargetCache, add_override_argument, covariances, edit_variants, write_facts  # noqa: E402
 from covedit.pipeline.edit import templates_for  # noqa: E402
 from covedit.pipeline.evaluate import evaluate_model, next_token_logprobs  # noqa: E402
 from covedit.pipeline.facts import Fact, Neighbor  # noqa: E402
@@ -128,7 +128,7 @@ def main() -> None:
     ap.add_argument("--lams", default="", help="MEMIT λ values (default: the model's default)")
     ap.add_argument("--mus", default="", help="preserve_prompts values μ (default: the model's default)")
     ap.add_argument("--nus", default="", help="preserve_relation values ν (default: the model's default)")
-    ap.add_argument("--set", action="append", default=[], help="other hyperparameter overrides, key=value")
+    add_override_argument(ap)
     ap.add_argument("--fluency", action="store_true")
     ap.add_argument("--write-facts", type=Path, help="also write the edited facts as a facts file")
     ap.add_argument("--json", type=Path)
@@ -136,14 +136,14 @@ def main() -> None:
 
     if args.write_facts:
         write_facts(build(args.facts)[0], args.write_facts)
-    facts, neighbours, loaded, hp, templates, targets, covs = setup(args.model, args.facts, args.set)
+    facts, neighbours, loaded, hp, templates, targets, covs = setup(args.model, args.facts, args.overrides)
     pairs = [p for rel in RELATIONS for p in neighbours[rel]]
     before = evaluate_model(loaded, facts, with_fluency=args.fluency, generation=False)
     near_before = next_token_logprobs(loaded, [p for p, _ in pairs])
     result = {"model": loaded.model_id, "layers": hp.layers, "facts": len(facts),
               "relations": {rel: sum(f.id.startswith(rel + ":") for f in facts) for rel in RELATIONS},
               "neighbour_prompts": {rel: len(neighbours[rel]) for rel in RELATIONS},
-              "overrides": args.set,
+              "overrides": args.overrides,
               "unedited": {**before.aggregate, "neighbours_right_pct": first_token_right(loaded, near_before, pairs),
                            "fluency_ge": (before.fluency or {}).get("ge")}, "lams": {}}
     print("| λ | efficacy | paraphrase | specificity | same-relation kept top-1 | right before → after | "

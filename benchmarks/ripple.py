@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
-from benchmarks.common import ROOT, covariances, memit_target_cache  # noqa: E402
+from benchmarks.common import ROOT, add_override_argument, covariances, memit_target_cache  # noqa: E402
 from covedit.pipeline.edit import key_weights_for, templates_for  # noqa: E402
 from covedit.pipeline.evaluate import evaluate_model, says  # noqa: E402
 from covedit.pipeline.facts import read_facts  # noqa: E402
@@ -48,8 +48,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--facts", type=Path, default=RIPPLE_FACTS)
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a MEMIT hyperparameter, e.g. --set lam=5000")
+    add_override_argument(ap)
     ap.add_argument("--no-fluency", action="store_true", help="skip the fluency generations")
     ap.add_argument("--json", type=Path, help="also write every number (and each fact's texts) here")
     args = ap.parse_args()

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
-from benchmarks.common import DEFAULT_DATA, zsre_facts  # noqa: E402
+from benchmarks.common import DEFAULT_DATA, add_override_argument, zsre_facts  # noqa: E402
 from covedit.pipeline import targets as T  # noqa: E402
 from covedit.pipeline.edit import templates_for  # noqa: E402
 from covedit.pipeline.hparams import load_hparams  # noqa: E402
@@ -61,8 +61,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--facts", type=int, default=40)
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="hyperparameter override for every rule, e.g. target.clamp_norm_factor=4")
+    add_override_argument(ap)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 

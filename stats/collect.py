@@ -27,9 +27,10 @@ import torch
 
 from covedit.pipeline.hooks import capture_inputs, run_until
 from covedit.pipeline.models import LoadedModel
+from covedit.stats.store import ACCUMULATE, sum_dtype
 
-ACCUMULATE = {"float64": (torch.float64, torch.float64), "mixed": (torch.float32, torch.float64),
-              "float32": (torch.float32, torch.float32)}
+# Each policy's product dtype; its sums' dtype is the store's rule (stats.store.sum_dtype).
+PRODUCT_DTYPE = {"float64": torch.float64, "mixed": torch.float32, "float32": torch.float32}
 
 
 def _panel_edges(d: int, n_panels: int) -> list[tuple[int, int]]:
@@ -46,7 +47,7 @@ class SecondMoment:
     def __init__(self, d: int, accumulate: str = "float64", device: torch.device | str = "cpu", panels: int = 8):
         if accumulate not in ACCUMULATE:
             raise ValueError(f"accumulate must be one of {', '.join(ACCUMULATE)}")
-        self.product_dtype, self.sum_dtype = ACCUMULATE[accumulate]
+        self.product_dtype, self.sum_dtype = PRODUCT_DTYPE[accumulate], getattr(torch, sum_dtype(accumulate))
         self.sum = torch.zeros(d, d, dtype=self.sum_dtype, device=device)
         self.count = 0
         # Row panel i covers columns from its own diagonal block on: (n+1)/2n of a full product's work,
