@@ -12,6 +12,7 @@ context templates and the version of the optimisation's rules (``RULES``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -227,3 +228,25 @@ def memit_target_cache(model: str, overrides: list[str] | None = None) -> Target
     loaded = load_model(model)
     hp = load_hparams("memit", loaded.model.config.model_type, loaded.num_layers, None, overrides or [])
     return TargetCache(loaded, hp.layers[-1], hp.target, templates_for(loaded, hp))
+
+
+@contextlib.contextmanager
+def delta_at(loaded, factors: dict, mask: torch.Tensor):
+    """Add ΔW k_t to every edited down-projection's output only at the positions where ``mask`` (batch, T) is
+    True, the model keeping its original weights: an edit applied at chosen tokens only. ``factors`` maps a
+    layer to the edit's (up, down), ΔW = up @ down; with every position True this is the edited model."""
+    handles = []
+
+    def make(up, down):
+        def hook(_mod, args, out):
+            add = (args[0].double() @ down.double().T) @ up.double().T  # (batch, T, d_model)
+            return out + (add * mask[..., None]).to(out.dtype)
+        return hook
+
+    try:
+        for layer, (up, down) in factors.items():
+            handles.append(loaded.down_proj(layer).register_forward_hook(make(up, down)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -22,7 +22,6 @@ mean KL of the next-token distribution from the unedited model.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -33,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
+from benchmarks.common import delta_at  # noqa: E402
 from benchmarks.relation_locality import RELATIONS, setup  # noqa: E402
 from covedit.pipeline.memit import run_memit  # noqa: E402
 
@@ -51,26 +51,6 @@ def positions(tokenizer, prompt: str, subject: str) -> dict[str, list[bool]]:
     return {"unedited": [False] * n, "everywhere": [True] * n,
             "subject tokens": [s and not lt for s, lt in zip(subj, last)], "last token": last,
             "other tokens": [not s and not lt for s, lt in zip(subj, last)]}
-
-
-@contextlib.contextmanager
-def delta_at(loaded, factors: dict, mask: torch.Tensor):
-    """Add ΔW k_t to every edited down-projection's output at the positions where ``mask`` (1, T) is True."""
-    handles = []
-
-    def make(up, down):
-        def hook(_mod, args, out):
-            add = (args[0].double() @ down.double().T) @ up.double().T  # (1, T, d_model)
-            return out + (add * mask[..., None]).to(out.dtype)
-        return hook
-
-    try:
-        for layer, (up, down) in factors.items():
-            handles.append(loaded.down_proj(layer).register_forward_hook(make(up, down)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.no_grad()

@@ -161,3 +161,46 @@ def test_held_out_slice_shares_no_subject_with_the_tuning_slice(tmp_path):
     assert [f.subject for f in common.fact_slice(path, 2, 3)] == ["C", "D"]  # A and B are tuning subjects
     with pytest.raises(SystemExit, match="only 2 facts"):
         common.fact_slice(path, 3, 3)
+
+
+def test_delta_at_every_position_is_the_edited_model_and_at_none_the_original(tiny):
+    """The hook that applies an edit at chosen tokens only (diagnose_writes --sites, relation_leak_sites)."""
+    g = torch.Generator().manual_seed(0)
+    d_model, d_ff = tiny.down_weight(1).shape
+    factors = {1: (torch.randn(d_model, 2, generator=g, dtype=torch.float64) * 0.3,
+                   torch.randn(2, d_ff, generator=g, dtype=torch.float64) * 0.3)}
+    ids = torch.tensor([[5, 17, 99, 3, 42, 8]])
+    with torch.no_grad():
+        original = tiny.model(input_ids=ids).logits
+        with common.delta_at(tiny, factors, torch.zeros(1, 6, dtype=torch.bool)):
+            none = tiny.model(input_ids=ids).logits
+        with common.delta_at(tiny, factors, torch.ones(1, 6, dtype=torch.bool)):
+            every = tiny.model(input_ids=ids).logits
+        mask = torch.tensor([[False, False, False, True, True, True]])
+        with common.delta_at(tiny, factors, mask):
+            late = tiny.model(input_ids=ids).logits
+        W = tiny.down_weight(1)
+        W += (factors[1][0] @ factors[1][1]).to(W.dtype)
+        edited = tiny.model(input_ids=ids).logits
+    assert torch.equal(none, original)  # and the hooks are gone afterwards:
+    torch.testing.assert_close(every, edited, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(every, original, atol=1e-3)
+    torch.testing.assert_close(late[:, :3], original[:, :3], rtol=0, atol=0)  # causal: earlier tokens untouched
+    assert not torch.allclose(late[:, 3:], original[:, 3:], atol=1e-3)
+
+
+def test_diagnose_sites_split_the_teacher_forced_prompt(tokenizer):
+    """diagnose_writes --sites: subject, prompt's other tokens and answer tokens partition the input."""
+    from benchmarks.diagnose_writes import forced
+    from conftest import build_tiny
+
+    loaded = build_tiny("llama", tokenizer)
+    f = forced(loaded, "What university did {} attend?", "Watts Humphrey", "Illinois Institute of Technology")
+    tokens = tokenizer.convert_ids_to_tokens(f.inputs[0].tolist())
+    pick = {site: [t for t, m in zip(tokens, mask) if m] for site, mask in f.sites.items()}
+    assert pick["subject tokens"] == ["ĠWatts", "ĠHumph", "rey"]
+    assert pick["subject's last token"] == ["rey"]
+    assert pick["answer tokens"] == ["ĠIllinois", "ĠInstitute", "Ġof"]  # the last answer token is only predicted
+    assert pick["prompt's other tokens"] == [t for t in tokens[: f.prompt_len] if t not in pick["subject tokens"]]
+    assert pick["all but the subject"] == pick["prompt's other tokens"] + pick["answer tokens"]
+    assert pick["everywhere"] == tokens
