@@ -23,7 +23,7 @@ answer tokens, and everything but the subject. If "subject tokens" keeps what "u
 
     python benchmarks/diagnose_writes.py --facts 100 --heldout-after 1000 \\
         --json benchmarks/results/diagnose_writes100_cpu.json
-    python benchmarks/diagnose_writes.py --facts 1000 --sites --json benchmarks/results/diagnose_sites1000_cpu.json
+    python benchmarks/diagnose_writes.py --facts 1000 --sites --json benchmarks/results/diagnose_sites1000_tuning_cpu.json
 """
 
 from __future__ import annotations
@@ -148,13 +148,16 @@ def measure_sites(loaded, facts, factors: dict) -> dict:
             try:
                 one = forced(loaded, t, f.subject, f.target_new)
             except DataError:
+                if kind == "rewrite":  # as measure(): a rewrite prompt always scores
+                    raise
                 continue
             for site in SITES:
                 mask = torch.tensor([one.sites[site]], device=loaded.device)
                 with delta_at(loaded, factors, mask):
                     scores[site][kind].append(accuracy(loaded, one))
     return {site: {"efficacy": 100.0 * sum(v["rewrite"]) / len(v["rewrite"]),
-                   "paraphrase": 100.0 * sum(v["para"]) / max(1, len(v["para"]))} for site, v in scores.items()}
+                   "paraphrase": 100.0 * sum(v["para"]) / max(1, len(v["para"])), "n_paraphrases": len(v["para"])}
+            for site, v in scores.items()}
 
 
 def main() -> None:
@@ -177,7 +180,8 @@ def main() -> None:
     top = hp.layers[-1]
     targets = TargetCache(loaded, top, hp.target, templates).get(facts)
     covs = covariances(loaded, hp.layers)
-    result = {"model": loaded.model_id, "facts": len(facts), "heldout_after": args.heldout_after, "lam": lam,
+    result = {"model": loaded.model_id, "facts": len(facts), "subjects": len({f.subject for f in facts}),
+              "heldout_after": args.heldout_after, "lam": lam,
               "mu": args.mu, "layer": top, "unedited": measure(loaded, top, facts, targets.z)}
     print("unedited", result["unedited"], flush=True)
     originals = {layer: loaded.down_weight(layer).detach().clone() for layer in hp.layers}

@@ -182,25 +182,37 @@ def test_delta_at_every_position_is_the_edited_model_and_at_none_the_original(ti
         W = tiny.down_weight(1)
         W += (factors[1][0] @ factors[1][1]).to(W.dtype)
         edited = tiny.model(input_ids=ids).logits
-    assert torch.equal(none, original)  # and the hooks are gone afterwards:
-    torch.testing.assert_close(every, edited, rtol=1e-4, atol=1e-5)
+    assert torch.equal(none, original)
+    torch.testing.assert_close(every, edited, rtol=1e-4, atol=1e-5)  # and no hook was left on
     assert not torch.allclose(every, original, atol=1e-3)
     torch.testing.assert_close(late[:, :3], original[:, :3], rtol=0, atol=0)  # causal: earlier tokens untouched
     assert not torch.allclose(late[:, 3:], original[:, 3:], atol=1e-3)
 
 
-def test_diagnose_sites_split_the_teacher_forced_prompt(tokenizer):
-    """diagnose_writes --sites: subject, prompt's other tokens and answer tokens partition the input."""
+@pytest.mark.parametrize("with_bos", [False, True])
+@pytest.mark.parametrize("template, subject, subject_tokens", [
+    ("What university did {} attend?", "Watts Humphrey", ["ĠWatts", "ĠHumph", "rey"]),
+    ("{} was born in", "Watts Humphrey", ["W", "atts", "ĠHumph", "rey"]),  # at the start, no leading space
+    ("Who founded {}?", "Bob", ["ĠBob"]),  # followed directly by "?"
+])
+def test_diagnose_sites_split_the_teacher_forced_prompt(tokenizer, bos_tokenizer, with_bos, template, subject,
+                                                        subject_tokens):
+    """diagnose_writes --sites: the subject's tokens, the prompt's other tokens and the answer tokens
+    partition the teacher-forced input, by position."""
     from benchmarks.diagnose_writes import forced
     from conftest import build_tiny
 
-    loaded = build_tiny("llama", tokenizer)
-    f = forced(loaded, "What university did {} attend?", "Watts Humphrey", "Illinois Institute of Technology")
-    tokens = tokenizer.convert_ids_to_tokens(f.inputs[0].tolist())
-    pick = {site: [t for t, m in zip(tokens, mask) if m] for site, mask in f.sites.items()}
-    assert pick["subject tokens"] == ["ĠWatts", "ĠHumph", "rey"]
-    assert pick["subject's last token"] == ["rey"]
-    assert pick["answer tokens"] == ["ĠIllinois", "ĠInstitute", "Ġof"]  # the last answer token is only predicted
-    assert pick["prompt's other tokens"] == [t for t in tokens[: f.prompt_len] if t not in pick["subject tokens"]]
-    assert pick["all but the subject"] == pick["prompt's other tokens"] + pick["answer tokens"]
-    assert pick["everywhere"] == tokens
+    tok = bos_tokenizer if with_bos else tokenizer
+    f = forced(build_tiny("llama", tok), template, subject, "Illinois Institute of Technology")
+    tokens = tok.convert_ids_to_tokens(f.inputs[0].tolist())
+    at = {site: [i for i, m in enumerate(mask) if m] for site, mask in f.sites.items()}
+    n, p = len(tokens), f.prompt_len
+    assert [tokens[i] for i in at["subject tokens"]] == subject_tokens
+    assert at["subject's last token"] == [at["subject tokens"][-1]] == [f.subject_last]
+    assert at["answer tokens"] == list(range(p, n)) and [tokens[i] for i in at["answer tokens"]] == [
+        "ĠIllinois", "ĠInstitute", "Ġof"]  # the last answer token is only predicted, never an input
+    assert at["prompt's other tokens"] == [i for i in range(p) if i not in at["subject tokens"]]
+    assert at["all but the subject"] == at["prompt's other tokens"] + at["answer tokens"]
+    assert at["everywhere"] == list(range(n))
+    if with_bos:
+        assert at["prompt's other tokens"][0] == 0 and tokens[0] == tok.bos_token
