@@ -238,8 +238,10 @@ def delta_at(loaded, factors: dict, mask: torch.Tensor):
     handles = []
 
     def make(up, down):
+        up_t, down_t = up.double().T, down.double().T  # once per context, not once per forward
+
         def hook(_mod, args, out):
-            add = (args[0].double() @ down.double().T) @ up.double().T  # (batch, T, d_model)
+            add = (args[0].double() @ down_t) @ up_t  # (batch, T, d_model)
             return out + (add * mask[..., None]).to(out.dtype)
         return hook
 

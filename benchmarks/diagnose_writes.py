@@ -29,6 +29,7 @@ answer tokens, and everything but the subject. If "subject tokens" keeps what "u
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -46,7 +47,6 @@ from covedit.pipeline.memit import run_memit  # noqa: E402
 from covedit.pipeline.errors import DataError  # noqa: E402
 from covedit.pipeline.hooks import edit_output  # noqa: E402
 from covedit.pipeline.hparams import load_hparams  # noqa: E402
-from covedit.pipeline.keys import _fill as fill_subject  # noqa: E402  (the subject's span as the keys find it)
 from covedit.pipeline.keys import encode_with_subject, target_token_ids  # noqa: E402
 from covedit.pipeline.models import load_model  # noqa: E402
 
@@ -71,19 +71,15 @@ def forced(loaded, template: str, subject: str, target: str) -> Forced:
     enc = encode_with_subject(loaded.tokenizer, [template], [subject])
     prompt = enc.input_ids[0, : int(enc.last[0]) + 1].tolist()
     ids = target_token_ids(loaded.tokenizer, target)
-    text, start, end = fill_subject(template, subject)
-    offsets = loaded.tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
-    subj = [a < b and a < end and b > start for a, b in offsets][: len(prompt)]
-    subj += [False] * (len(prompt) - len(subj))
-    n_answer = len(ids) - 1
-    in_subject = subj + [False] * n_answer
-    in_answer = [False] * len(prompt) + [True] * n_answer
-    last = int(enc.subject_last[0])
-    sites = {"everywhere": [True] * len(in_subject), "subject tokens": in_subject,
-             "subject's last token": [i == last for i in range(len(in_subject))],
+    first, last = int(enc.subject_first[0]), int(enc.subject_last[0])
+    n_prompt, n = len(prompt), len(prompt) + len(ids) - 1
+    in_subject = [first <= i <= last for i in range(n)]
+    in_answer = [i >= n_prompt for i in range(n)]
+    sites = {"everywhere": [True] * n, "subject tokens": in_subject,
+             "subject's last token": [i == last for i in range(n)],
              "prompt's other tokens": [not s and not a for s, a in zip(in_subject, in_answer)],
              "answer tokens": in_answer, "all but the subject": [not s for s in in_subject]}
-    return Forced(torch.tensor([prompt + ids[:-1]], device=loaded.device), len(prompt), ids, last, sites)
+    return Forced(torch.tensor([prompt + ids[:-1]], device=loaded.device), n_prompt, ids, last, sites)
 
 
 @torch.no_grad()
@@ -94,20 +90,14 @@ def accuracy(loaded, f: Forced) -> float:
     return sum(int(p == t) for p, t in zip(predicted, f.ids)) / len(f.ids)
 
 
-def token_accuracy(loaded, layer: int, template: str, subject: str, target: str, z: torch.Tensor | None) -> float:
-    """Share of target tokens that are the top-1 prediction, teacher-forced, with block ``layer``'s output
-    at the subject's last token set to z (None: left alone)."""
-    f = forced(loaded, template, subject, target)
-    if z is None:
-        return accuracy(loaded, f)
-
+def force_z(loaded, layer: int, f: Forced, z: torch.Tensor):
+    """Block ``layer``'s output at the subject's last token set to z, while the context is open."""
     def force(out: torch.Tensor) -> torch.Tensor:
         out = out.clone()
         out[0, f.subject_last] = z.to(out.dtype)
         return out
 
-    with edit_output(loaded.block(layer), force):
-        return accuracy(loaded, f)
+    return edit_output(loaded.block(layer), force)
 
 
 def paraphrase_template(fact) -> str | None:
@@ -117,47 +107,47 @@ def paraphrase_template(fact) -> str | None:
     return fact.paraphrases[0].replace(fact.subject, "{}", 1)
 
 
-def measure(loaded, layer, facts, z) -> dict:
-    out = {}
-    for name, use_z in (("", False), ("+z", True)):
-        rewrite, para = [], []
-        for i, f in enumerate(facts):
-            zi = z[i] if use_z else None
-            rewrite.append(token_accuracy(loaded, layer, f.prompt, f.subject, f.target_new, zi))
-            template = paraphrase_template(f)
-            if template is not None:
-                try:
-                    para.append(token_accuracy(loaded, layer, template, f.subject, f.target_new, zi))
-                except DataError:
-                    pass
-        out[f"efficacy{name}"] = 100.0 * sum(rewrite) / len(rewrite)
-        out[f"paraphrase{name}"] = 100.0 * sum(para) / max(1, len(para))
-        out[f"n_paraphrases{name}"] = len(para)
+def teacher_forced(loaded, facts) -> list[tuple[Forced, Forced | None]]:
+    """Per fact, its rewrite prompt and its first paraphrase (None when the subject is not found in it), each
+    tokenised once for every condition scored on it."""
+    out = []
+    for f in facts:
+        para = None
+        template = paraphrase_template(f)
+        if template is not None:
+            try:
+                para = forced(loaded, template, f.subject, f.target_new)
+            except DataError:
+                pass
+        out.append((forced(loaded, f.prompt, f.subject, f.target_new), para))
     return out
 
 
-def measure_sites(loaded, facts, factors: dict) -> dict:
+def score(loaded, prompts: list, condition) -> dict:
+    """Efficacy and paraphrase (%) with the context ``condition(i, forced)`` open around each fact's forwards."""
+    rewrite, para = [], []
+    for i, (r, p) in enumerate(prompts):
+        with condition(i, r):
+            rewrite.append(accuracy(loaded, r))
+        if p is not None:
+            with condition(i, p):
+                para.append(accuracy(loaded, p))
+    return {"efficacy": 100.0 * sum(rewrite) / len(rewrite), "paraphrase": 100.0 * sum(para) / max(1, len(para)),
+            "n_paraphrases": len(para)}
+
+
+def measure(loaded, layer: int, prompts: list, z: torch.Tensor) -> dict:
+    """The model as it is, and with each fact's target z forced at the subject ("+z" keys)."""
+    plain = score(loaded, prompts, lambda i, f: contextlib.nullcontext())
+    with_z = score(loaded, prompts, lambda i, f: force_z(loaded, layer, f, z[i]))
+    return {**plain, **{f"{k}+z": v for k, v in with_z.items()}}
+
+
+def measure_sites(loaded, prompts: list, factors: dict) -> dict:
     """Efficacy and paraphrase with the edit applied only at each site (weights must be the original ones)."""
-    scores = {site: {"rewrite": [], "para": []} for site in SITES}
-    for f in facts:
-        prompts = [("rewrite", f.prompt)]
-        template = paraphrase_template(f)
-        if template is not None:
-            prompts.append(("para", template))
-        for kind, t in prompts:
-            try:
-                one = forced(loaded, t, f.subject, f.target_new)
-            except DataError:
-                if kind == "rewrite":  # as measure(): a rewrite prompt always scores
-                    raise
-                continue
-            for site in SITES:
-                mask = torch.tensor([one.sites[site]], device=loaded.device)
-                with delta_at(loaded, factors, mask):
-                    scores[site][kind].append(accuracy(loaded, one))
-    return {site: {"efficacy": 100.0 * sum(v["rewrite"]) / len(v["rewrite"]),
-                   "paraphrase": 100.0 * sum(v["para"]) / max(1, len(v["para"])), "n_paraphrases": len(v["para"])}
-            for site, v in scores.items()}
+    return {site: score(loaded, prompts, lambda i, f, site=site: delta_at(
+                loaded, factors, torch.tensor([f.sites[site]], device=loaded.device)))
+            for site in SITES}
 
 
 def main() -> None:
@@ -182,19 +172,21 @@ def main() -> None:
     covs = covariances(loaded, hp.layers)
     result = {"model": loaded.model_id, "facts": len(facts), "subjects": len({f.subject for f in facts}),
               "heldout_after": args.heldout_after, "lam": lam,
-              "mu": args.mu, "layer": top, "unedited": measure(loaded, top, facts, targets.z)}
+              "mu": args.mu, "layer": top}
+    prompts = teacher_forced(loaded, facts)
+    result["unedited"] = measure(loaded, top, prompts, targets.z)
     print("unedited", result["unedited"], flush=True)
     originals = {layer: loaded.down_weight(layer).detach().clone() for layer in hp.layers}
     out = run_memit(loaded, facts, hp.layers, covs, lam, hp.target, templates, lambda: 0.0, targets=targets,
                     preserve_prompts=args.mu)
-    result["edited"] = measure(loaded, top, facts, targets.z)
+    result["edited"] = measure(loaded, top, prompts, targets.z)
     result["realised_mean"] = sum(out.target_info["realised"]) / len(facts)
     print("edited", result["edited"], "realised", round(result["realised_mean"], 3), flush=True)
     if args.sites:
         with torch.no_grad():
             for layer, W in originals.items():
                 loaded.down_weight(layer).copy_(W)
-        result["sites"] = measure_sites(loaded, facts, out.factors)
+        result["sites"] = measure_sites(loaded, prompts, out.factors)
         # the hook adds ΔW k in float64 where the edited weights hold W + ΔW in float32: equal up to rounding
         result["everywhere_minus_edited"] = {m: result["sites"]["everywhere"][m] - result["edited"][m]
                                              for m in ("efficacy", "paraphrase")}

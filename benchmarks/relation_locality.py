@@ -35,7 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
-from benchmarks.common import TargetCache, add_override_argument, covariances, edit_variants, write_facts  # noqa: E402
+from benchmarks.common import (TargetCache, add_override_argument, covariances, edit_variants,  # noqa: E402
+                               fluency_fields, write_facts)
 from covedit.pipeline.edit import templates_for  # noqa: E402
 from covedit.pipeline.evaluate import evaluate_model, next_token_logprobs  # noqa: E402
 from covedit.pipeline.facts import Fact, Neighbor  # noqa: E402
@@ -145,7 +146,7 @@ def main() -> None:
               "neighbour_prompts": {rel: len(neighbours[rel]) for rel in RELATIONS},
               "overrides": args.overrides,
               "unedited": {**before.aggregate, "neighbours_right_pct": first_token_right(loaded, near_before, pairs),
-                           "fluency_ge": (before.fluency or {}).get("ge")}, "lams": {}}
+                           **fluency_fields(before)}, "lams": {}}
     print("| λ | efficacy | paraphrase | specificity | same-relation kept top-1 | right before → after | "
           "drift KL | GE |\n|---|---|---|---|---|---|---|---|", flush=True)
     lams = [float(x) for x in args.lams.split(",")] if args.lams else [hp.lam]

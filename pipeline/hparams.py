@@ -116,6 +116,8 @@ class AlphaEditHParams:
 HParams = Union[MemitHParams, RomeHParams, AlphaEditHParams]
 METHODS: dict[str, type] = {cls.method: cls for cls in (MemitHParams, RomeHParams, AlphaEditHParams)}
 
+_GEMMA3 = {"memit": {"lam": 6000.0, "target.clamp_norm_factor": 4.0}}  # why: the comment in ARCH_DEFAULTS
+
 # Per-architecture adjustments of the published defaults, keyed by config.model_type, in override syntax.
 # Architectures not listed get the published values unchanged.
 ARCH_DEFAULTS: dict[str, dict[str, dict[str, object]]] = {
@@ -162,8 +164,8 @@ ARCH_DEFAULTS: dict[str, dict[str, dict[str, object]]] = {
     # 0.025 nats, SmolLM2's default's on its 100 held-out facts. 6,000: 88.7 / 79.6 % at drift 0.022
     # (3,000: 90.6 / 81.2 at 0.030; results/gemma3_lambda_tuning100_clamp4_cpu.json). Held out: docs/gemma3.md.
     # AlphaEdit here, and Gemma-2 and OLMo-2 (also post-MLP norms), keep 0.75 until measured.
-    "gemma3_text": {"memit": {"lam": 6000.0, "target.clamp_norm_factor": 4.0}},
-    "gemma3": {"memit": {"lam": 6000.0, "target.clamp_norm_factor": 4.0}},
+    "gemma3_text": _GEMMA3,
+    "gemma3": _GEMMA3,  # the multimodal Gemma-3 wraps the same text model
     # Qwen2.5-7B, EasyEdit's configs: MEMIT clamp 4, weight decay 1e-3; AlphaEdit the same, lr 0.5, ridge 1.
     "qwen2": {
         "memit": {"target.clamp_norm_factor": 4.0, "target.weight_decay": 1e-3},

@@ -56,6 +56,7 @@ class Encoded:
     attention_mask: torch.LongTensor  # (B, T)
     subject_last: torch.LongTensor  # (B,) index of the subject's last token in each row
     last: torch.LongTensor  # (B,) index of the last real token of each row
+    subject_first: torch.LongTensor  # (B,) index of the subject's first token in each row
 
     @property
     def position_ids(self) -> torch.LongTensor:
@@ -69,7 +70,7 @@ class Encoded:
 
     def to(self, device: torch.device | str) -> Encoded:
         return Encoded(self.input_ids.to(device), self.attention_mask.to(device),
-                       self.subject_last.to(device), self.last.to(device))
+                       self.subject_last.to(device), self.last.to(device), self.subject_first.to(device))
 
 
 def _fill(prompt: str, subject: str) -> tuple[str, int, int]:
@@ -97,7 +98,7 @@ def pad_rows(rows: list[list[int]], pad: int, side: str = "right", width: int | 
 
 
 def encode_with_subject(tokenizer, prompts: list[str], subjects: list[str], padding_side: str = "right") -> Encoded:
-    """Put each subject into its prompt's ``{}``, tokenise once, and find the subject's last token.
+    """Put each subject into its prompt's ``{}``, tokenise once, and find the subject's first and last token.
 
     Raises DataError when a prompt lacks exactly one ``{}`` or a subject covers no token.
     """
@@ -109,7 +110,7 @@ def encode_with_subject(tokenizer, prompts: list[str], subjects: list[str], padd
         raise ModelError("This model's tokenizer has no fast (Rust) version, which covedit needs for offsets.")
     filled = [_fill(p, s) for p, s in zip(prompts, subjects)]
     enc = tokenizer([text for text, _, _ in filled], add_special_tokens=True, return_offsets_mapping=True)
-    rows, subject_last = [], []
+    rows, subject_first, subject_last = [], [], []
     for (text, start, end), subject, ids, offsets in zip(filled, subjects, enc["input_ids"], enc["offset_mapping"]):
         hits = [j for j, (a, b) in enumerate(offsets) if a < b and a < end and b > start]
         if start >= end or not hits:
@@ -119,6 +120,7 @@ def encode_with_subject(tokenizer, prompts: list[str], subjects: list[str], padd
             log.warning("subject %r ends inside the token %r of %r; using that token",
                         subject, text[offsets[j][0]:offsets[j][1]], text)
         rows.append(list(ids))
+        subject_first.append(hits[0])
         subject_last.append(j)
     width = max(len(r) for r in rows)
     pad = pad_id(tokenizer)
@@ -132,7 +134,7 @@ def encode_with_subject(tokenizer, prompts: list[str], subjects: list[str], padd
         shift[i] = lo
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
     return Encoded(input_ids, attention_mask, torch.tensor(subject_last, dtype=torch.long) + shift,
-                   shift + lengths - 1)
+                   shift + lengths - 1, torch.tensor(subject_first, dtype=torch.long) + shift)
 
 
 def target_token_ids(tokenizer, target: str) -> list[int]:
