@@ -36,6 +36,9 @@ DEFAULT_CACHE = Path.home() / ".cache" / "covedit" / "bench-targets"
 # the whole loss, merged facts; 3: a merged fact's scale is the mean over its facts), so that no target of
 # older rules is read back.
 RULES = 3
+# Target options added after caches were written, with the value that is the rule those caches hold: at that
+# value they stay out of the cache key, so the old targets are read back.
+ADDED_RULES = {"stop_when_top1": False}
 
 
 def zsre_facts(path: Path, n: int | None, skip: int = 0) -> list:
@@ -115,7 +118,11 @@ class TargetCache:
 
     def __init__(self, loaded, layer: int, target_hp, templates: list[str], folder: Path = DEFAULT_CACHE) -> None:
         self.loaded, self.layer, self.hp, self.templates = loaded, layer, target_hp, templates
-        key = json.dumps({"model": loaded.model_id, "layer": layer, "hp": dataclasses.asdict(target_hp),
+        hp = dataclasses.asdict(target_hp)
+        for name, off in ADDED_RULES.items():  # a rule added later enters the key only when it is on
+            if hp.get(name) == off:
+                del hp[name]
+        key = json.dumps({"model": loaded.model_id, "layer": layer, "hp": hp,
                           "templates": templates, "rules": RULES}, sort_keys=True)
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"targets-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"

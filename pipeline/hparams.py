@@ -49,6 +49,9 @@ class TargetHParams:
     weight_decay: float = 0.5  # weight of ‖δ‖ / ‖s‖² (v_weight_decay); s = h (MEMIT), W k (ROME, post-MLP norms)
     clamp_norm_factor: float = 0.75  # ‖δ‖ ≤ clamp_norm_factor · ‖s‖ after every step
     early_stop_loss: float = 0.05  # a fact stops once its whole loss (NLL + KL + decay) is below this
+    # also stop a fact once every target token ranks first at every one of its rows (ENCORE's MPES); off:
+    # the reference's rule
+    stop_when_top1: bool = False
 
 
 @dataclass

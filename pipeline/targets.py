@@ -19,7 +19,10 @@ puts v*) at the subject's last token of each of its prompts, and trained with Ad
   ROME (compute_v, ``relative_to="mlp"``). Where the
   block normalises its MLP output (Gemma-2/3, OLMo-2: the registry's ``post_mlp_norm``) it is always m:
   behind a scale-invariant norm only δ's size relative to m matters.
-* A fact stops once its whole loss_i is below ``early_stop_loss`` (compute_z's ``loss < 5e-2``).
+* A fact stops once its whole loss_i is below ``early_stop_loss`` (compute_z's ``loss < 5e-2``), and with
+  ``stop_when_top1`` also once every target token is the most probable token at every one of its rewrite
+  rows (ENCORE's "most-probable early stopping", MPES): the smallest δ that makes the model say the target
+  in every context, instead of pushing its probability towards 1 (a larger residual for the solve to write).
 
 Facts that share a subject and a new target (zsRE asks up to 13 questions of one subject with one
 answer) are merged (``merge=True``): they get one δ, optimised over all their prompts. Their keys are
@@ -318,9 +321,10 @@ class _Runner:
 
 
 def _losses(logits: torch.Tensor, chunk: _Chunk, rows: torch.Tensor, local_fact: torch.Tensor, n_facts: int,
-            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-fact NLL (c,) and KL-prompt next-token log-probs (c, vocab) on δ's device, from the picked logits
-    (N, V) of ``rows`` (``_picks`` order); ``local_fact`` numbers each row's fact within the c facts."""
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-fact NLL (c,), KL-prompt next-token log-probs (c, vocab) and whether every target token of every
+    rewrite row is the most probable token (c,) bool, on δ's device, from the picked logits (N, V) of
+    ``rows`` (``_picks`` order); ``local_fact`` numbers each row's fact within the c facts."""
     at = logits.device
     picked = _picks(chunk, rows).to(at)
     row_of = torch.arange(len(rows), device=at).unsqueeze(1).expand_as(picked)[picked]
@@ -336,7 +340,10 @@ def _losses(logits: torch.Tensor, chunk: _Chunk, rows: torch.Tensor, local_fact:
     n_rows = torch.zeros(n_facts, device=at).index_add(0, local[is_rewrite], torch.ones_like(row_sum[is_rewrite]))
     kl_logprobs = torch.empty(n_facts, logits.shape[-1], device=at)
     kl_logprobs[local[row_of[kl_pick]]] = F.log_softmax(logits[kl_pick], dim=-1)
-    return (nll / n_rows.clamp(min=1)).to(device), kl_logprobs.to(device)
+    missed = (logits[~kl_pick].argmax(-1) != label[~kl_pick]).float()  # a target token not ranked first
+    row_missed = torch.zeros(len(rows), device=at).index_add(0, rewrite_row, missed)
+    fact_missed = torch.zeros(n_facts, device=at).index_add(0, local[is_rewrite], row_missed[is_rewrite])
+    return (nll / n_rows.clamp(min=1)).to(device), kl_logprobs.to(device), (fact_missed == 0).to(device)
 
 
 def subject_outputs(loaded: LoadedModel, facts: list, modules: list[torch.nn.Module],
@@ -414,7 +421,7 @@ def _optimise(loaded: LoadedModel, groups: list[list], layer: int, hp: TargetHPa
     forward: Callable = runner.full
     if reuse_prefix:
         for c, chunk in enumerate(chunks):
-            nll, kl_logprobs = _losses(runner.prepare(chunk), chunk, torch.arange(len(chunk.suffixes)),
+            nll, kl_logprobs, _ = _losses(runner.prepare(chunk), chunk, torch.arange(len(chunk.suffixes)),
                                        _local(chunk.row_fact, chunk.facts, n), len(chunk.facts), device)
             if kl_start is None:
                 kl_start = torch.empty(n, kl_logprobs.shape[-1], device=device)
@@ -442,8 +449,8 @@ def _optimise(loaded: LoadedModel, groups: list[list], layer: int, hp: TargetHPa
             idx = chunk.facts[~frozen[chunk.facts]]
             with torch.set_grad_enabled(not measuring_only):
                 logits = forward(chunk, rows, delta[chunk.row_fact[rows]])
-                nll, kl_logprobs = _losses(logits, chunk, rows, _local(chunk.row_fact[rows], idx, n), len(idx),
-                                           device)
+                nll, kl_logprobs, top1 = _losses(logits, chunk, rows, _local(chunk.row_fact[rows], idx, n),
+                                                 len(idx), device)
                 if kl_start is None:  # the full forward: its first pass is at δ = 0 for every fact
                     kl_start = torch.empty(n, kl_logprobs.shape[-1], device=device)
                 if it == 0 and forward == runner.full:
@@ -453,6 +460,8 @@ def _optimise(loaded: LoadedModel, groups: list[list], layer: int, hp: TargetHPa
                 loss = nll + hp.kl_factor * kl + hp.weight_decay * delta[idx].norm(dim=1) / scale[idx] ** 2
             nll_now[idx], loss_now[idx] = nll.detach(), loss.detach()
             done = loss.detach() < hp.early_stop_loss
+            if hp.stop_when_top1:
+                done |= top1
             frozen[idx[done]] = True
             if not measuring_only and not done.all():
                 loss[~done].sum().backward()
@@ -496,7 +505,7 @@ def _suffix_path_agrees(runner: _Runner, chunk: _Chunk, nll_full: torch.Tensor, 
     try:
         with torch.no_grad():
             logits = runner.suffix(chunk, rows, torch.zeros(len(rows), runner.loaded.d_model, device=device))
-        nll, _ = _losses(logits, chunk, rows, _local(chunk.row_fact, chunk.facts, n), len(chunk.facts), device)
+        nll, _, _ = _losses(logits, chunk, rows, _local(chunk.row_fact, chunk.facts, n), len(chunk.facts), device)
         gap = float((nll - nll_full).abs().max())
     except Exception as e:  # noqa: BLE001 (any failure means: use the full forward)
         gap, why = float("nan"), f"{type(e).__name__}: {e}"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+
 import pytest
 import torch
 
@@ -38,6 +42,19 @@ def test_cache_key_changes_with_the_hyperparameters(tiny, tmp_path):
     b = common.TargetCache(tiny, 2, TargetHParams(steps=5), ["{}"], folder=tmp_path)
     c = common.TargetCache(tiny, 1, HP, ["{}"], folder=tmp_path)
     assert len({a.path, b.path, c.path}) == 3
+
+
+def test_a_rule_added_later_keeps_older_caches_readable(tiny, tmp_path):
+    """stop_when_top1 off is the rule the older caches hold: it stays out of the key (the file name is the hash
+    of the key written without it); on, it is another cache."""
+    off = common.TargetCache(tiny, 2, HP, ["{}"], folder=tmp_path)
+    hp = dataclasses.asdict(HP)
+    del hp["stop_when_top1"]
+    key = json.dumps({"model": tiny.model_id, "layer": 2, "hp": hp, "templates": ["{}"], "rules": common.RULES},
+                     sort_keys=True)
+    assert off.path.name == f"targets-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    on = common.TargetCache(tiny, 2, dataclasses.replace(HP, stop_when_top1=True), ["{}"], folder=tmp_path)
+    assert on.path != off.path
 
 
 def test_fill_saves_each_batch_so_a_killed_run_resumes(tiny, tmp_path, monkeypatch):

@@ -219,7 +219,8 @@ def test_half_precision_model_gives_float32_targets(tokenizer):
 def _reference_z(m, fact, layer, hp, templates, relative_to):
     """kmeng01's compute_z (MEMIT, scale = block output) or compute_v (ROME, scale = MLP output) for one fact,
     written out: each prompt through the full model on its own, δ added to the MLP output at the subject's
-    last token, KL read at the subject's last token of "{subject} is a", stop when the whole loss < threshold.
+    last token, KL read at the subject's last token of "{subject} is a", stop when the whole loss < threshold
+    (and with ``stop_when_top1``, ENCORE's rule, when every target token ranks first in every row).
     Returns (δ, Adam updates made, [(nll, loss) at each forward])."""
     tok = m.tokenizer
     target = tok(" " + fact.target_new, add_special_tokens=False).input_ids
@@ -248,11 +249,12 @@ def _reference_z(m, fact, layer, hp, templates, relative_to):
     kl_init, updates, trace = None, 0, []
     for it in range(hp.steps):
         opt.zero_grad()
-        nlls = []
+        nlls, all_first = [], True
         for ids, at in rows:
             logp = run(ids + target[:-1], at, delta)
             positions = range(len(ids) - 1, len(ids) - 1 + len(target))
             nlls.append(-torch.stack([logp[p, t] for p, t in zip(positions, target)]).mean())
+            all_first &= all(int(logp[p].argmax()) == t for p, t in zip(positions, target))
         nll = torch.stack(nlls).mean()
         kl_now = run(kl_ids, kl_at, delta)[kl_at]
         if kl_init is None:
@@ -260,7 +262,7 @@ def _reference_z(m, fact, layer, hp, templates, relative_to):
         kl = F.kl_div(kl_init, kl_now, log_target=True, reduction="sum")  # KL(p_now ‖ p_init)
         loss = nll + hp.kl_factor * kl + hp.weight_decay * delta.norm() / scale ** 2
         trace.append((float(nll.detach()), float(loss.detach())))
-        if loss < hp.early_stop_loss or it == hp.steps - 1:
+        if loss < hp.early_stop_loss or (hp.stop_when_top1 and all_first) or it == hp.steps - 1:
             break
         loss.backward()
         opt.step()
@@ -298,6 +300,39 @@ def test_equals_the_reference_compute_z(tokenizer, relative_to, kl_factor, weigh
     if clamp < 1:  # the clamp binds, relative to the right scale
         scale = (got.h[0] if relative_to == "block" else _reference_mlp_output(m, fact)).norm()
         torch.testing.assert_close(got.delta[0].norm(), clamp * scale, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("stop_when_top1", [False, True])
+def test_most_probable_early_stopping(tokenizer, stop_when_top1):
+    """ENCORE's MPES on the tiny model: a fact whose target already ranks first in every row stops before
+    its first update (z = h), the others, never ranked first, run on, each δ as the written-out reference's;
+    off, every fact runs to the last pass (the loss threshold is 0)."""
+    m = _responsive(build_tiny("llama", tokenizer))
+    first = Fact("f0", FACTS[0].subject, FACTS[0].prompt, "Rams")  # the tiny model's top-1 in every template
+    facts = [first] + FACTS[1:]
+    hp = TargetHParams(steps=6, lr=0.05, weight_decay=0.0, clamp_norm_factor=4.0, early_stop_loss=0.0,
+                       stop_when_top1=stop_when_top1)
+    got = compute_targets(m, facts, 2, hp, TEMPLATES)
+    for i, fact in enumerate(facts):
+        want, updates, _ = _reference_z(m, fact, 2, hp, TEMPLATES, "block")
+        assert int(got.steps_taken[i]) == updates
+        torch.testing.assert_close(got.delta[i], want, rtol=0, atol=1e-5)
+    assert got.steps_taken.tolist() == ([0, 5, 5] if stop_when_top1 else [5, 5, 5])
+
+
+@pytest.mark.slow
+def test_most_probable_early_stopping_on_the_embedded_model(smol):
+    """On SmolLM2 (layer 8, the llama step rule) Eiffel Tower → Rome ranks first in every context after a few
+    updates, long before the loss threshold: MPES stops there, with the reference's δ, and a smaller δ."""
+    fact = FACTS[0]
+    hp = TargetHParams(steps=15, lr=2.0, stop_when_top1=True)
+    mpes = compute_targets(smol, [fact], 8, hp, TEMPLATES)
+    loss_rule = compute_targets(smol, [fact], 8, dataclasses.replace(hp, stop_when_top1=False), TEMPLATES)
+    want, updates, trace = _reference_z(smol, fact, 8, hp, TEMPLATES, "block")
+    assert 0 < int(mpes.steps_taken[0]) == updates < int(loss_rule.steps_taken[0])
+    assert trace[-1][1] > hp.early_stop_loss  # stopped by the rank, not by the loss
+    torch.testing.assert_close(mpes.delta[0], want, rtol=0, atol=1e-3 * float(want.norm()))
+    assert mpes.delta[0].norm() < loss_rule.delta[0].norm()
 
 
 def _reference_mlp_output(m, fact):
