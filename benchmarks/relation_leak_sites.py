@@ -34,19 +34,18 @@ import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedi
 
 from benchmarks.common import delta_at  # noqa: E402
 from benchmarks.relation_locality import RELATIONS, setup  # noqa: E402
+from covedit.pipeline.keys import encode_with_subject  # noqa: E402
 from covedit.pipeline.memit import run_memit  # noqa: E402
 
 CONDITIONS = ("unedited", "everywhere", "subject tokens", "last token", "other tokens")
 
 
-def positions(tokenizer, prompt: str, subject: str) -> dict[str, list[bool]]:
-    """Per condition, which token positions of ``prompt`` get Δ (the subject's tokens: those whose characters
-    overlap the subject's span; the last token; the rest)."""
-    enc = tokenizer(prompt, return_offsets_mapping=True)
-    start = prompt.index(subject)
-    end = start + len(subject)
-    subj = [a < end and b > start and b > a for a, b in enc["offset_mapping"]]
-    n = len(subj)
+def positions(tokenizer, template: str, subject: str) -> dict[str, list[bool]]:
+    """Per condition, which token positions of ``template`` with ``subject`` put in get Δ (the subject's
+    tokens as the edit itself finds them, keys.encode_with_subject; the last token; the rest)."""
+    enc = encode_with_subject(tokenizer, [template], [subject])
+    n, first, end = int(enc.last[0]) + 1, int(enc.subject_first[0]), int(enc.subject_last[0])
+    subj = [first <= i <= end for i in range(n)]
     last = [i == n - 1 for i in range(n)]
     return {"unedited": [False] * n, "everywhere": [True] * n,
             "subject tokens": [s and not lt for s, lt in zip(subj, last)], "last token": last,
@@ -73,11 +72,11 @@ def main() -> None:
     print(f"edited {len(facts)} facts in {time.perf_counter() - t0:.1f} s (targets cached)", flush=True)
     # the edited model's own next-token distributions, then back to the original weights
     pairs = [(rel, p) for rel in RELATIONS for p, _ in neighbours[rel]]
-    subject_of = {}
+    template_and_subject = {}
     for rel, (_, template, _) in RELATIONS.items():
         head, tail = template.split("{}")
         for p, _ in neighbours[rel]:
-            subject_of[p] = p[len(head):len(p) - len(tail) if tail else None]
+            template_and_subject[p] = template, p[len(head):len(p) - len(tail) if tail else None]
     edited = [next_logprobs(loaded, p) for _, p in pairs]
     with torch.no_grad():
         for layer, W in originals.items():
@@ -87,7 +86,7 @@ def main() -> None:
     rows = {c: {"kept": [], "kl": []} for c in CONDITIONS}
     worst_gap = 0.0
     for (rel, p), lp_edited in zip(pairs, edited):
-        masks = positions(loaded.tokenizer, p, subject_of[p])
+        masks = positions(loaded.tokenizer, *template_and_subject[p])
         base = next_logprobs(loaded, p)
         for c in CONDITIONS:
             with delta_at(loaded, factors, torch.tensor([masks[c]], device=loaded.device)):

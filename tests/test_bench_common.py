@@ -233,3 +233,25 @@ def test_diagnose_sites_split_the_teacher_forced_prompt(tokenizer, bos_tokenizer
     assert at["everywhere"] == list(range(n))
     if with_bos:
         assert at["prompt's other tokens"][0] == 0 and tokens[0] == tok.bos_token
+
+
+@pytest.mark.parametrize("with_bos", [False, True])
+@pytest.mark.parametrize("template, subject, subject_tokens", [
+    ("The capital of {} is", "Burkina Faso", ["ĠBurk", "ina", "ĠF", "aso"]),
+    ("{} is a city in the country of", "Kenya", ["Ken", "ya"]),  # at the start, no leading space
+])
+def test_relation_leak_sites_positions_cover_the_prompt_as_the_edit_tokenises_it(
+        tokenizer, bos_tokenizer, with_bos, template, subject, subject_tokens):
+    """relation_leak_sites: the subject's tokens are the ones the edit finds (encode_with_subject), the last
+    token is the one that predicts, the rest are the other tokens; one mask entry per token of the prompt."""
+    from benchmarks.relation_leak_sites import positions
+
+    tok = bos_tokenizer if with_bos else tokenizer
+    ids = tok(template.replace("{}", subject)).input_ids
+    tokens = tok.convert_ids_to_tokens(ids)
+    masks = positions(tok, template, subject)
+    assert all(len(m) == len(ids) for m in masks.values())
+    at = {c: [i for i, m in enumerate(mask) if m] for c, mask in masks.items()}
+    assert [tokens[i] for i in at["subject tokens"]] == subject_tokens
+    assert at["last token"] == [len(ids) - 1] and at["unedited"] == [] and at["everywhere"] == list(range(len(ids)))
+    assert sorted(at["subject tokens"] + at["last token"] + at["other tokens"]) == list(range(len(ids)))
