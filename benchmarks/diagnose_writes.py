@@ -21,9 +21,15 @@ tokens, the subject's last token alone, the prompt's other tokens (question word
 answer tokens, and everything but the subject. If "subject tokens" keeps what "unedited + z" promises while
 "everything but the subject" costs the points, the collateral is the update answering ordinary tokens' keys.
 
+With ``--sizes`` it measures how large the update's output ΔW k is at each of those sites and on ordinary
+questions (the facts' neighbourhood prompts), per layer, against the layer's own output W k: if the answer
+tokens get a much larger ΔW k than the question's tokens or ordinary text, their keys lie near the edited
+subjects' (the entity-key reading of the answer tokens' harm); if not, the harm is not the update's size there.
+
     python benchmarks/diagnose_writes.py --facts 100 --heldout-after 1000 \\
         --json benchmarks/results/diagnose_writes100_cpu.json
     python benchmarks/diagnose_writes.py --facts 1000 --sites --json benchmarks/results/diagnose_sites1000_tuning_cpu.json
+    python benchmarks/diagnose_writes.py --facts 1000 --sizes --json benchmarks/results/diagnose_sizes1000_tuning_cpu.json
 """
 
 from __future__ import annotations
@@ -150,6 +156,51 @@ def measure_sites(loaded, prompts: list, factors: dict) -> dict:
             for site in SITES}
 
 
+@torch.no_grad()
+def update_sizes(loaded, prompts: list, factors: dict, neighbourhood: list[str]) -> dict:
+    """How large the update's output ΔW k is at each site, per edited layer, against the layer's own W k:
+    mean ‖ΔW k‖ and mean ‖ΔW k‖ / ‖W k‖ over the positions of each site of the rewrite prompts, and over
+    every position of the facts' neighbourhood prompts (ordinary questions: what the update does to text
+    it was not given). Keys are the unedited model's (weights must be the original ones), so this is the
+    update's first-order reach, before one layer's change moves the next layer's keys."""
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = []
+
+    def make(layer, up, down):
+        up_t, down_t = up.double().T, down.double().T
+
+        def hook(_mod, args, out):
+            seen[layer] = (((args[0][0].double() @ down_t) @ up_t).norm(dim=-1), out[0].double().norm(dim=-1))
+        return hook
+
+    sums: dict = {}
+
+    def add(where: str, mask: list[bool]) -> None:
+        at = torch.tensor(mask)
+        for layer, (delta, own) in seen.items():
+            entry = sums.setdefault(layer, {}).setdefault(where, [0.0, 0.0, 0])
+            entry[0] += float(delta[at].sum())
+            entry[1] += float((delta[at] / own[at].clamp(min=1e-12)).sum())
+            entry[2] += int(at.sum())
+
+    try:
+        for layer, (up, down) in factors.items():
+            handles.append(loaded.down_proj(layer).register_forward_hook(make(layer, up, down)))
+        for rewrite, _ in prompts:
+            loaded.model(input_ids=rewrite.inputs)
+            for site in SITES[1:-1]:  # the four sites that partition the input, and the subject's last token
+                add(site, rewrite.sites[site])
+        for text in neighbourhood:
+            ids = loaded.tokenizer(text, return_tensors="pt").input_ids.to(loaded.device)
+            loaded.model(input_ids=ids)
+            add("neighbourhood prompts", [True] * ids.shape[1])
+    finally:
+        for h in handles:
+            h.remove()
+    return {str(layer): {where: {"delta_norm": d / max(1, n), "delta_over_wk": r / max(1, n), "positions": n}
+                         for where, (d, r, n) in by_site.items()} for layer, by_site in sorted(sums.items())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -159,6 +210,8 @@ def main() -> None:
     ap.add_argument("--lam", type=float)
     ap.add_argument("--mu", type=float, default=0.0, help="preserve_prompts")
     ap.add_argument("--sites", action="store_true", help="also split the edit by the positions it acts at")
+    ap.add_argument("--sizes", action="store_true",
+                    help="also measure how large ΔW k is at each site and on the neighbourhood prompts")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -182,10 +235,19 @@ def main() -> None:
     result["edited"] = measure(loaded, top, prompts, targets.z)
     result["realised_mean"] = sum(out.target_info["realised"]) / len(facts)
     print("edited", result["edited"], "realised", round(result["realised_mean"], 3), flush=True)
-    if args.sites:
+    if args.sites or args.sizes:
         with torch.no_grad():
             for layer, W in originals.items():
                 loaded.down_weight(layer).copy_(W)
+    if args.sizes:
+        result["sizes"] = update_sizes(loaded, prompts, out.factors,
+                                       [n.prompt for f in facts for n in f.neighborhood])
+        print("| layer | where | ‖ΔW k‖ | ‖ΔW k‖ / ‖W k‖ | positions |\n|---|---|---:|---:|---:|")
+        for layer, by_site in result["sizes"].items():
+            for where, r in by_site.items():
+                print(f"| {layer} | {where} | {r['delta_norm']:.3f} | {r['delta_over_wk']:.3f} | {r['positions']} |",
+                      flush=True)
+    if args.sites:
         result["sites"] = measure_sites(loaded, prompts, out.factors)
         # the hook adds ΔW k in float64 where the edited weights hold W + ΔW in float32: equal up to rounding
         result["everywhere_minus_edited"] = {m: result["sites"]["everywhere"][m] - result["edited"][m]

@@ -255,3 +255,34 @@ def test_relation_leak_sites_positions_cover_the_prompt_as_the_edit_tokenises_it
     assert [tokens[i] for i in at["subject tokens"]] == subject_tokens
     assert at["last token"] == [len(ids) - 1] and at["unedited"] == [] and at["everywhere"] == list(range(len(ids)))
     assert sorted(at["subject tokens"] + at["last token"] + at["other tokens"]) == list(range(len(ids)))
+
+
+def test_update_sizes_are_the_norms_of_delta_w_k_at_each_site(tokenizer):
+    """diagnose_writes --sizes: per layer and site, the mean ‖ΔW k‖ (and over ‖W k‖) at the site's positions,
+    computed directly from the captured keys; the model's weights are left as they were."""
+    from benchmarks.diagnose_writes import SITES, forced, update_sizes
+    from conftest import build_tiny
+
+    tiny = build_tiny("llama", tokenizer)
+    g = torch.Generator().manual_seed(0)
+    d_model, d_ff = tiny.down_weight(1).shape
+    factors = {1: (torch.randn(d_model, 2, generator=g, dtype=torch.float64),
+                   torch.randn(2, d_ff, generator=g, dtype=torch.float64))}
+    f = forced(tiny, "What university did {} attend?", "Watts Humphrey", "Illinois Institute of Technology")
+    before = tiny.down_weight(1).clone()
+    sizes = update_sizes(tiny, [(f, None)], factors, ["Who wrote Hamlet?"])
+    assert torch.equal(tiny.down_weight(1), before)
+    keys = []
+    handle = tiny.down_proj(1).register_forward_hook(lambda m, a, o: keys.append((a[0][0].double(), o[0].double())))
+    with torch.no_grad():
+        tiny.model(input_ids=f.inputs)
+    handle.remove()
+    k, wk = keys[0]
+    delta = (k @ factors[1][1].T @ factors[1][0].T).norm(dim=-1)
+    for site in SITES[1:-1]:
+        at = torch.tensor(f.sites[site])
+        got = sizes["1"][site]
+        assert got["positions"] == int(at.sum())
+        assert got["delta_norm"] == pytest.approx(float(delta[at].mean()), rel=1e-9)
+        assert got["delta_over_wk"] == pytest.approx(float((delta[at] / wk.norm(dim=-1)[at]).mean()), rel=1e-9)
+    assert sizes["1"]["neighbourhood prompts"]["positions"] == len(tokenizer("Who wrote Hamlet?").input_ids)
