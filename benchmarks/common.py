@@ -71,6 +71,16 @@ def fact_slice(path: Path, n: int, heldout_after: int) -> list:
     return out
 
 
+def target_summary(targets: TargetResult) -> dict:
+    """How the targets went, as the sweeps record it: updates per fact, the NLL they end at, and how far δ
+    went against the block output it is added to (‖z − h‖ / ‖h‖; the clamp is the factor times ‖h‖)."""
+    ratio = targets.delta.norm(dim=1) / targets.h.norm(dim=1)
+    return {"target_updates_mean": float(targets.steps_taken.float().mean()),
+            "target_nll_after_mean": float(targets.nll_after.mean()),
+            "target_nll_after_median": float(targets.nll_after.median()),
+            "target_delta_over_h_mean": float(ratio.mean()), "target_delta_over_h_median": float(ratio.median())}
+
+
 def add_slice_arguments(ap, facts: int) -> None:
     """The arguments every zsRE benchmark takes: --model, --data, --facts (default ``facts``), --heldout-after."""
     ap.add_argument("--model", default="smollm2-135m")

@@ -162,7 +162,9 @@ def update_sizes(loaded, prompts: list, factors: dict, neighbourhood: list[str])
     mean ‖ΔW k‖ and mean ‖ΔW k‖ / ‖W k‖ over the positions of each site of the rewrite prompts, and over
     every position of the facts' neighbourhood prompts (ordinary questions: what the update does to text
     it was not given). Keys are the unedited model's (weights must be the original ones), so this is the
-    update's first-order reach, before one layer's change moves the next layer's keys."""
+    update's first-order reach, before one layer's change moves the next layer's keys. The first position
+    of every input is left out: with no BOS it is an ordinary token whose activations are the model's
+    outliers (the attention sink), and it would dominate the means. Medians are recorded beside the means."""
     seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
 
@@ -173,22 +175,22 @@ def update_sizes(loaded, prompts: list, factors: dict, neighbourhood: list[str])
             seen[layer] = (((args[0][0].double() @ down_t) @ up_t).norm(dim=-1), out[0].double().norm(dim=-1))
         return hook
 
-    sums: dict = {}
+    values: dict = {}  # layer -> where -> ([‖ΔW k‖], [‖ΔW k‖ / ‖W k‖])
 
     def add(where: str, mask: list[bool]) -> None:
         at = torch.tensor(mask)
+        at[0] = False
         for layer, (delta, own) in seen.items():
-            entry = sums.setdefault(layer, {}).setdefault(where, [0.0, 0.0, 0])
-            entry[0] += float(delta[at].sum())
-            entry[1] += float((delta[at] / own[at].clamp(min=1e-12)).sum())
-            entry[2] += int(at.sum())
+            sizes, ratios = values.setdefault(layer, {}).setdefault(where, ([], []))
+            sizes.append(delta[at].cpu())
+            ratios.append((delta[at] / own[at].clamp(min=1e-12)).cpu())
 
     try:
         for layer, (up, down) in factors.items():
             handles.append(loaded.down_proj(layer).register_forward_hook(make(layer, up, down)))
         for rewrite, _ in prompts:
             loaded.model(input_ids=rewrite.inputs)
-            for site in SITES[1:-1]:  # the four sites that partition the input, and the subject's last token
+            for site in SITES[1:-1]:  # the three sites that partition the input, and the subject's last token
                 add(site, rewrite.sites[site])
         for text in neighbourhood:
             ids = loaded.tokenizer(text, return_tensors="pt").input_ids.to(loaded.device)
@@ -197,8 +199,18 @@ def update_sizes(loaded, prompts: list, factors: dict, neighbourhood: list[str])
     finally:
         for h in handles:
             h.remove()
-    return {str(layer): {where: {"delta_norm": d / max(1, n), "delta_over_wk": r / max(1, n), "positions": n}
-                         for where, (d, r, n) in by_site.items()} for layer, by_site in sorted(sums.items())}
+    def stats(parts: list[torch.Tensor]) -> tuple[float, float]:
+        x = torch.cat(parts)
+        return (float(x.mean()), float(x.median())) if len(x) else (float("nan"), float("nan"))
+
+    out = {}
+    for layer, by_site in sorted(values.items()):
+        out[str(layer)] = {}
+        for where, (sizes, ratios) in by_site.items():
+            (d_mean, d_median), (r_mean, r_median) = stats(sizes), stats(ratios)
+            out[str(layer)][where] = {"delta_norm": d_mean, "delta_norm_median": d_median, "delta_over_wk": r_mean,
+                                      "delta_over_wk_median": r_median, "positions": sum(len(p) for p in sizes)}
+    return out
 
 
 def main() -> None:
@@ -242,11 +254,12 @@ def main() -> None:
     if args.sizes:
         result["sizes"] = update_sizes(loaded, prompts, out.factors,
                                        [n.prompt for f in facts for n in f.neighborhood])
-        print("| layer | where | ‖ΔW k‖ | ‖ΔW k‖ / ‖W k‖ | positions |\n|---|---|---:|---:|---:|")
+        print("| layer | where | ‖ΔW k‖ mean / median | ‖ΔW k‖ / ‖W k‖ mean / median | positions |\n"
+              "|---|---|---:|---:|---:|")
         for layer, by_site in result["sizes"].items():
             for where, r in by_site.items():
-                print(f"| {layer} | {where} | {r['delta_norm']:.3f} | {r['delta_over_wk']:.3f} | {r['positions']} |",
-                      flush=True)
+                print(f"| {layer} | {where} | {r['delta_norm']:.3f} / {r['delta_norm_median']:.3f} | "
+                      f"{r['delta_over_wk']:.3f} / {r['delta_over_wk_median']:.3f} | {r['positions']} |", flush=True)
     if args.sites:
         result["sites"] = measure_sites(loaded, prompts, out.factors)
         # the hook adds ΔW k in float64 where the edited weights hold W + ΔW in float32: equal up to rounding

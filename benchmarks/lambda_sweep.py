@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
 from benchmarks.common import (TargetCache, add_override_argument, add_slice_arguments, covariances,  # noqa: E402
-                               fact_slice, fluency_fields, memit_variants)
+                               fact_slice, fluency_fields, memit_variants, target_summary)
 from covedit.pipeline.edit import templates_for  # noqa: E402
 from covedit.pipeline.evaluate import evaluate_model  # noqa: E402
 from covedit.pipeline.hparams import load_hparams  # noqa: E402
@@ -53,8 +53,7 @@ def main() -> None:
     result = {"model": loaded.model_id, "layers": hp.layers, "facts": len(facts), "heldout_after": args.heldout_after,
               "subjects": len({f.subject for f in facts}),
               "overrides": args.overrides, "target_hparams": vars(hp.target), "targets_s": cache.seconds(facts),
-              "target_updates_mean": float(targets.steps_taken.float().mean()),
-              "target_nll_after_mean": float(targets.nll_after.mean()),
+              **target_summary(targets),
               "unedited": {**before.aggregate, **fluency_fields(before)}, "lams": {}}
     print(f"| λ | efficacy | paraphrase | neighbourhood | realised | drift KL | top-1 changed | GE |\n|---|---|---|---|---|---|---|---|\n"
           f"| unedited | {before.aggregate['efficacy_acc']:.1f} | {before.aggregate['generalization_acc']:.1f} | "

@@ -305,11 +305,13 @@ def test_equals_the_reference_compute_z(tokenizer, relative_to, kl_factor, weigh
 @pytest.mark.parametrize("stop_when_top1", [False, True])
 def test_most_probable_early_stopping(tokenizer, stop_when_top1):
     """ENCORE's MPES on the tiny model: a fact whose target already ranks first in every row stops before
-    its first update (z = h), the others, never ranked first, run on, each δ as the written-out reference's;
-    off, every fact runs to the last pass (the loss threshold is 0)."""
+    its first update (z = h); one whose target ranks first in two of its three rows but third in the other
+    (and stays so) runs on, as does one never ranked first; each δ is the written-out reference's. Off,
+    every fact runs to the last pass (the loss threshold is 0)."""
     m = _responsive(build_tiny("llama", tokenizer))
-    first = Fact("f0", FACTS[0].subject, FACTS[0].prompt, "Rams")  # the tiny model's top-1 in every template
-    facts = [first] + FACTS[1:]
+    everywhere = Fact("f0", FACTS[0].subject, FACTS[0].prompt, "Rams")  # the tiny model's top-1 in every row
+    two_of_three = Fact("f1", FACTS[1].subject, FACTS[1].prompt, "Zoro")  # top-1 with 2 of the 3 templates
+    facts = [everywhere, two_of_three, FACTS[2]]
     hp = TargetHParams(steps=6, lr=0.05, weight_decay=0.0, clamp_norm_factor=4.0, early_stop_loss=0.0,
                        stop_when_top1=stop_when_top1)
     got = compute_targets(m, facts, 2, hp, TEMPLATES)
@@ -323,7 +325,7 @@ def test_most_probable_early_stopping(tokenizer, stop_when_top1):
 @pytest.mark.slow
 def test_most_probable_early_stopping_on_the_embedded_model(smol):
     """On SmolLM2 (layer 8, the llama step rule) Eiffel Tower → Rome ranks first in every context after a few
-    updates, long before the loss threshold: MPES stops there, with the reference's δ, and a smaller δ."""
+    updates, before the loss threshold: MPES stops there, with the reference's δ."""
     fact = FACTS[0]
     hp = TargetHParams(steps=15, lr=2.0, stop_when_top1=True)
     mpes = compute_targets(smol, [fact], 8, hp, TEMPLATES)
@@ -332,7 +334,6 @@ def test_most_probable_early_stopping_on_the_embedded_model(smol):
     assert 0 < int(mpes.steps_taken[0]) == updates < int(loss_rule.steps_taken[0])
     assert trace[-1][1] > hp.early_stop_loss  # stopped by the rank, not by the loss
     torch.testing.assert_close(mpes.delta[0], want, rtol=0, atol=1e-3 * float(want.norm()))
-    assert mpes.delta[0].norm() < loss_rule.delta[0].norm()
 
 
 def _reference_mlp_output(m, fact):
