@@ -25,6 +25,7 @@ With ``--sizes`` it measures how large the update's output ΔW k is at each of t
 questions (the facts' neighbourhood prompts), per layer, against the layer's own output W k: if the answer
 tokens get a much larger ΔW k than the question's tokens or ordinary text, their keys lie near the edited
 subjects' (the entity-key reading of the answer tokens' harm); if not, the harm is not the update's size there.
+Given alone, ``--sizes`` skips the accuracy scores (four scoring passes: about 20 minutes at 1,000 facts).
 
     python benchmarks/diagnose_writes.py --facts 100 --heldout-after 1000 \\
         --json benchmarks/results/diagnose_writes100_cpu.json
@@ -223,7 +224,8 @@ def main() -> None:
     ap.add_argument("--mu", type=float, default=0.0, help="preserve_prompts")
     ap.add_argument("--sites", action="store_true", help="also split the edit by the positions it acts at")
     ap.add_argument("--sizes", action="store_true",
-                    help="also measure how large ΔW k is at each site and on the neighbourhood prompts")
+                    help="measure how large ΔW k is at each site and on the neighbourhood prompts (alone, without "
+                         "the accuracy scores)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -239,14 +241,18 @@ def main() -> None:
               "heldout_after": args.heldout_after, "lam": lam,
               "mu": args.mu, "layer": top}
     prompts = teacher_forced(loaded, facts)
-    result["unedited"] = measure(loaded, top, prompts, targets.z)
-    print("unedited", result["unedited"], flush=True)
+    scores = not args.sizes or args.sites  # --sizes alone measures the update's size only
+    if scores:
+        result["unedited"] = measure(loaded, top, prompts, targets.z)
+        print("unedited", result["unedited"], flush=True)
     originals = {layer: loaded.down_weight(layer).detach().clone() for layer in hp.layers}
     out = run_memit(loaded, facts, hp.layers, covs, lam, hp.target, templates, lambda: 0.0, targets=targets,
                     preserve_prompts=args.mu)
-    result["edited"] = measure(loaded, top, prompts, targets.z)
     result["realised_mean"] = sum(out.target_info["realised"]) / len(facts)
-    print("edited", result["edited"], "realised", round(result["realised_mean"], 3), flush=True)
+    if scores:
+        result["edited"] = measure(loaded, top, prompts, targets.z)
+        print("edited", result["edited"], flush=True)
+    print("realised", round(result["realised_mean"], 3), flush=True)
     if args.sites or args.sizes:
         with torch.no_grad():
             for layer, W in originals.items():
