@@ -52,7 +52,7 @@ def physical_limit(loaded, facts, layer, hp, templates, steps_taken: torch.Tenso
         local = torch.arange(len(chunk.facts)).repeat_interleave(per_fact)
         t0 = time.perf_counter()
         logits = runner.suffix(chunk, rows, delta[local])
-        nll, kl, _ = T._losses(logits, chunk, rows, local, len(chunk.facts), torch.device("cpu"))
+        nll, kl = T._losses(logits, chunk, rows, local, len(chunk.facts), torch.device("cpu"))
         (nll.sum() + kl.exp().sum()).backward()
         seconds = time.perf_counter() - t0
         passes = (steps_taken[chunk.facts] + 1).clamp(max=hp.steps).float()

@@ -248,24 +248,31 @@ def memit_target_cache(model: str, overrides: list[str] | None = None) -> Target
 
 
 @contextlib.contextmanager
-def delta_at(loaded, factors: dict, mask: torch.Tensor):
-    """Add ΔW k_t to every edited down-projection's output only at the positions where ``mask`` (batch, T) is
-    True, the model keeping its original weights: an edit applied at chosen tokens only. ``factors`` maps a
-    layer to the edit's (up, down), ΔW = up @ down; with every position True this is the edited model."""
+def delta_hooks(loaded, factors: dict, use):
+    """While open, every edited down-projection's forward calls ``use(layer, delta, out)`` with ``delta`` =
+    ΔW k in float64 (batch, T, d_model) for its input keys k and ``out`` its output W k; what ``use`` returns,
+    if not None, replaces the output. ``factors`` maps a layer to the edit's (up, down), ΔW = up @ down; the
+    model keeps its original weights."""
     handles = []
 
-    def make(up, down):
+    def make(layer, up, down):
         up_t, down_t = up.double().T, down.double().T  # once per context, not once per forward
 
         def hook(_mod, args, out):
-            add = (args[0].double() @ down_t) @ up_t  # (batch, T, d_model)
-            return out + (add * mask[..., None]).to(out.dtype)
+            return use(layer, (args[0].double() @ down_t) @ up_t, out)
         return hook
 
     try:
         for layer, (up, down) in factors.items():
-            handles.append(loaded.down_proj(layer).register_forward_hook(make(up, down)))
+            handles.append(loaded.down_proj(layer).register_forward_hook(make(layer, up, down)))
         yield
     finally:
         for h in handles:
             h.remove()
+
+
+def delta_at(loaded, factors: dict, mask: torch.Tensor):
+    """Add ΔW k_t to every edited down-projection's output only at the positions where ``mask`` (batch, T) is
+    True, the model keeping its original weights: an edit applied at chosen tokens only. With every position
+    True this is the edited model."""
+    return delta_hooks(loaded, factors, lambda _layer, delta, out: out + (delta * mask[..., None]).to(out.dtype))

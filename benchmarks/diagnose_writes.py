@@ -47,7 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
-from benchmarks.common import DEFAULT_DATA, TargetCache, covariances, delta_at  # noqa: E402
+from benchmarks.common import DEFAULT_DATA, TargetCache, covariances, delta_at, delta_hooks  # noqa: E402
 from benchmarks.common import fact_slice  # noqa: E402
 from covedit.pipeline.edit import templates_for  # noqa: E402
 from covedit.pipeline.memit import run_memit  # noqa: E402
@@ -166,15 +166,10 @@ def update_sizes(loaded, prompts: list, factors: dict, neighbourhood: list[str])
     update's first-order reach, before one layer's change moves the next layer's keys. The first position
     of every input is left out: with no BOS it is an ordinary token whose activations are the model's
     outliers (the attention sink), and it would dominate the means. Medians are recorded beside the means."""
-    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    handles = []
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (‖ΔW k‖, ‖W k‖) per position
 
-    def make(layer, up, down):
-        up_t, down_t = up.double().T, down.double().T
-
-        def hook(_mod, args, out):
-            seen[layer] = (((args[0][0].double() @ down_t) @ up_t).norm(dim=-1), out[0].double().norm(dim=-1))
-        return hook
+    def record(layer, delta, out):
+        seen[layer] = delta[0].norm(dim=-1), out[0].double().norm(dim=-1)
 
     values: dict = {}  # layer -> where -> ([‖ΔW k‖], [‖ΔW k‖ / ‖W k‖])
 
@@ -186,9 +181,7 @@ def update_sizes(loaded, prompts: list, factors: dict, neighbourhood: list[str])
             sizes.append(delta[at].cpu())
             ratios.append((delta[at] / own[at].clamp(min=1e-12)).cpu())
 
-    try:
-        for layer, (up, down) in factors.items():
-            handles.append(loaded.down_proj(layer).register_forward_hook(make(layer, up, down)))
+    with delta_hooks(loaded, factors, record):
         for rewrite, _ in prompts:
             loaded.model(input_ids=rewrite.inputs)
             for site in SITES[1:-1]:  # the three sites that partition the input, and the subject's last token
@@ -197,9 +190,7 @@ def update_sizes(loaded, prompts: list, factors: dict, neighbourhood: list[str])
             ids = loaded.tokenizer(text, return_tensors="pt").input_ids.to(loaded.device)
             loaded.model(input_ids=ids)
             add("neighbourhood prompts", [True] * ids.shape[1])
-    finally:
-        for h in handles:
-            h.remove()
+
     def stats(parts: list[torch.Tensor]) -> tuple[float, float]:
         x = torch.cat(parts)
         return (float(x.mean()), float(x.median())) if len(x) else (float("nan"), float("nan"))

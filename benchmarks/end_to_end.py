@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
-from benchmarks.common import DEFAULT_DATA, ROOT, write_facts, zsre_facts  # noqa: E402
+from benchmarks.common import DEFAULT_DATA, ROOT, add_override_argument, write_facts, zsre_facts  # noqa: E402
 from covedit.pipeline.models import cache_root  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--facts", type=int, default=1000)
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_override_argument(ap)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -75,11 +75,11 @@ def main() -> None:
         if done.returncode != 0:
             raise SystemExit(f"batch-edit exited {done.returncode}:\n{done.stderr[-3000:]}")
         manifest = json.loads((tmp / "edited" / "manifest.json").read_text())
+    shown = ["cli.py", "batch-edit", "facts.jsonl", "--output", "OUT/edited", "--report", "OUT/report"] + cmd[8:]
+    evaluation = {k: v for k, v in (manifest.get("evaluation") or {}).items() if k != "per_fact"}
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} threads", "facts": len(facts),
-              "subjects": len({f.subject for f in facts}), "command": " ".join(["cli.py", "batch-edit", "facts.jsonl", "--output", "OUT/edited", "--report", "OUT/report"]
-                                + [a for o in args.overrides for a in ("--set", o)]),
-              "wall_s": wall, "timings": manifest.get("timings"), "evaluation": {k: v for k, v in (manifest.get("evaluation") or {}).items() if k != "per_fact"},
-              "stdout": done.stdout}
+              "subjects": len({f.subject for f in facts}), "command": " ".join(shown), "wall_s": wall,
+              "timings": manifest.get("timings"), "evaluation": evaluation, "stdout": done.stdout}
     print(done.stdout)
     print(f"{len(facts)} facts end to end: {wall:.0f} s ({wall / 60:.1f} min)")
     if args.json:

@@ -320,16 +320,22 @@ class _Runner:
         return logits[_picks(chunk, rows).to(logits.device)]
 
 
-def _losses(logits: torch.Tensor, chunk: _Chunk, rows: torch.Tensor, local_fact: torch.Tensor, n_facts: int,
-            device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-fact NLL (c,), KL-prompt next-token log-probs (c, vocab) and whether every target token of every
-    rewrite row is the most probable token (c,) bool, on δ's device, from the picked logits (N, V) of
-    ``rows`` (``_picks`` order); ``local_fact`` numbers each row's fact within the c facts."""
-    at = logits.device
+def _picked_tokens(chunk: _Chunk, rows: torch.Tensor, at: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each picked logit (``_picks`` order) of ``rows``: which of them it belongs to, the token it must
+    predict (-100 on KL rows) and whether it is the KL prompt's."""
     picked = _picks(chunk, rows).to(at)
     row_of = torch.arange(len(rows), device=at).unsqueeze(1).expand_as(picked)[picked]
     label = chunk.labels.to(at)[rows.to(at)][picked]
-    kl_pick = chunk.is_kl.to(at)[rows.to(at)][row_of]
+    return row_of, label, chunk.is_kl.to(at)[rows.to(at)][row_of]
+
+
+def _losses(logits: torch.Tensor, chunk: _Chunk, rows: torch.Tensor, local_fact: torch.Tensor, n_facts: int,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-fact NLL (c,) and KL-prompt next-token log-probs (c, vocab) on δ's device, from the picked logits
+    (N, V) of ``rows`` (``_picks`` order); ``local_fact`` numbers each row's fact within the c facts."""
+    at = logits.device
+    row_of, label, kl_pick = _picked_tokens(chunk, rows, at)
     local = local_fact.to(at)
     token_nll = F.cross_entropy(logits[~kl_pick], label[~kl_pick], reduction="none")
     rewrite_row = row_of[~kl_pick]
@@ -340,10 +346,20 @@ def _losses(logits: torch.Tensor, chunk: _Chunk, rows: torch.Tensor, local_fact:
     n_rows = torch.zeros(n_facts, device=at).index_add(0, local[is_rewrite], torch.ones_like(row_sum[is_rewrite]))
     kl_logprobs = torch.empty(n_facts, logits.shape[-1], device=at)
     kl_logprobs[local[row_of[kl_pick]]] = F.log_softmax(logits[kl_pick], dim=-1)
-    missed = (logits[~kl_pick].argmax(-1) != label[~kl_pick]).float()  # a target token not ranked first
-    row_missed = torch.zeros(len(rows), device=at).index_add(0, rewrite_row, missed)
-    fact_missed = torch.zeros(n_facts, device=at).index_add(0, local[is_rewrite], row_missed[is_rewrite])
-    return (nll / n_rows.clamp(min=1)).to(device), kl_logprobs.to(device), (fact_missed == 0).to(device)
+    return (nll / n_rows.clamp(min=1)).to(device), kl_logprobs.to(device)
+
+
+def _all_top1(logits: torch.Tensor, chunk: _Chunk, rows: torch.Tensor, local_fact: torch.Tensor, n_facts: int,
+              device: torch.device) -> torch.Tensor:
+    """Per fact (c,) bool: is every target token of every one of its rewrite rows the most probable token?
+    Same arguments as ``_losses``; computed only when ``stop_when_top1`` asks for it (an argmax over the
+    vocabulary per target token)."""
+    at = logits.device
+    row_of, label, kl_pick = _picked_tokens(chunk, rows, at)
+    rewrite = ~kl_pick
+    missed = (logits[rewrite].argmax(-1) != label[rewrite]).float()  # a target token not ranked first
+    per_fact = torch.zeros(n_facts, device=at).index_add(0, local_fact.to(at)[row_of[rewrite]], missed)
+    return (per_fact == 0).to(device)
 
 
 def subject_outputs(loaded: LoadedModel, facts: list, modules: list[torch.nn.Module],
@@ -421,7 +437,7 @@ def _optimise(loaded: LoadedModel, groups: list[list], layer: int, hp: TargetHPa
     forward: Callable = runner.full
     if reuse_prefix:
         for c, chunk in enumerate(chunks):
-            nll, kl_logprobs, _ = _losses(runner.prepare(chunk), chunk, torch.arange(len(chunk.suffixes)),
+            nll, kl_logprobs = _losses(runner.prepare(chunk), chunk, torch.arange(len(chunk.suffixes)),
                                        _local(chunk.row_fact, chunk.facts, n), len(chunk.facts), device)
             if kl_start is None:
                 kl_start = torch.empty(n, kl_logprobs.shape[-1], device=device)
@@ -449,8 +465,8 @@ def _optimise(loaded: LoadedModel, groups: list[list], layer: int, hp: TargetHPa
             idx = chunk.facts[~frozen[chunk.facts]]
             with torch.set_grad_enabled(not measuring_only):
                 logits = forward(chunk, rows, delta[chunk.row_fact[rows]])
-                nll, kl_logprobs, top1 = _losses(logits, chunk, rows, _local(chunk.row_fact[rows], idx, n),
-                                                 len(idx), device)
+                local = _local(chunk.row_fact[rows], idx, n)
+                nll, kl_logprobs = _losses(logits, chunk, rows, local, len(idx), device)
                 if kl_start is None:  # the full forward: its first pass is at δ = 0 for every fact
                     kl_start = torch.empty(n, kl_logprobs.shape[-1], device=device)
                 if it == 0 and forward == runner.full:
@@ -461,7 +477,7 @@ def _optimise(loaded: LoadedModel, groups: list[list], layer: int, hp: TargetHPa
             nll_now[idx], loss_now[idx] = nll.detach(), loss.detach()
             done = loss.detach() < hp.early_stop_loss
             if hp.stop_when_top1:
-                done |= top1
+                done |= _all_top1(logits.detach(), chunk, rows, local, len(idx), device)
             frozen[idx[done]] = True
             if not measuring_only and not done.all():
                 loss[~done].sum().backward()
@@ -505,7 +521,7 @@ def _suffix_path_agrees(runner: _Runner, chunk: _Chunk, nll_full: torch.Tensor, 
     try:
         with torch.no_grad():
             logits = runner.suffix(chunk, rows, torch.zeros(len(rows), runner.loaded.d_model, device=device))
-        nll, _, _ = _losses(logits, chunk, rows, _local(chunk.row_fact, chunk.facts, n), len(chunk.facts), device)
+        nll, _ = _losses(logits, chunk, rows, _local(chunk.row_fact, chunk.facts, n), len(chunk.facts), device)
         gap = float((nll - nll_full).abs().max())
     except Exception as e:  # noqa: BLE001 (any failure means: use the full forward)
         gap, why = float("nan"), f"{type(e).__name__}: {e}"
