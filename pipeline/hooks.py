@@ -52,14 +52,21 @@ def capture_inputs(modules: Sequence[nn.Module], stop_after: nn.Module | None = 
 
 
 @contextmanager
-def capture_outputs(modules: Sequence[nn.Module]) -> Iterator[list]:
-    """Record the output (first element if a tuple) of each module on every forward."""
+def capture_outputs(modules: Sequence[nn.Module], stop: bool = False) -> Iterator[list]:
+    """Record the output (first element if a tuple) of each module on every forward.
+
+    With ``stop``, raise StopForward as soon as every module has recorded an output since the context
+    was entered: nothing after the last of them runs (``run_until`` catches it). Meant for one forward
+    per context, whatever order the modules run in (a block and a module inside it, say).
+    """
     seen: list = [None] * len(modules)
     handles = []
 
     def make(i: int):
         def hook(_mod, _args, out):
             seen[i] = _first(out)
+            if stop and all(s is not None for s in seen):
+                raise StopForward
         return hook
 
     try:

@@ -48,9 +48,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from covedit.pipeline.edit import EditOutcome, Factors, apply_update, keys_at, realised_share, residual
+from covedit.pipeline.edit import EditOutcome, Factors, apply_update, realised_share, residual
 from covedit.pipeline.errors import DataError, UsageError
-from covedit.pipeline.keys import memit_key_weights, prompt_token_moment, relation_key_moment
+from covedit.pipeline.keys import KeyWalk, memit_key_weights, prompt_token_moment, relation_key_moment
 from covedit.pipeline.models import LoadedModel
 from covedit.pipeline.rome import cholesky_psd
 from covedit.pipeline.targets import TargetResult, compute_targets, fact_groups
@@ -165,11 +165,17 @@ def fact_keys(loaded: LoadedModel, layer: int, facts: list, templates: list[str]
     ``templates`` with ``key_weights`` (None: the bare ``"{}"`` against one group of prefixes, MEMIT's
     default), or at the bare rewrite prompt with ``keys_from="prompt"``. Keys to keep (``batch-edit --keep``)
     are taken the same way, so that they meet the edited keys in one space."""
+    return key_walk(loaded, facts, templates, keys_from, key_weights)(layer)
+
+
+def key_walk(loaded: LoadedModel, facts: list, templates: list[str], keys_from: str = "templates",
+             key_weights: list[float] | None = None) -> KeyWalk:
+    """The facts' keys layer after layer (``fact_keys`` at each), for a loop that updates the layers bottom-up."""
     if keys_from == "prompt":
-        return keys_at(loaded, layer, facts, ["{}"], None)
-    if key_weights is None:
+        templates, key_weights = ["{}"], None
+    elif key_weights is None:
         key_weights = memit_key_weights([templates[:1], templates[1:]] if templates[0] == "{}" else [templates])
-    return keys_at(loaded, layer, facts, templates, key_weights)
+    return KeyWalk(loaded, [f.prompt for f in facts], [f.subject for f in facts], templates, key_weights)
 
 
 def protected_rows(*sources: tuple[dict[int, torch.Tensor], float]) -> dict[int, torch.Tensor]:
@@ -216,9 +222,10 @@ def run_memit(loaded: LoadedModel, facts: list, layers: list[int], covariances: 
     factors: Factors = {}
     keys_out: dict[int, torch.Tensor] = {}
     t1 = clock()
+    walk = key_walk(loaded, facts, templates, keys_from, key_weights)
     for i, layer in enumerate(layers):
         at = loaded.layer_device(layer)  # every tensor of this layer's update lives with its weight
-        K = fact_keys(loaded, layer, facts, templates, keys_from, key_weights).double().T.to(at)  # (d_ff, n)
+        K = walk(layer).double().T.to(at)  # (d_ff, n)
         keys_out[layer] = K.T.float().cpu()
         R, h = residual(loaded, facts, layer, layers[-1], z, len(layers) - i)
         if i == 0:

@@ -79,7 +79,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from covedit.pipeline.errors import DataError
-from covedit.pipeline.hooks import capture_outputs, edit_output, skip_blocks
+from covedit.pipeline.hooks import capture_outputs, edit_output, run_until, skip_blocks
 from covedit.pipeline.hparams import TargetHParams
 from covedit.pipeline.keys import encode_with_subject, pad_rows, target_token_ids
 from covedit.pipeline.models import LoadedModel
@@ -364,14 +364,15 @@ def _all_top1(logits: torch.Tensor, chunk: _Chunk, rows: torch.Tensor, local_fac
 
 def subject_outputs(loaded: LoadedModel, facts: list, modules: list[torch.nn.Module],
                     batch_rows: int) -> list[torch.Tensor]:
-    """The output of each module at the subject's last token of each bare rewrite prompt, float32 (n, ·)."""
+    """The output of each module at the subject's last token of each bare rewrite prompt, float32 (n, ·).
+    The forward stops once every module has run: the blocks above them and the output head never do."""
     out: list[list[torch.Tensor]] = [[] for _ in modules]
     for lo in range(0, len(facts), batch_rows):
         chunk = facts[lo:lo + batch_rows]
         enc = encode_with_subject(loaded.tokenizer, [f.prompt for f in chunk], [f.subject for f in chunk],
                                   padding_side="left").to(loaded.device)
-        with torch.no_grad(), capture_outputs(modules) as seen:
-            loaded.logits(1, **enc.model_inputs())  # only the hooked outputs are read
+        with torch.no_grad(), capture_outputs(modules, stop=True) as seen:
+            run_until(loaded.model, **enc.model_inputs())
         for i, s in enumerate(seen):
             at = s.device  # the module's device
             out[i].append(s[torch.arange(len(chunk), device=at), enc.subject_last.to(at)].float())

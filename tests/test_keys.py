@@ -9,7 +9,7 @@ import torch
 from conftest import build_tiny
 from covedit.pipeline import keys as keys_module
 from covedit.pipeline.errors import DataError
-from covedit.pipeline.keys import (compute_keys, context_templates, encode_with_subject, memit_key_weights,
+from covedit.pipeline.keys import (KeyWalk, compute_keys, context_templates, encode_with_subject, memit_key_weights,
                                    target_token_ids)
 
 CASES = [  # prompts of different lengths; subjects mid-prompt, at the start, with a leading space, with punctuation
@@ -243,3 +243,99 @@ def test_prompt_token_moment_sums_every_token_but_the_subjects_last(tiny):
         k = torch.cat([k[:subject_last], k[subject_last + 1:]])
         want += k.T @ k
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+
+
+WALK_LAYERS = [1, 3]  # with a gap: the second call resumes two blocks below its layer
+
+
+def _update_down(loaded, layer: int, seed: int) -> None:
+    """A random low-rank change of one down-projection, as an edit makes (in place, so its version moves)."""
+    g = torch.Generator().manual_seed(seed)
+    w = loaded.down_weight(layer)
+    with torch.no_grad():
+        w += 0.5 * torch.randn(w.shape[0], 2, generator=g) @ torch.randn(2, w.shape[1], generator=g)
+
+
+def _block_runs(loaded, layer: int) -> tuple[list, object]:
+    """A list that gets an entry whenever block ``layer`` really runs (its MLP; a skipped block does not)."""
+    calls = []
+    return calls, loaded.down_proj(layer).register_forward_hook(lambda *_: calls.append(1))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma3_text"])
+def test_key_walk_equals_compute_keys_after_each_update_and_runs_the_low_blocks_once(tokenizer, model_type):
+    """MEMIT's loop: keys at each layer after the updates below it. The walk must give compute_keys' keys
+    at every step while running block 0 only on its first call (6 batches of 4 rows: 6 runs, not 12)."""
+    loaded = build_tiny(model_type, tokenizer)
+    prompts, subjects = [c[0] for c in CASES], [c[1] for c in CASES]
+    weights = memit_key_weights([TEMPLATES[:1], TEMPLATES[1:]])
+    walk = KeyWalk(loaded, prompts, subjects, TEMPLATES, weights, batch_size=4)
+    runs = 0
+    for i, layer in enumerate(WALK_LAYERS):
+        calls, handle = _block_runs(loaded, 0)
+        try:
+            got = walk(layer)
+        finally:
+            handle.remove()
+        runs += len(calls)
+        want = compute_keys(loaded, [layer], prompts, subjects, TEMPLATES, batch_size=5, weights=weights)[layer]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        _update_down(loaded, layer, seed=i)
+    resumed = walk.resume  # an architecture that cannot start from a kept state runs from the embeddings
+    assert runs == (6 + 1 if resumed else 12 + 1)  # + 1: the check of the first resumed batch
+    if model_type == "llama":
+        assert resumed
+
+
+def test_key_walk_without_room_to_keep_states_gives_the_same_keys(tiny):
+    prompts, subjects = [c[0] for c in CASES], [c[1] for c in CASES]
+    free, none_kept = (KeyWalk(tiny, prompts, subjects, TEMPLATES, batch_size=4, keep_bytes=b) for b in (1 << 30, 0))
+    for i, layer in enumerate(WALK_LAYERS):
+        torch.testing.assert_close(free(layer), none_kept(layer), rtol=1e-5, atol=1e-6)
+        _update_down(tiny, layer, seed=i)
+    assert all(b.state is None for b in none_kept.batches)
+
+
+def test_key_walk_refuses_to_go_down_or_to_resume_from_stale_states(tiny):
+    prompts, subjects = [c[0] for c in CASES], [c[1] for c in CASES]
+    walk = KeyWalk(tiny, prompts, subjects, ["{}"])
+    walk(2)
+    with pytest.raises(ValueError, match="goes up the layers"):
+        walk(1)
+    _update_down(tiny, 1, seed=0)  # below the kept states (they entered block 2)
+    with pytest.raises(RuntimeError, match="stale"):
+        walk(3)
+
+
+def test_key_walk_falls_back_when_a_kept_state_does_not_reproduce_the_forward(tokenizer, monkeypatch, caplog):
+    """An architecture whose blocks take something else than the kept state: warned, and the keys are still right."""
+    loaded = build_tiny("llama", tokenizer)
+    prompts, subjects = [c[0] for c in CASES], [c[1] for c in CASES]
+    real = keys_module.skip_blocks
+    monkeypatch.setattr(keys_module, "skip_blocks", lambda blocks, output: real(blocks, 2 * output))
+    walk = KeyWalk(loaded, prompts, subjects, TEMPLATES, batch_size=4)
+    walk(1)
+    with caplog.at_level("WARNING"):
+        got = walk(3)
+    assert not walk.resume and "does not reproduce" in caplog.text
+    torch.testing.assert_close(got, compute_keys(loaded, [3], prompts, subjects, TEMPLATES)[3], rtol=1e-5, atol=1e-6)
+
+
+def test_subject_outputs_stop_after_the_last_watched_module(tokenizer):
+    """The residual's forward reads block outputs: the blocks above them and the output head never run, and
+    the outputs are those of the full forward, bit for bit."""
+    from covedit.pipeline.facts import Fact
+    from covedit.pipeline.targets import subject_outputs
+    loaded = build_tiny("llama", tokenizer)
+    facts = [Fact(id=str(i), prompt=p, subject=s, target_new="Rome") for i, (p, s) in enumerate(CASES)]
+    calls, handle = _block_runs(loaded, 3)
+    try:
+        got = subject_outputs(loaded, facts, [loaded.block(2), loaded.down_proj(1)], len(facts))
+    finally:
+        handle.remove()
+    assert calls == []
+    enc = encode_with_subject(tokenizer, [f.prompt for f in facts], [f.subject for f in facts], "left")
+    with torch.no_grad():
+        hidden = loaded.model(**enc.model_inputs(), output_hidden_states=True).hidden_states[3]  # block 2's output
+    rows = torch.arange(len(facts))
+    assert torch.equal(got[0], hidden[rows, enc.subject_last])

@@ -243,7 +243,7 @@ def test_keys_from_prompt_writes_the_target_exactly_at_the_bare_prompt(tiny):
 def test_memit_protected_keys_solve_with_their_moment_added(tiny):
     """protected_keys: the single-layer update is R Kᵀ (λC + K_p K_pᵀ + K Kᵀ)⁻¹ (identity C here), and it
     moves the protected keys' outputs less than the same edit without them."""
-    from covedit.pipeline.memit import keys_at
+    from covedit.pipeline.edit import keys_at
     from covedit.pipeline.targets import compute_targets
 
     targets = compute_targets(tiny, FACTS, 2, FAST, ["{}"])
