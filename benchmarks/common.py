@@ -38,7 +38,7 @@ DEFAULT_CACHE = Path.home() / ".cache" / "covedit" / "bench-targets"
 RULES = 3
 # Target options added after caches were written, with the value that is the rule those caches hold: at that
 # value they stay out of the cache key, so the old targets are read back.
-ADDED_RULES = {"stop_when_top1": False}
+ADDED_RULES = {"stop_when_top1": False, "first_step": 0.0}
 
 
 def zsre_facts(path: Path, n: int | None, skip: int = 0) -> list:

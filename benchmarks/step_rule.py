@@ -1,7 +1,8 @@
 """How fast the targets' Adam converges: per-pass loss of every fact under a few step rules, same facts.
 
-Each rule is ``LR:SCHEDULE:PASSES``: Adam's learning rate, ``const`` (the reference), ``lin`` (linear decay
-to 0 over the updates) or ``cos`` (cosine decay), and the forward passes allowed (``target.steps``). The
+Each rule is ``LR:SCHEDULE:PASSES[:FIRST]``: Adam's learning rate, ``const`` (the reference), ``lin`` (linear
+decay to 0 over the updates) or ``cos`` (cosine decay), the forward passes allowed (``target.steps``), and
+optionally ``target.first_step`` (the first update straight out to that fraction of the clamp radius). The
 first N distinct zsRE facts (a tuning slice: the held-out check is lambda_sweep.py --heldout-after), MEMIT's
 default target settings otherwise. Reported per rule: seconds, passes per fact, and the NLL the targets end
 at (mean, median, how many above 0.5 and 0.1); the JSON holds every fact's loss at every pass.
@@ -57,7 +58,7 @@ def scheduled_adam(schedule: str, updates: int):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("rules", nargs="+", help="LR:SCHEDULE:PASSES, e.g. 0.5:const:25")
+    ap.add_argument("rules", nargs="+", help="LR:SCHEDULE:PASSES[:FIRST], e.g. 0.5:const:25 (FIRST: target.first_step)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--facts", type=int, default=40)
@@ -71,8 +72,10 @@ def main() -> None:
     out = {"model": loaded.model_id, "facts": len(facts), "layer": hp.layers[-1], "overrides": args.overrides,
            "rules": {}}
     for rule in args.rules:
-        lr, schedule, passes = rule.split(":")
+        lr, schedule, passes, *first = rule.split(":")
         target_hp = dataclasses.replace(hp.target, lr=float(lr), steps=int(passes))
+        if first:
+            target_hp = dataclasses.replace(target_hp, first_step=float(first[0]))
         trace: list = []
         adam = torch.optim.Adam
         torch.optim.Adam = scheduled_adam(schedule, int(passes) - 1)  # what compute_targets constructs

@@ -52,6 +52,10 @@ class TargetHParams:
     # also stop a fact once every target token ranks first at every one of its rows (ENCORE's MPES); off:
     # the reference's rule
     stop_when_top1: bool = False
+    # > 0: the first update puts δ at this fraction of the clamp radius along −∇loss at δ = 0, instead of
+    # Adam's first step (which moves every coordinate by about lr, far inside the sphere where δ ends); Adam
+    # takes over from there. 0: the reference's rule
+    first_step: float = 0.0
 
 
 @dataclass
@@ -338,6 +342,8 @@ def validate(hp: HParams, num_layers: int | None = None) -> HParams:
     for name in ("lr", "clamp_norm_factor"):
         if getattr(t, name) <= 0:
             raise UsageError(f"Hyperparameter target.{name} must be > 0, got {getattr(t, name)}.")
+    if not 0 <= t.first_step <= 1:
+        raise UsageError(f"Hyperparameter target.first_step must be between 0 and 1 (of the clamp radius), got {t.first_step}.")
     for name in ("kl_factor", "weight_decay", "early_stop_loss"):
         if getattr(t, name) < 0:
             raise UsageError(f"Hyperparameter target.{name} must be >= 0, got {getattr(t, name)}.")

@@ -23,6 +23,9 @@ puts v*) at the subject's last token of each of its prompts, and trained with Ad
   ``stop_when_top1`` also once every target token is the most probable token at every one of its rewrite
   rows (ENCORE's "most-probable early stopping", MPES): the smallest δ that makes the model say the target
   in every context, instead of pushing its probability towards 1 (a larger residual for the solve to write).
+* With ``first_step`` = ρ > 0 (off by default) the first update is not Adam's: δ goes straight to ρ times
+  the clamp radius along −∇loss at δ = 0. Adam's first steps move every coordinate by about lr, so at the
+  default lr δ needs a few of them to reach the sphere where it ends; Adam takes every later update.
 
 Facts that share a subject and a new target (zsRE asks up to 13 questions of one subject with one
 answer) are merged (``merge=True``): they get one δ, optimised over all their prompts. Their keys are
@@ -491,7 +494,11 @@ def _optimise(loaded: LoadedModel, groups: list[list], layer: int, hp: TargetHPa
         with torch.no_grad():
             delta.grad[frozen] = 0
             kept = delta[frozen].clone()
-            opt.step()
+            if it == 0 and hp.first_step > 0:  # straight out along the steepest descent (Adam starts after)
+                g = delta.grad
+                delta.copy_(-hp.first_step * max_norm.unsqueeze(1) * g / g.norm(dim=1, keepdim=True).clamp(min=1e-30))
+            else:
+                opt.step()
             delta[frozen] = kept  # Adam's momentum moves rows even with zero gradient
             norms = delta.norm(dim=1)
             factor = torch.where(norms > max_norm, max_norm / norms.clamp(min=1e-30), torch.ones_like(norms))

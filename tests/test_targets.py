@@ -220,7 +220,8 @@ def _reference_z(m, fact, layer, hp, templates, relative_to):
     """kmeng01's compute_z (MEMIT, scale = block output) or compute_v (ROME, scale = MLP output) for one fact,
     written out: each prompt through the full model on its own, δ added to the MLP output at the subject's
     last token, KL read at the subject's last token of "{subject} is a", stop when the whole loss < threshold
-    (and with ``stop_when_top1``, ENCORE's rule, when every target token ranks first in every row).
+    (and with ``stop_when_top1``, ENCORE's rule, when every target token ranks first in every row); with
+    ``first_step``, the first update goes to that fraction of the clamp radius along the negative gradient.
     Returns (δ, Adam updates made, [(nll, loss) at each forward])."""
     tok = m.tokenizer
     target = tok(" " + fact.target_new, add_special_tokens=False).input_ids
@@ -265,10 +266,14 @@ def _reference_z(m, fact, layer, hp, templates, relative_to):
         if loss < hp.early_stop_loss or (hp.stop_when_top1 and all_first) or it == hp.steps - 1:
             break
         loss.backward()
-        opt.step()
+        max_norm = hp.clamp_norm_factor * scale
+        if updates == 0 and hp.first_step > 0:  # the first update: straight to first_step × the clamp along −∇
+            with torch.no_grad():
+                delta.copy_(-hp.first_step * max_norm * delta.grad / delta.grad.norm())
+        else:
+            opt.step()
         updates += 1
         with torch.no_grad():
-            max_norm = hp.clamp_norm_factor * scale
             if delta.norm() > max_norm:
                 delta.mul_(max_norm / delta.norm())
     return delta.detach(), updates, trace
@@ -320,6 +325,22 @@ def test_most_probable_early_stopping(tokenizer, stop_when_top1):
         assert int(got.steps_taken[i]) == updates
         torch.testing.assert_close(got.delta[i], want, rtol=0, atol=1e-5)
     assert got.steps_taken.tolist() == ([0, 5, 5] if stop_when_top1 else [5, 5, 5])
+
+
+@pytest.mark.parametrize("first_step", [0.5, 1.0])
+def test_first_step_along_the_gradient_to_the_clamp_sphere(tokenizer, first_step):
+    """target.first_step: the first update puts δ at first_step × the clamp radius along −∇loss at δ = 0,
+    then Adam runs as before: every fact's δ and updates as the written-out reference's, batched."""
+    m = _responsive(build_tiny("llama", tokenizer))
+    hp = TargetHParams(steps=5, lr=0.05, weight_decay=0.5, clamp_norm_factor=0.2, early_stop_loss=0.0,
+                       first_step=first_step)
+    got = compute_targets(m, FACTS, 2, hp, TEMPLATES)
+    for i, fact in enumerate(FACTS):
+        want, updates, _ = _reference_z(m, fact, 2, hp, TEMPLATES, "block")
+        assert int(got.steps_taken[i]) == updates == 4
+        torch.testing.assert_close(got.delta[i], want, rtol=0, atol=1e-5)
+    once = compute_targets(m, FACTS, 2, dataclasses.replace(hp, steps=2), TEMPLATES)  # the jump alone
+    torch.testing.assert_close(once.delta.norm(dim=1), first_step * 0.2 * once.h.norm(dim=1), rtol=1e-5, atol=0)
 
 
 @pytest.mark.slow
