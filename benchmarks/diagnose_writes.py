@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
 from benchmarks.common import DEFAULT_DATA, TargetCache, covariances, delta_at, delta_hooks  # noqa: E402
-from benchmarks.common import fact_slice  # noqa: E402
+from benchmarks.common import add_override_argument, fact_slice  # noqa: E402
 from covedit.pipeline.edit import templates_for  # noqa: E402
 from covedit.pipeline.memit import run_memit  # noqa: E402
 from covedit.pipeline.errors import DataError  # noqa: E402
@@ -217,11 +217,12 @@ def main() -> None:
     ap.add_argument("--sizes", action="store_true",
                     help="measure how large ΔW k is at each site and on the neighbourhood prompts (alone, without "
                          "the accuracy scores)")
+    add_override_argument(ap)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
     loaded = load_model(args.model)
-    hp = load_hparams("memit", loaded.model.config.model_type, loaded.num_layers, None, [])
+    hp = load_hparams("memit", loaded.model.config.model_type, loaded.num_layers, None, args.overrides)
     lam = hp.lam if args.lam is None else args.lam
     templates = templates_for(loaded, hp)
     facts = fact_slice(args.data, args.facts, args.heldout_after)
@@ -230,7 +231,7 @@ def main() -> None:
     covs = covariances(loaded, hp.layers)
     result = {"model": loaded.model_id, "facts": len(facts), "subjects": len({f.subject for f in facts}),
               "heldout_after": args.heldout_after, "lam": lam,
-              "mu": args.mu, "layer": top}
+              "mu": args.mu, "layer": top, "overrides": args.overrides}
     prompts = teacher_forced(loaded, facts)
     scores = not args.sizes or args.sites  # --sizes alone measures the update's size only
     if scores:
