@@ -1,11 +1,13 @@
-"""The cost of MEMIT's solve (everything after the targets) against the reference strategy, on the same facts
-and targets, side by side in one process.
+"""The cost of MEMIT's solve (everything after the targets) against recomputing from scratch at every layer, on
+the same facts and targets, side by side in one process.
 
 (a) covedit's ``run_memit`` on cached targets: each layer's keys from a KeyWalk (resumed from the hidden state
-    that entered the previous edited block: the blocks below it cannot have changed), and the residual
-    z − h from a forward that stops at the top edited block;
-(b) the reference strategy (kmeng01/memit: ``compute_ks`` at each layer, h read from a whole forward):
-    at every layer the keys from the embeddings up, and h from a forward through the whole model.
+    that entered the previous edited block: the blocks below it cannot have changed), the residual z − h
+    from a forward that stops at the top edited block, and the realised share (one more such forward);
+(b) from scratch at every layer: the keys from the embeddings up to the layer (covedit's code before the
+    KeyWalk, with its current batching by length), and h from a forward through the whole model and its
+    output head at every position (as kmeng01/memit reads it, through a trace of the model's forward; covedit
+    before read the head at one position). No realised share.
 
 Both write the same update; the benchmark checks it (relative difference of each layer's ΔW) and restores
 the original weights between the two. The work each does, in block passes over the key rows (n facts ×
@@ -43,18 +45,20 @@ def whole_forward_h(loaded, facts: list, top: int, batch_rows: int = 64) -> torc
     out = []
     for lo in range(0, len(facts), batch_rows):
         chunk = facts[lo:lo + batch_rows]
-        enc = encode_with_subject(loaded.tokenizer, [f.prompt for f in chunk], [f.subject for f in chunk], "left")
+        enc = encode_with_subject(loaded.tokenizer, [f.prompt for f in chunk], [f.subject for f in chunk],
+                                  "left").to(loaded.device)
         with capture_outputs([loaded.block(top)]) as seen:
             loaded.model(**enc.model_inputs())
-        out.append(seen[0][torch.arange(len(chunk)), enc.subject_last].float())
+        at = seen[0].device
+        out.append(seen[0][torch.arange(len(chunk), device=at), enc.subject_last.to(at)].float().cpu())
     return torch.cat(out)
 
 
-def reference_solve(loaded, facts: list, layers: list[int], covs: dict, lam: float, templates: list[str],
+def from_scratch_solve(loaded, facts: list, layers: list[int], covs: dict, lam: float, templates: list[str],
                     weights: list[float], z: torch.Tensor) -> dict:
-    """MEMIT's layer loop as the reference computes it (keys and h from scratch at every layer)."""
+    """MEMIT's layer loop with the keys and h recomputed from scratch at every layer (see the module docstring)."""
     if loaded.post_mlp_norm(layers[0]) is not None:
-        raise SystemExit("the reference strategy here is written for blocks without a post-MLP norm")
+        raise SystemExit("the from-scratch solve here is written for blocks without a post-MLP norm")
     factors = {}
     for i, layer in enumerate(layers):
         K = compute_keys(loaded, [layer], [f.prompt for f in facts], [f.subject for f in facts], templates,
@@ -97,7 +101,7 @@ def main() -> None:
     t_ours = time.perf_counter() - t0
     restore()
     t0 = time.perf_counter()
-    ref = reference_solve(loaded, facts, hp.layers, covs, hp.lam, templates, weights, targets.z)
+    ref = from_scratch_solve(loaded, facts, hp.layers, covs, hp.lam, templates, weights, targets.z)
     t_ref = time.perf_counter() - t0
     restore()
     gaps = {}
@@ -110,7 +114,7 @@ def main() -> None:
               "covedit_s_includes": "the realised share (one more forward over the bare prompts)",
               "block_passes_per_row": block_passes(hp.layers, loaded.num_layers),
               "delta_w_relative_difference": gaps}
-    print(f"MEMIT's solve, {len(facts)} facts, layers {hp.layers}: covedit {t_ours:.1f} s, reference strategy "
+    print(f"MEMIT's solve, {len(facts)} facts, layers {hp.layers}: covedit {t_ours:.1f} s, from scratch at every layer "
           f"{t_ref:.1f} s ({t_ref / t_ours:.2f}x); ΔW relative difference ≤ {max(gaps.values()):.2g}")
     print(f"block passes per row: {result['block_passes_per_row']}")
     if args.json:

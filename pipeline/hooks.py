@@ -107,14 +107,21 @@ def skip_blocks(blocks: Sequence[nn.Module], output: torch.Tensor) -> Iterator[N
     def replaced(*_args, **_kwargs):
         return output
 
+    # A forward set on the instance already (accelerate's device-placement wrapper under a device map) is
+    # put back afterwards, not dropped.
+    own = {id(b): b.__dict__["forward"] for b in blocks if "forward" in b.__dict__}
     try:
         for b in blocks[:-1]:
             b.forward = passthrough
-        blocks[-1].forward = replaced
+        if blocks:
+            blocks[-1].forward = replaced
         yield
     finally:
         for b in blocks:
-            b.__dict__.pop("forward", None)
+            if id(b) in own:
+                b.forward = own[id(b)]
+            else:
+                b.__dict__.pop("forward", None)
 
 
 def run_until(model: nn.Module, **inputs) -> object | None:

@@ -319,7 +319,8 @@ def _key_batches(loaded: LoadedModel, prompts: list[str], subjects: list[str], t
         else:
             a, b = int((width - lengths[pick]).min()), width
         cut = Encoded(enc.input_ids[pick, a:b], enc.attention_mask[pick, a:b], enc.subject_last[pick] - a,
-                      (enc.last[pick] - a).clamp(max=b - a - 1), enc.subject_first[pick] - a)
+                      (enc.last[pick] - a).clamp(max=b - a - 1),  # the last token kept, after a cut
+                      enc.subject_first[pick] - a)
         batches.append(_KeyBatch(cut.to(loaded.device), fact_index[pick], weight[pick]))
     return batches
 
@@ -362,15 +363,16 @@ class KeyWalk:
     the layers below it.
 
     ``compute_keys`` at each layer would run blocks 0…lᵢ again every time. An update of lᵢ₋₁'s
-    down-projection changes nothing that enters block lᵢ₋₁, so each batch keeps the hidden state that
-    entered the previous call's block, and the next call runs only the blocks from there up: on SmolLM2's
-    layers 4-8, 13 block passes instead of 35. The keys are compute_keys' (to float rounding; a test
-    compares them after real updates). Two guards: a call for a lower layer than the last, or after a
-    down-projection below the kept states changed, raises (the kept states would be stale); and the first
-    resumed batch is checked against a forward from the embeddings, so an architecture where starting from
-    a kept state does not reproduce the model (its blocks take or return something else) runs from the
-    embeddings every time, with a warning. Kept states cost rows × tokens × d_model floats; past
-    ``keep_bytes``, further batches keep none and run from the embeddings each time (same keys, more work).
+    down-projection changes what comes out of block lᵢ₋₁, not what enters it, so each batch keeps the
+    hidden state that entered the previous call's block, and the next call runs only the blocks from there
+    up: on SmolLM2's layers 4-8, 13 block passes instead of 35. The keys are compute_keys' (to float
+    rounding; a test compares them after real updates). Guards: a call for a lower layer than the last, or
+    after a down-projection below the kept states changed, raises (the kept states would be stale); a call
+    that fails keeps no state; and the first batch that resumes is checked against a forward from the
+    embeddings, so an architecture where starting from a kept state does not reproduce the model (its
+    blocks take or return something else) runs from the embeddings every time, with a warning. Kept states
+    cost rows × tokens × d_model floats; past ``keep_bytes``, further batches keep none and run from the
+    embeddings each time (same keys, more work).
     """
 
     def __init__(self, loaded: LoadedModel, prompts: list[str], subjects: list[str], templates: list[str],
@@ -380,7 +382,7 @@ class KeyWalk:
         self.last_layer: int | None = None
         self.versions: list[int] = []  # every down-projection's version when the states were kept
         self.resume = True  # False once a kept state failed to reproduce the model's own forward
-        self.checked = False
+        self.checked = False  # whether that was checked (on the first batch that resumes above block 0)
 
     @torch.no_grad()
     def __call__(self, layer: int) -> torch.Tensor:
@@ -394,46 +396,46 @@ class KeyWalk:
         block, module = loaded.block(layer), loaded.down_proj(layer)
         sums = torch.zeros(self.n, loaded.d_ff, dtype=torch.float32, device=loaded.layer_device(layer))
         kept = 0
-        for batch in self.batches:
-            resumed = self.resume and batch.state is not None
-            try:
+        try:
+            for batch in self.batches:
+                resumed = self.resume and batch.state is not None and batch.start > 0
+                if resumed and not self.checked:
+                    self.checked = True
+                    resumed = self.resume = self._resuming_agrees(batch, block, module)
                 entering, k = self._run(batch, block, module, resumed)
-            except Exception:  # noqa: BLE001 (a block that cannot start from a kept state: checked below)
-                if not resumed or self.checked:
-                    raise
-                entering = k = None
-            if resumed and not self.checked:
-                self.checked = True
-                if k is None or not self._agrees(batch, block, module, k):
-                    self.resume = False
-                    entering, k = self._run(batch, block, module, False)
-            _add_keys(sums, batch, k)
-            size = entering.numel() * entering.element_size()
-            if self.resume and kept + size <= self.keep_bytes:
-                batch.state, batch.start, kept = entering, layer, kept + size
-            else:
+                _add_keys(sums, batch, k)
+                size = entering.numel() * entering.element_size()
+                if self.resume and kept + size <= self.keep_bytes:
+                    batch.state, batch.start, kept = entering, layer, kept + size
+                else:
+                    batch.state, batch.start = None, 0
+        except BaseException:  # some batches would hold states of this layer, the rest of the last: keep none
+            for batch in self.batches:
                 batch.state, batch.start = None, 0
+            raise
         self.last_layer = layer
         self.versions = [loaded.down_weight(i)._version for i in range(loaded.num_layers)]
         return sums
 
     def _run(self, batch: _KeyBatch, block, module, resumed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the hidden state entering ``block``, the inputs of ``module``, its down-projection)."""
+        """(the hidden state entering ``block``, the input of ``module``, its down-projection)."""
         loaded = self.loaded
-        skip = skip_blocks(list(loaded.blocks)[:batch.start], batch.state) if resumed and batch.start else nullcontext()
+        skip = skip_blocks(list(loaded.blocks)[:batch.start], batch.state) if resumed else nullcontext()
         with capture_inputs([block, module], stop_after=module) as seen, skip:
             run_until(loaded.model, **batch.enc.model_inputs())
         return seen[0], seen[1]
 
-    def _agrees(self, batch: _KeyBatch, block, module, k: torch.Tensor) -> bool:
-        """Does resuming from a kept state give what the forward from the embeddings gives? Warn if not."""
+    def _resuming_agrees(self, batch: _KeyBatch, block, module) -> bool:
+        """Does resuming from a kept state give the keys the forward from the embeddings gives? Warn if not
+        (an architecture whose blocks take or return something else than the kept state)."""
         _, full = self._run(batch, block, module, False)
         try:
-            gap = float((k - full).abs().max()) / (float(full.abs().max()) or 1.0)
-        except RuntimeError:  # shapes that do not broadcast: the kept state is not what the blocks take
-            gap = float("inf")
+            _, k = self._run(batch, block, module, True)
+            gap, why = float((k - full).abs().max()) / (float(full.abs().max()) or 1.0), ""
+        except Exception as e:  # noqa: BLE001 (any failure means: run from the embeddings)
+            gap, why = float("inf"), f": {type(e).__name__}: {e}"
         if gap <= 1e-4:
             return True
         log.warning("resuming the key forward from a kept hidden state does not reproduce this model's forward "
-                    "(relative gap %.3g); keys run from the embeddings at every layer (slower, same keys)", gap)
+                    "(relative gap %.3g%s); keys run from the embeddings at every layer (slower, same keys)", gap, why)
         return False

@@ -48,7 +48,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from covedit.pipeline.edit import EditOutcome, Factors, apply_update, realised_share, residual
+from covedit.pipeline.edit import EditOutcome, Factors, apply_update, keys_at, realised_share, residual
 from covedit.pipeline.errors import DataError, UsageError
 from covedit.pipeline.keys import KeyWalk, memit_key_weights, prompt_token_moment, relation_key_moment
 from covedit.pipeline.models import LoadedModel
@@ -165,17 +165,24 @@ def fact_keys(loaded: LoadedModel, layer: int, facts: list, templates: list[str]
     ``templates`` with ``key_weights`` (None: the bare ``"{}"`` against one group of prefixes, MEMIT's
     default), or at the bare rewrite prompt with ``keys_from="prompt"``. Keys to keep (``batch-edit --keep``)
     are taken the same way, so that they meet the edited keys in one space."""
-    return key_walk(loaded, facts, templates, keys_from, key_weights)(layer)
+    templates, key_weights = _key_spec(templates, keys_from, key_weights)
+    return keys_at(loaded, layer, facts, templates, key_weights)
 
 
 def key_walk(loaded: LoadedModel, facts: list, templates: list[str], keys_from: str = "templates",
              key_weights: list[float] | None = None) -> KeyWalk:
     """The facts' keys layer after layer (``fact_keys`` at each), for a loop that updates the layers bottom-up."""
-    if keys_from == "prompt":
-        templates, key_weights = ["{}"], None
-    elif key_weights is None:
-        key_weights = memit_key_weights([templates[:1], templates[1:]] if templates[0] == "{}" else [templates])
+    templates, key_weights = _key_spec(templates, keys_from, key_weights)
     return KeyWalk(loaded, [f.prompt for f in facts], [f.subject for f in facts], templates, key_weights)
+
+
+def _key_spec(templates: list[str], keys_from: str, key_weights: list[float] | None) -> tuple[list[str], list[float] | None]:
+    """The templates and weights that ``keys_from`` and ``key_weights`` ask for (see fact_keys)."""
+    if keys_from == "prompt":
+        return ["{}"], None
+    if key_weights is None:
+        key_weights = memit_key_weights([templates[:1], templates[1:]] if templates[0] == "{}" else [templates])
+    return templates, key_weights
 
 
 def protected_rows(*sources: tuple[dict[int, torch.Tensor], float]) -> dict[int, torch.Tensor]:

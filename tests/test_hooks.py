@@ -105,6 +105,28 @@ def test_stop_after_runs_nothing_from_that_module_on(chain):
     assert torch.equal(run_until(chain, x=X), by_hand(chain, X)[2]) and chain.ran == [2, 1, 1]
 
 
+def test_capture_outputs_with_stop_ends_the_forward_once_every_module_has_run(chain):
+    """In any order, and with a module that runs inside another watched one (here b1.lin inside b1)."""
+    b0, b1, b2 = chain.blocks
+    with capture_outputs([b1, b1.lin, b0], stop=True) as seen:
+        assert run_until(chain, x=X) is None
+    assert chain.ran == [1, 0, 0]  # block 1 finished its output, then nothing else ran
+    h0, h1, _ = by_hand(chain, X)
+    assert torch.equal(seen[0], h1) and torch.equal(seen[1], h1) and torch.equal(seen[2], h0)
+    assert no_hooks(*chain.blocks, b1.lin)
+
+
+def test_skip_blocks_puts_back_a_forward_the_instance_had(chain):
+    """A device map's wrapper (accelerate sets ``forward`` on the block itself) survives skipping the block."""
+    b0 = chain.blocks[0]
+    wrapped = b0.forward  # a bound method, set on the instance as accelerate does
+    b0.forward = wrapped
+    with skip_blocks([b0], X):
+        assert b0.forward is not wrapped
+    assert b0.__dict__["forward"] is wrapped
+    assert torch.equal(chain(X), by_hand(chain, X)[2])
+
+
 def test_edit_output_is_what_the_rest_of_the_model_sees(chain):
     b0, b1, _ = chain.blocks
     with edit_output(b0, lambda h: 2 * h):

@@ -245,7 +245,7 @@ def test_prompt_token_moment_sums_every_token_but_the_subjects_last(tiny):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
 
 
-WALK_LAYERS = [1, 3]  # with a gap: the second call resumes two blocks below its layer
+WALK_LAYERS = [1, 2, 2, 3]  # resumed from a state kept by a resumed call, the same layer twice, and a gap
 
 
 def _update_down(loaded, layer: int, seed: int) -> None:
@@ -265,7 +265,7 @@ def _block_runs(loaded, layer: int) -> tuple[list, object]:
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "gemma3_text"])
 def test_key_walk_equals_compute_keys_after_each_update_and_runs_the_low_blocks_once(tokenizer, model_type):
     """MEMIT's loop: keys at each layer after the updates below it. The walk must give compute_keys' keys
-    at every step while running block 0 only on its first call (6 batches of 4 rows: 6 runs, not 12)."""
+    at every step while running block 0 only on its first call (6 batches of 4 rows: 6 runs, not 24)."""
     loaded = build_tiny(model_type, tokenizer)
     prompts, subjects = [c[0] for c in CASES], [c[1] for c in CASES]
     weights = memit_key_weights([TEMPLATES[:1], TEMPLATES[1:]])
@@ -281,10 +281,8 @@ def test_key_walk_equals_compute_keys_after_each_update_and_runs_the_low_blocks_
         want = compute_keys(loaded, [layer], prompts, subjects, TEMPLATES, batch_size=5, weights=weights)[layer]
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         _update_down(loaded, layer, seed=i)
-    resumed = walk.resume  # an architecture that cannot start from a kept state runs from the embeddings
-    assert runs == (6 + 1 if resumed else 12 + 1)  # + 1: the check of the first resumed batch
-    if model_type == "llama":
-        assert resumed
+    assert walk.resume  # every architecture here starts from a kept state
+    assert runs == 6 + 1  # + 1: the check of the first batch that resumes
 
 
 def test_key_walk_without_room_to_keep_states_gives_the_same_keys(tiny):
@@ -307,24 +305,56 @@ def test_key_walk_refuses_to_go_down_or_to_resume_from_stale_states(tiny):
         walk(3)
 
 
-def test_key_walk_falls_back_when_a_kept_state_does_not_reproduce_the_forward(tokenizer, monkeypatch, caplog):
-    """An architecture whose blocks take something else than the kept state: warned, and the keys are still right."""
+@pytest.mark.parametrize("fault", ["wrong state", "raises"])
+def test_key_walk_falls_back_when_a_kept_state_does_not_reproduce_the_forward(tokenizer, monkeypatch, caplog, fault):
+    """An architecture whose blocks take something else than the kept state (the forward gives other keys, or
+    fails): warned, and the keys are still right."""
     loaded = build_tiny("llama", tokenizer)
     prompts, subjects = [c[0] for c in CASES], [c[1] for c in CASES]
     real = keys_module.skip_blocks
-    monkeypatch.setattr(keys_module, "skip_blocks", lambda blocks, output: real(blocks, 2 * output))
+
+    def broken(blocks, output):
+        if fault == "raises":
+            raise TypeError("this block takes no hidden state")
+        return real(blocks, 2 * output)
+
+    monkeypatch.setattr(keys_module, "skip_blocks", broken)
     walk = KeyWalk(loaded, prompts, subjects, TEMPLATES, batch_size=4)
     walk(1)
     with caplog.at_level("WARNING"):
         got = walk(3)
     assert not walk.resume and "does not reproduce" in caplog.text
+    assert ("TypeError" in caplog.text) == (fault == "raises")
     torch.testing.assert_close(got, compute_keys(loaded, [3], prompts, subjects, TEMPLATES)[3], rtol=1e-5, atol=1e-6)
+
+
+def test_a_key_walk_call_that_fails_keeps_no_state(tokenizer, monkeypatch):
+    """Half the batches would hold states of the failed call's layer: none is kept, and the next call is right."""
+    loaded = build_tiny("llama", tokenizer)
+    prompts, subjects = [c[0] for c in CASES], [c[1] for c in CASES]
+    walk = KeyWalk(loaded, prompts, subjects, TEMPLATES, batch_size=4)
+    walk(1)
+    real, seen = keys_module._add_keys, []
+
+    def fails_on_the_third(sums, batch, k):
+        seen.append(1)
+        if len(seen) == 3:
+            raise MemoryError("out of memory")
+        real(sums, batch, k)
+
+    monkeypatch.setattr(keys_module, "_add_keys", fails_on_the_third)
+    with pytest.raises(MemoryError):
+        walk(2)
+    assert all(b.state is None for b in walk.batches)
+    monkeypatch.setattr(keys_module, "_add_keys", real)
+    torch.testing.assert_close(walk(3), compute_keys(loaded, [3], prompts, subjects, TEMPLATES)[3], rtol=1e-5, atol=1e-6)
 
 
 def test_subject_outputs_stop_after_the_last_watched_module(tokenizer):
     """The residual's forward reads block outputs: the blocks above them and the output head never run, and
     the outputs are those of the full forward, bit for bit."""
     from covedit.pipeline.facts import Fact
+    from covedit.pipeline.hooks import capture_outputs
     from covedit.pipeline.targets import subject_outputs
     loaded = build_tiny("llama", tokenizer)
     facts = [Fact(id=str(i), prompt=p, subject=s, target_new="Rome") for i, (p, s) in enumerate(CASES)]
@@ -335,7 +365,8 @@ def test_subject_outputs_stop_after_the_last_watched_module(tokenizer):
         handle.remove()
     assert calls == []
     enc = encode_with_subject(tokenizer, [f.prompt for f in facts], [f.subject for f in facts], "left")
-    with torch.no_grad():
+    with torch.no_grad(), capture_outputs([loaded.down_proj(1)]) as seen:
         hidden = loaded.model(**enc.model_inputs(), output_hidden_states=True).hidden_states[3]  # block 2's output
     rows = torch.arange(len(facts))
     assert torch.equal(got[0], hidden[rows, enc.subject_last])
+    assert torch.equal(got[1], seen[0][rows, enc.subject_last])

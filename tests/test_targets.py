@@ -332,15 +332,17 @@ def test_first_step_along_the_gradient_to_the_clamp_sphere(tokenizer, first_step
     """target.first_step: the first update puts δ at first_step × the clamp radius along −∇loss at δ = 0,
     then Adam runs as before: every fact's δ and updates as the written-out reference's, batched."""
     m = _responsive(build_tiny("llama", tokenizer))
-    hp = TargetHParams(steps=5, lr=0.05, weight_decay=0.5, clamp_norm_factor=0.2, early_stop_loss=0.0,
-                       first_step=first_step)
+    hp = TargetHParams(steps=5, lr=0.05, weight_decay=0.5, clamp_norm_factor=4.0, early_stop_loss=0.0,
+                       first_step=first_step)  # one Adam step (‖δ‖ ≈ lr √d = 0.2) stays inside the sphere (4 ‖h‖)
     got = compute_targets(m, FACTS, 2, hp, TEMPLATES)
     for i, fact in enumerate(FACTS):
         want, updates, _ = _reference_z(m, fact, 2, hp, TEMPLATES, "block")
         assert int(got.steps_taken[i]) == updates == 4
         torch.testing.assert_close(got.delta[i], want, rtol=0, atol=1e-5)
     once = compute_targets(m, FACTS, 2, dataclasses.replace(hp, steps=2), TEMPLATES)  # the jump alone
-    torch.testing.assert_close(once.delta.norm(dim=1), first_step * 0.2 * once.h.norm(dim=1), rtol=1e-5, atol=0)
+    torch.testing.assert_close(once.delta.norm(dim=1), first_step * 4.0 * once.h.norm(dim=1), rtol=1e-5, atol=0)
+    adam = compute_targets(m, FACTS, 2, dataclasses.replace(hp, steps=2, first_step=0.0), TEMPLATES)
+    assert (adam.delta.norm(dim=1) < 0.9 * once.delta.norm(dim=1)).all() or first_step < 1
 
 
 @pytest.mark.slow
