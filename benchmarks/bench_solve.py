@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
-from benchmarks.common import TargetCache, add_slice_arguments, covariances, fact_slice  # noqa: E402
+from benchmarks.common import TargetCache, add_slice_arguments, covariances, fact_slice, keep_weights  # noqa: E402
 from covedit.pipeline.edit import apply_update, key_weights_for, templates_for  # noqa: E402
 from covedit.pipeline.hooks import capture_outputs  # noqa: E402
 from covedit.pipeline.hparams import load_hparams  # noqa: E402
@@ -88,13 +88,7 @@ def main() -> None:
     facts = fact_slice(args.data, args.facts, args.heldout_after)
     targets = TargetCache(loaded, hp.layers[-1], hp.target, templates).get(facts)
     covs = covariances(loaded, hp.layers)
-    original = {layer: loaded.down_weight(layer).detach().clone() for layer in hp.layers}
-
-    def restore() -> None:
-        with torch.no_grad():
-            for layer, w in original.items():
-                loaded.down_weight(layer).copy_(w)
-
+    restore = keep_weights(loaded, hp.layers)
     t0 = time.perf_counter()
     ours = run_memit(loaded, facts, hp.layers, covs, hp.lam, hp.target, templates, time.perf_counter,
                      targets=targets, key_weights=weights).factors

@@ -202,6 +202,18 @@ def covariances(loaded, layers: list[int]) -> dict[int, torch.Tensor]:
     return {layer: torch.from_numpy(store.covariance(layer)) for layer in layers}
 
 
+def keep_weights(loaded, layers: list[int]):
+    """Copy the down-projections of ``layers`` as they are now; return a function that puts them back, for
+    benchmarks that edit one model several times from the same start."""
+    originals = {layer: loaded.down_weight(layer).detach().clone() for layer in layers}
+
+    def restore() -> None:
+        with torch.no_grad():
+            for layer, W in originals.items():
+                loaded.down_weight(layer).copy_(W)
+    return restore
+
+
 def memit_variants(loaded, hp, facts: list, targets: TargetResult, covs: dict, grid: list[tuple[float, float]],
                    before, with_fluency: bool):
     """For each (λ, μ) of ``grid``: MEMIT with ``preserve_prompts`` μ; see ``edit_variants``."""
@@ -220,11 +232,9 @@ def edit_variants(loaded, hp, facts: list, targets: TargetResult, covs: dict, va
     from covedit.pipeline.memit import run_memit
     from covedit.pipeline.evaluate import drift, evaluate_model
     templates = templates_for(loaded, hp)
-    originals = {layer: loaded.down_weight(layer).detach().clone() for layer in hp.layers}
+    restore = keep_weights(loaded, hp.layers)
     for label, kwargs in variants:
-        with torch.no_grad():
-            for layer, W in originals.items():
-                loaded.down_weight(layer).copy_(W)
+        restore()
         t0 = time.perf_counter()
         out = run_memit(loaded, facts, hp.layers, covs, kwargs.get("lam", 0.0), hp.target, templates, time.perf_counter,
                         targets=targets, preserve_prompts=kwargs.get("preserve_prompts", 0.0),

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
 from benchmarks.common import DEFAULT_DATA, TargetCache, covariances, delta_at, delta_hooks  # noqa: E402
-from benchmarks.common import add_override_argument, fact_slice  # noqa: E402
+from benchmarks.common import add_override_argument, fact_slice, keep_weights  # noqa: E402
 from covedit.pipeline.edit import templates_for  # noqa: E402
 from covedit.pipeline.memit import run_memit  # noqa: E402
 from covedit.pipeline.errors import DataError  # noqa: E402
@@ -237,7 +237,7 @@ def main() -> None:
     if scores:
         result["unedited"] = measure(loaded, top, prompts, targets.z)
         print("unedited", result["unedited"], flush=True)
-    originals = {layer: loaded.down_weight(layer).detach().clone() for layer in hp.layers}
+    restore = keep_weights(loaded, hp.layers)
     out = run_memit(loaded, facts, hp.layers, covs, lam, hp.target, templates, lambda: 0.0, targets=targets,
                     preserve_prompts=args.mu)
     result["realised_mean"] = sum(out.target_info["realised"]) / len(facts)
@@ -246,9 +246,7 @@ def main() -> None:
         print("edited", result["edited"], flush=True)
     print("realised", round(result["realised_mean"], 3), flush=True)
     if args.sites or args.sizes:
-        with torch.no_grad():
-            for layer, W in originals.items():
-                loaded.down_weight(layer).copy_(W)
+        restore()
     if args.sizes:
         result["sizes"] = update_sizes(loaded, prompts, out.factors,
                                        [n.prompt for f in facts for n in f.neighborhood])
