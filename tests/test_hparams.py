@@ -16,6 +16,8 @@ def test_memit_defaults_for_the_embedded_llama():
     assert hp.layers == [4, 5, 6, 7, 8]
     assert hp.lam == 1500.0  # published 15,000 swamps SmolLM2's small keys
     assert hp.covariance == "C" and hp.keys_from == "templates"
+    # μ 0.1: the edited prompts' other tokens kept (chosen at 1,000 tuning facts, confirmed held out)
+    assert hp.preserve_prompts == 0.1 and hp.preserve_relation == 0.0 and hp.preserve_earlier == 1.0
     # lr 2 for 15 passes: the step rule chosen on SmolLM2 (hparams.ARCH_DEFAULTS), else the published values
     assert hp.target == TargetHParams(steps=15, lr=2.0, kl_factor=0.0625, weight_decay=0.5,
                                       clamp_norm_factor=0.75, early_stop_loss=0.05)
@@ -34,6 +36,8 @@ def test_per_architecture_adjustments():
     assert defaults_for("alphaedit", "qwen2", 28).alpha == 1.0
     gemma3 = defaults_for("memit", "gemma3_text", 18)  # behind a post-MLP norm: docs/gemma3.md
     assert gemma3.lam == 6000.0 and gemma3.target.clamp_norm_factor == 4.0 and gemma3.target.lr == 0.5
+    assert gemma3.preserve_prompts == 0.0  # μ not measured on Gemma-3: the reference MEMIT's term alone
+    assert defaults_for("memit", "phi3", 32).preserve_prompts == 0.0
     # the table for one architecture leaves the others alone
     assert defaults_for("memit", "mistral", 32).target.clamp_norm_factor == 0.75
     assert defaults_for("memit", "gemma2", 26).target.clamp_norm_factor == 0.75
