@@ -9,7 +9,8 @@ target into the weights, not how well each optimiser finds one. Methods:
 * plain, 5 layers: the residual spread over layers 4-8 as MEMIT does, with C = I and λ → 0 (1e-3), i.e.
   the minimum-norm update that maps the keys exactly (for one fact, (v − Wk)kᵀ/kᵀk at each layer);
 * ROME, 1 layer: u = C⁻¹k*, one fact after another;
-* MEMIT: Δ = R Kᵀ(λC + KKᵀ)⁻¹ over layers 4-8, all facts in one batch;
+* MEMIT: Δ = R Kᵀ(λC + μ Σ k kᵀ + KKᵀ)⁻¹ over layers 4-8, all facts in one batch, with the model's
+  default μ (``preserve_prompts``: the edited prompts' other tokens; 0.1 on SmolLM2, 0 in the reference);
 * AlphaEdit: the null-space-projected update over layers 4-8, in sequential batches of 10 facts
   (``--alphaedit-batch``), the keys of earlier batches carried forward.
 
@@ -110,8 +111,9 @@ class Study:
             run_rome(self.loaded, facts, self.top, covs[self.top], targets=targets, **common)
         elif method == "plain-5":
             run_memit(self.loaded, facts, self.layers, None, PLAIN_LAMBDA, targets=targets, **common)
-        elif method == "memit":
-            run_memit(self.loaded, facts, self.layers, covs, lam, targets=targets, **common)
+        elif method == "memit":  # as batch-edit runs it: the model's default preserve_prompts μ too
+            run_memit(self.loaded, facts, self.layers, covs, lam, targets=targets,
+                      preserve_prompts=self.hp.preserve_prompts, **common)
         elif method == "alphaedit":
             projectors = alphaedit_projectors(covs, self.ahp.null_space_threshold)
             prev: dict[int, torch.Tensor] = {}

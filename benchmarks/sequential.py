@@ -4,7 +4,10 @@ The literature's editors collapse in sequences (norm growth, then gibberish), an
 whether the first batch survives the ninth. Here each method edits ``--batches`` batches of ``--batch-size``
 facts of one zsRE slice (held out with ``--heldout-after``) in order, from the original weights:
 
-* MEMIT: each batch solved alone with its own λC (the reference has nothing that protects earlier batches);
+* MEMIT: each batch solved alone with its own λC (the reference has nothing that protects earlier batches),
+  plus the model's default ``preserve_prompts`` μ Σ k kᵀ of the batch's own prompts' other tokens (0.1 on
+  SmolLM2 since 2026-12-01; the runs in results/ before that date have none: their JSON lacks
+  ``memit_preserve_prompts``);
 * MEMIT with carried keys (``memit_carry``): every earlier batch's keys added to λC (run_memit's
   ``protected_keys``), so each solve also asks the earlier edits to stay where they are;
 * AlphaEdit: the null-space projected solve, every earlier batch's keys carried in ``C_prev`` (as
@@ -71,7 +74,8 @@ def run_sequence(loaded, method: str, batches: list[list], targets: list, covs: 
         for b, (facts, tgt) in enumerate(zip(batches, targets), 1):
             t0 = time.perf_counter()
             out = run_memit(loaded, facts, hp.layers, covs, hp.lam, hp.target, templates, time.perf_counter,
-                            targets=tgt, alphaedit=alphaedit, protected_keys=carried if method == "memit_carry" else None)
+                            targets=tgt, alphaedit=alphaedit, protected_keys=carried if method == "memit_carry" else None,
+                            preserve_prompts=0.0 if method == "alphaedit" else hp.preserve_prompts)
             solve_s = time.perf_counter() - t0
             for layer, k in out.keys.items():
                 carried[layer] = k if layer not in carried else torch.cat([carried[layer], k])
@@ -134,7 +138,7 @@ def main() -> None:
         result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
                   "model": loaded.model_id, "layers": hp.layers, "batches": args.batches, "batch_size": args.batch_size,
                   "heldout_after": args.heldout_after, "subjects": len({f.subject for f in facts}),
-                  "memit_lam": hp.lam, "alphaedit": {"alpha": ahp.alpha, "threshold": ahp.null_space_threshold,
+                  "memit_lam": hp.lam, "memit_preserve_prompts": hp.preserve_prompts, "alphaedit": {"alpha": ahp.alpha, "threshold": ahp.null_space_threshold,
                                                      "energy": ahp.null_space_energy, "lam": ahp.lam},
                   "unedited": {**before.aggregate, "fluency_ge": (before.fluency or {}).get("ge")},
                   "unedited_first_batch": brief(evaluate_model(loaded, batches[0], unrelated=False, with_fluency=False,
