@@ -22,7 +22,10 @@ model's default MEMIT), this measures without editing anything twice:
    unedited model, the update's relative write at its subject's last token ‖ΔW k‖ / ‖W k‖ (layer 8, the
    top edited layer; keys of the unedited model), the cosine of that write with its relation's mean δ,
    and the largest C⁻¹-whitened cosine of its key to an edited fact's key of the same relation;
-3. the same write for the edited facts' own keys (what the update is meant to write).
+3. the same write for the edited facts' own keys (what the update is meant to write);
+4. a third explanation, checked on the same prompts: the leaked neighbours are the ones the unedited model
+   held least firmly (top-1 minus top-2 log-probability at the answer position), and what they change to
+   (whether the new top-1 is the first token of an edited answer of the same relation).
 
     python benchmarks/relation_overlap.py --json benchmarks/results/relation_overlap_cpu.json
 """
@@ -123,6 +126,12 @@ def main() -> None:
     near_after = next_token_logprobs(loaded, [p for p, _, _ in pairs])
     dW = loaded.down_weight(top).detach().double() - W0
     kept = (near_before.logprobs.argmax(-1) == near_after.logprobs.argmax(-1)).tolist()
+    top2 = near_before.logprobs.topk(2, dim=-1).values
+    margin = (top2[:, 0] - top2[:, 1]).tolist()
+    tokenizer = loaded.tokenizer
+    first_token = lambda text: tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"][0]  # noqa: E731
+    edited_first = {rel: {first_token(f.target_new) for f, r in zip(facts, relation) if r == rel} for rel in RELATIONS}
+    top1_after = near_after.logprobs.argmax(-1).tolist()
     kl = kl_divergence(near_before.logprobs, near_after.logprobs).tolist()
     write_near = dW @ k_near.T  # (d_model, n_near)
     rel_write_near = (write_near.norm(dim=0) / (W0 @ k_near.T).norm(dim=0)).tolist()
@@ -132,7 +141,9 @@ def main() -> None:
         same_rel = [i for i, r in enumerate(relation) if r == rel]
         m = rel_mean[rel]
         prompts.append({"prompt": prompt, "relation": rel, "kept_top1": kept[j], "kl": kl[j],
-                        "relative_write": rel_write_near[j],
+                        "relative_write": rel_write_near[j], "margin_before": margin[j],
+                        "top1_after": tokenizer.decode([top1_after[j]]),
+                        "top1_after_is_edited_answer": top1_after[j] in edited_first[rel],
                         "write_cos_relation_mean_delta": float(write_near[:, j] @ m / (write_near[:, j].norm() * m.norm())),
                         "max_whitened_cos_same_relation": float(whitened_cos[j, same_rel].max()),
                         "max_whitened_cos_other_relations": float(whitened_cos[j, [i for i in range(len(facts))
@@ -150,6 +161,11 @@ def main() -> None:
         "max_whitened_cos_other_relations_mean": mean(p["max_whitened_cos_other_relations"] for p in prompts),
         "write_cos_relation_mean_delta_mean": mean(p["write_cos_relation_mean_delta"] for p in prompts),
         "write_cos_relation_mean_delta_leaked_mean": mean(p["write_cos_relation_mean_delta"] for p in leaked),
+        "margin_before_kept_mean": mean(p["margin_before"] for p in held),
+        "margin_before_leaked_mean": mean(p["margin_before"] for p in leaked),
+        "leaked_to_an_edited_answer": sum(p["top1_after_is_edited_answer"] for p in leaked),
+        "leaked": len(leaked),
+        "spearman_margin_vs_kl": spearman(margin, kl),
         "spearman_relative_write_vs_kl": spearman(rel_write_near, kl),
         "spearman_whitened_cos_vs_relative_write": spearman([p["max_whitened_cos_same_relation"] for p in prompts],
                                                             rel_write_near),
