@@ -8,7 +8,8 @@ facts of one zsRE slice (held out with ``--heldout-after``) in order, from the o
   plus the model's default ``preserve_prompts`` μ Σ k kᵀ of the batch's own prompts' other tokens (0.1 on
   SmolLM2 since 2026-12-01; the runs in results/ before that date have none: their JSON lacks
   ``memit_preserve_prompts``);
-* MEMIT with carried keys (``memit_carry``): every earlier batch's keys added to λC (run_memit's
+* MEMIT with carried keys (``memit_carry``): every earlier batch's keys added to λC with weight
+  ``preserve_earlier`` (1, a new key's own, unless ``--set preserve_earlier=W``; run_memit's
   ``protected_keys``), so each solve also asks the earlier edits to stay where they are;
 * AlphaEdit: the null-space projected solve, every earlier batch's keys carried in ``C_prev`` (as
   ``batch-edit --base`` does with carried_keys.safetensors).
@@ -27,6 +28,9 @@ run again.
 
     python benchmarks/sequential.py --heldout-after 1000 --batches 10 --batch-size 100 --fluency \\
         --json benchmarks/results/sequential_10x100_heldout_cpu.json
+
+``--set KEY=VALUE`` overrides MEMIT's hyperparameters for every method that uses them (the JSON records
+them); use one JSON per setting.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
-from benchmarks.common import TargetCache, add_slice_arguments, covariances, fact_slice  # noqa: E402
+from benchmarks.common import TargetCache, add_override_argument, add_slice_arguments, covariances, fact_slice  # noqa: E402
 
 METHODS = ("memit", "memit_carry", "alphaedit")
 
@@ -59,7 +63,7 @@ def run_sequence(loaded, method: str, batches: list[list], targets: list, covs: 
     back afterwards."""
     from covedit.pipeline.edit import templates_for
     from covedit.pipeline.evaluate import drift, evaluate_model, fact_metrics, aggregate, next_token_logprobs
-    from covedit.pipeline.memit import alphaedit_projectors, run_memit
+    from covedit.pipeline.memit import alphaedit_projectors, protected_rows, run_memit
 
     templates = templates_for(loaded, hp)
     originals = {layer: loaded.down_weight(layer).detach().clone() for layer in hp.layers}
@@ -74,7 +78,8 @@ def run_sequence(loaded, method: str, batches: list[list], targets: list, covs: 
         for b, (facts, tgt) in enumerate(zip(batches, targets), 1):
             t0 = time.perf_counter()
             out = run_memit(loaded, facts, hp.layers, covs, hp.lam, hp.target, templates, time.perf_counter,
-                            targets=tgt, alphaedit=alphaedit, protected_keys=carried if method == "memit_carry" else None,
+                            targets=tgt, alphaedit=alphaedit,
+                            protected_keys=protected_rows((carried, hp.preserve_earlier)) if method == "memit_carry" else None,
                             preserve_prompts=0.0 if method == "alphaedit" else hp.preserve_prompts)
             solve_s = time.perf_counter() - t0
             for layer, k in out.keys.items():
@@ -106,11 +111,15 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--fluency", action="store_true")
     ap.add_argument("--json", type=Path, required=True)
+    add_override_argument(ap)
     args = ap.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     if any(m not in METHODS for m in methods) or args.batches < 1 or args.batch_size < 1:
         raise SystemExit(f"--methods takes {', '.join(METHODS)}; --batches and --batch-size must be >= 1")
     result = json.loads(args.json.read_text()) if args.json.exists() else None
+    if result is not None and result.get("overrides", []) != args.overrides:
+        raise SystemExit(f"{args.json} holds runs with --set {result.get('overrides', [])}, not {args.overrides}: "
+                         "use another --json for another setting")
     todo = [m for m in methods if result is None or m not in result["methods"]]
     if not todo:
         print(f"{args.json}: every method is done")
@@ -123,7 +132,7 @@ def main() -> None:
 
     loaded = load_model(args.model)
     model_type = loaded.model.config.model_type
-    hp = load_hparams("memit", model_type, loaded.num_layers, None, [])
+    hp = load_hparams("memit", model_type, loaded.num_layers, None, args.overrides)
     ahp = load_hparams("alphaedit", model_type, loaded.num_layers, None, [])
     n = args.facts or args.batches * args.batch_size
     facts = fact_slice(args.data, n, args.heldout_after)
@@ -138,7 +147,8 @@ def main() -> None:
         result = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
                   "model": loaded.model_id, "layers": hp.layers, "batches": args.batches, "batch_size": args.batch_size,
                   "heldout_after": args.heldout_after, "subjects": len({f.subject for f in facts}),
-                  "memit_lam": hp.lam, "memit_preserve_prompts": hp.preserve_prompts, "alphaedit": {"alpha": ahp.alpha, "threshold": ahp.null_space_threshold,
+                  "overrides": args.overrides, "memit_lam": hp.lam, "memit_preserve_prompts": hp.preserve_prompts,
+                  "memit_preserve_earlier": hp.preserve_earlier, "alphaedit": {"alpha": ahp.alpha, "threshold": ahp.null_space_threshold,
                                                      "energy": ahp.null_space_energy, "lam": ahp.lam},
                   "unedited": {**before.aggregate, "fluency_ge": (before.fluency or {}).get("ge")},
                   "unedited_first_batch": brief(evaluate_model(loaded, batches[0], unrelated=False, with_fluency=False,
