@@ -149,7 +149,7 @@ ARCH_DEFAULTS: dict[str, dict[str, dict[str, object]]] = {
     # preserve_prompts μ 0.1: chosen at λ 1,500 on the 1,000-record tuning slice among μ 0 / 0.1 / 0.3 (the
     # same efficacy and paraphrase as μ 0, 71.3 / 56.8 against 71.5 / 56.5 %, with 41 % less drift, 0.161
     # against 0.274; results/preserve_prompts_tuning1000_cpu.json), then confirmed on the 1,000 held-out
-    # facts: 70.2 / 56.9 against 68.9 / 54.0 %, drift 0.126 against 0.204, unrelated top-1s changed 16.7
+    # facts: 70.2 / 56.9 against 68.9 / 54.0 %, drift 0.126 against 0.205, unrelated top-1s changed 16.7
     # against 26.2 % (results/preserve_prompts_heldout1000_cpu.json). μ weighs a sum over the batch's
     # prompts, so at 100 facts it does little (held out: 91.6 / 74.6 against 90.3 / 75.6 %, drift 0.022
     # against 0.025; results/preserve_prompts_heldout100_cpu.json). docs/edit-quality.md has the tables.
