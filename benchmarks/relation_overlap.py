@@ -23,7 +23,11 @@ model's default MEMIT), this measures without editing anything twice:
    top edited layer; keys of the unedited model), the cosine of that write with its relation's mean δ,
    and the largest C⁻¹-whitened cosine of its key to an edited fact's key of the same relation;
 3. the same write for the edited facts' own keys (what the update is meant to write);
-4. a third explanation, checked on the same prompts: the leaked neighbours are the ones the unedited model
+4. how much of the write at a neighbour is the write at its type's mean key: with m_r the mean of the
+   relation's edited keys, the cosine of ΔW k with ΔW m_r and the ratio ‖ΔW m_r‖ / ‖ΔW k‖; and where m_r and
+   the neighbours' own parts k − m_r lie in C's spectrum (the Rayleigh quotient xᵀCx / xᵀx as a percentile of
+   C's eigenvalues: MEMIT's λ tr(ΔW C ΔWᵀ) makes writing cheapest along C's small eigen-directions);
+5. a third explanation, checked on the same prompts: the leaked neighbours are the ones the unedited model
    held least firmly (top-1 minus top-2 log-probability at the answer position), and what they change to
    (whether the new top-1 is the first token of an edited answer of the same relation).
 
@@ -136,11 +140,23 @@ def main() -> None:
     write_near = dW @ k_near.T  # (d_model, n_near)
     rel_write_near = (write_near.norm(dim=0) / (W0 @ k_near.T).norm(dim=0)).tolist()
     rel_write_edit = ((dW @ k_edit.T).norm(dim=0) / (W0 @ k_edit.T).norm(dim=0)).tolist()
+    type_mean = {rel: k_edit[[i for i, r in enumerate(relation) if r == rel]].mean(0) for rel in RELATIONS}
+    eigenvalues = torch.linalg.eigvalsh(C)
+
+    def spectrum_percentile(x: torch.Tensor) -> float:
+        """Where x's Rayleigh quotient xᵀCx / xᵀx falls among C's eigenvalues (0: the smallest, 100: the largest)."""
+        q = (x @ C @ x) / (x @ x)
+        return float(100.0 * (eigenvalues < q).double().mean())
     prompts = []
     for j, ((prompt, answer, rel), subject) in enumerate(zip(pairs, near_subjects)):
         same_rel = [i for i, r in enumerate(relation) if r == rel]
         m = rel_mean[rel]
+        mean_write = dW @ type_mean[rel]
         prompts.append({"prompt": prompt, "relation": rel, "kept_top1": kept[j], "kl": kl[j],
+                        "write_cos_type_mean_write": float(write_near[:, j] @ mean_write
+                                                           / (write_near[:, j].norm() * mean_write.norm())),
+                        "type_mean_write_ratio": float(mean_write.norm() / write_near[:, j].norm()),
+                        "own_part_spectrum_percentile": spectrum_percentile(k_near[j] - type_mean[rel]),
                         "relative_write": rel_write_near[j], "margin_before": margin[j],
                         "top1_after": tokenizer.decode([top1_after[j]]),
                         "top1_after_is_edited_answer": top1_after[j] in edited_first[rel],
@@ -161,6 +177,13 @@ def main() -> None:
         "max_whitened_cos_other_relations_mean": mean(p["max_whitened_cos_other_relations"] for p in prompts),
         "write_cos_relation_mean_delta_mean": mean(p["write_cos_relation_mean_delta"] for p in prompts),
         "write_cos_relation_mean_delta_leaked_mean": mean(p["write_cos_relation_mean_delta"] for p in leaked),
+        "write_cos_type_mean_write_mean": mean(p["write_cos_type_mean_write"] for p in prompts),
+        "write_cos_type_mean_write_leaked_mean": mean(p["write_cos_type_mean_write"] for p in leaked),
+        "type_mean_write_ratio_mean": mean(p["type_mean_write_ratio"] for p in prompts),
+        "type_mean_spectrum_percentile": {rel: spectrum_percentile(type_mean[rel]) for rel in RELATIONS},
+        "own_part_spectrum_percentile_mean": mean(p["own_part_spectrum_percentile"] for p in prompts),
+        "margin_before_kept_median": sorted(p["margin_before"] for p in held)[len(held) // 2] if held else None,
+        "margin_before_leaked_median": sorted(p["margin_before"] for p in leaked)[len(leaked) // 2] if leaked else None,
         "margin_before_kept_mean": mean(p["margin_before"] for p in held),
         "margin_before_leaked_mean": mean(p["margin_before"] for p in leaked),
         "leaked_to_an_edited_answer": sum(p["top1_after_is_edited_answer"] for p in leaked),
