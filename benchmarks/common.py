@@ -227,7 +227,9 @@ def edit_variants(loaded, hp, facts: list, targets: TargetResult, covs: dict, va
     ``relation_subjects``, ``alphaedit``):
     the edit from the original weights with the same targets, then the evaluation against ``before`` (the
     unedited model's). Yields (label, row): the metrics, the realised share, drift, fluency (``fluency_fields``)
-    and solve seconds; while a variant is yielded its weights are in place. ``generation`` adds the generation
+    and solve seconds; while a variant is yielded its weights are in place, and once the last one has been
+    consumed the original weights are put back, so that a second call starts from the same weights (it once
+    stacked its edits on the first call's last one). ``generation`` adds the generation
     family (off by default: sweeps compare teacher-forced scores, and generating costs more than the solve)."""
     from covedit.pipeline.memit import run_memit
     from covedit.pipeline.evaluate import drift, evaluate_model
@@ -248,6 +250,7 @@ def edit_variants(loaded, hp, facts: list, targets: TargetResult, covs: dict, va
                {**after.aggregate, "realised_mean": sum(out.target_info["realised"]) / len(facts),
                 "drift_mean_kl": d["mean_kl"], "top1_changed_pct": d["top1_changed_pct"],
                 **fluency_fields(after), "solve_s": solve_s})
+    restore()
 
 
 def memit_target_cache(model: str, overrides: list[str] | None = None) -> TargetCache:

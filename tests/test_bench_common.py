@@ -283,3 +283,41 @@ def test_update_sizes_are_the_norms_of_delta_w_k_at_each_site(tokenizer):
         assert got["delta_norm_median"] == pytest.approx(float(delta[at].median()), rel=1e-9)
         assert got["delta_over_wk"] == pytest.approx(float((delta[at] / wk.norm(dim=-1)[at]).mean()), rel=1e-9)
     assert sizes["1"]["neighbourhood prompts"]["positions"] == len(tokenizer("Who wrote Hamlet?").input_ids) - 1
+
+
+def test_edit_variants_starts_every_call_from_the_same_weights(tiny, monkeypatch):
+    """Each variant is edited from the weights the call began with, and the weights are put back once the last
+    variant is consumed, so a second call does not stack its edits on the first call's last one."""
+    import covedit.pipeline.evaluate as evaluate
+    import covedit.pipeline.memit as memit
+
+    layers = [1, 2]
+    seen = []
+
+    def fake_memit(loaded, facts, layers_, covs, lam, target_hp, templates, clock, **kwargs):
+        seen.append({layer: loaded.down_weight(layer).detach().clone() for layer in layers_})
+        with torch.no_grad():
+            for layer in layers_:
+                loaded.down_weight(layer).add_(lam)
+        return dataclasses.make_dataclass("Out", ["target_info"])({"realised": [1.0]})
+
+    class Fake:
+        aggregate, next_tokens, fluency = {}, None, None
+
+    monkeypatch.setattr(memit, "run_memit", fake_memit)
+    monkeypatch.setattr(evaluate, "evaluate_model", lambda *a, **k: Fake())
+    monkeypatch.setattr(evaluate, "drift", lambda *a, **k: {"mean_kl": 0.0, "top1_changed_pct": 0.0})
+    monkeypatch.setattr(common, "templates_for", lambda loaded, hp: ["{}"])
+    hp = dataclasses.make_dataclass("HP", ["layers", "target"])(layers, None)
+    original = {layer: tiny.down_weight(layer).detach().clone() for layer in layers}
+    variants = [("a", {"lam": 1.0}), ("b", {"lam": 2.0})]
+    for _ in range(2):
+        for label, _row in common.edit_variants(tiny, hp, [FACTS[0]], None, {}, variants, Fake(), False):
+            edited = tiny.down_weight(1).detach()
+            assert torch.equal(edited, original[1] + {"a": 1.0, "b": 2.0}[label])  # in place while yielded
+        for layer in layers:
+            assert torch.equal(tiny.down_weight(layer).detach(), original[layer])  # put back after the last
+    assert len(seen) == 4
+    for before_edit in seen:
+        for layer in layers:
+            assert torch.equal(before_edit[layer], original[layer])
