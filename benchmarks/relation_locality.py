@@ -17,10 +17,12 @@ Reported (token accuracy, teacher-forced, as the other benchmarks): efficacy, pa
 share of same-relation neighbour prompts whose top-1 next token is unchanged (goal ≥ 90 %), and how many of
 them the unedited model answered right (first target token) before and after; drift on the 42 unrelated
 prompts; fluency with ``--fluency``. Targets come from the shared per-fact cache (benchmarks.common), so
-several λ reuse them.
+several λ reuse them. ``--delta-scales`` writes each target's δ = z − h scaled by s (the same targets, a
+weaker or stronger residual), to see whether the leak to same-relation neighbours follows the write's size.
 
     python benchmarks/relation_locality.py --lams 1500 --json benchmarks/results/relation_locality_cpu.json
     python benchmarks/relation_locality.py --lams 1500 --nus 0,1,3,10 --json benchmarks/results/relation_nu_cpu.json
+    python benchmarks/relation_locality.py --delta-scales 1,0.75,0.5 --json benchmarks/results/relation_delta_scale_cpu.json
 """
 
 from __future__ import annotations
@@ -122,6 +124,18 @@ def first_token_right(loaded, tokens, pairs: list[tuple[str, str]]) -> float:
     return 100.0 * sum(right) / len(right)
 
 
+def scaled_variants(loaded, hp, facts, targets, covs, variants, before, with_fluency: bool, scales: list[float]):
+    """edit_variants for each δ scale s: the targets with z = h + s (z − h); labels gain "δ×s" unless s is 1.
+    Every scale starts from the same weights: edit_variants puts them back after its last variant."""
+    from covedit.pipeline.targets import TargetResult
+    for scale in scales:
+        scaled = TargetResult(targets.h + scale * targets.delta, targets.h, targets.nll_before, targets.nll_after,
+                              targets.steps_taken)
+        named = [((f"δ×{scale:g} " if scale != 1 else "") + label, kwargs) for label, kwargs in variants]
+        for label, row in edit_variants(loaded, hp, facts, scaled, covs, named, before, with_fluency):
+            yield scale, label, row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -129,6 +143,7 @@ def main() -> None:
     ap.add_argument("--lams", default="", help="MEMIT λ values (default: the model's default)")
     ap.add_argument("--mus", default="", help="preserve_prompts values μ (default: the model's default)")
     ap.add_argument("--nus", default="", help="preserve_relation values ν (default: the model's default)")
+    ap.add_argument("--delta-scales", default="1", help="write s × δ of every target, for each s (default: 1)")
     add_override_argument(ap)
     ap.add_argument("--fluency", action="store_true")
     ap.add_argument("--write-facts", type=Path, help="also write the edited facts as a facts file")
@@ -144,7 +159,7 @@ def main() -> None:
     result = {"model": loaded.model_id, "layers": hp.layers, "facts": len(facts),
               "relations": {rel: sum(f.id.startswith(rel + ":") for f in facts) for rel in RELATIONS},
               "neighbour_prompts": {rel: len(neighbours[rel]) for rel in RELATIONS},
-              "overrides": args.overrides,
+              "overrides": args.overrides, "delta_scales": [float(x) for x in args.delta_scales.split(",")],
               "unedited": {**before.aggregate, "neighbours_right_pct": first_token_right(loaded, near_before, pairs),
                            **fluency_fields(before)}, "lams": {}}
     print("| λ | efficacy | paraphrase | specificity | same-relation kept top-1 | right before → after | "
@@ -156,13 +171,14 @@ def main() -> None:
                  {"lam": lam, "preserve_prompts": mu, "preserve_relation": nu, "relation_subjects": hp.relation_subjects})
                 for lam in lams for mu in mus for nu in nus]
     relation_of = [rel for rel in RELATIONS for _ in neighbours[rel]]  # of each neighbour prompt, in order
-    for label, row in edit_variants(loaded, hp, facts, targets, covs, variants, before, args.fluency):
+    for scale, label, row in scaled_variants(loaded, hp, facts, targets, covs, variants, before, args.fluency,
+                                             result["delta_scales"]):
         near_after = next_token_logprobs(loaded, [p for p, _ in pairs])
         same = (near_before.logprobs.argmax(-1) == near_after.logprobs.argmax(-1)).tolist()
         kept = 100.0 * sum(same) / len(same)
         per_relation = {rel: 100.0 * sum(s for s, r in zip(same, relation_of) if r == rel) / len(neighbours[rel])
                         for rel in RELATIONS}
-        row.update({"same_relation_kept_top1_pct": kept, "kept_top1_by_relation_pct": per_relation,
+        row.update({"delta_scale": scale, "same_relation_kept_top1_pct": kept, "kept_top1_by_relation_pct": per_relation,
                     "neighbours_right_pct": first_token_right(loaded, near_after, pairs)})
         result["lams"][label] = row
         print(f"| {label} | {row['efficacy_acc']:.1f} | {row['generalization_acc']:.1f} | {row['specificity_acc']:.1f} | "
