@@ -13,7 +13,10 @@ and three pools of "other subjects" are compared:
   to some edited subject's (each edited subject's nearest names in turn);
 * ``oracle`` — the never-edited neighbour subjects themselves: not a method (it preserves the very prompts
   that are scored), an upper bound. If even this does not keep ≥ 90 % of the neighbours' top-1 tokens, no
-  choice of pool will.
+  choice of pool will;
+* ``half`` — a seeded half of those neighbour subjects: every row also reports the kept share separately on
+  the prompts of that half and of the other half, so the other half says whether preserving some subjects
+  of a type protects the others (the honest version of ``oracle``).
 
 Same targets (shared cache), λ and layers for every row; the unedited model's numbers first.
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import random
 import re
 import sys
 from pathlib import Path
@@ -79,7 +83,7 @@ def main() -> None:
     ap.add_argument("--nus", default="10,100", help="preserve_relation weights ν")
     ap.add_argument("--pool-size", type=int, default=32)
     ap.add_argument("--mu", type=float, default=0.0, help="preserve_prompts μ for every row (the prompts' other tokens)")
-    ap.add_argument("--pools", default="ordinary,similar,oracle")
+    ap.add_argument("--pools", default="ordinary,similar,oracle,half")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -96,10 +100,16 @@ def main() -> None:
         pools["similar"] = similar_names(loaded, hp.layers[-1], covs[hp.layers[-1]], edited, corpus_titles(),
                                          args.pool_size)
     pools["oracle"] = neighbour_subjects
+    half = sorted(random.Random(0).sample(neighbour_subjects, len(neighbour_subjects) // 2))
+    pools["half"] = half
+    subject_of = [p[len(prompt.split("{}")[0]):len(p) - len(prompt.split("{}")[1])]
+                  for rel, (_, prompt, _) in RELATIONS.items() for p, _ in neighbours[rel]]  # in the order of pairs
+    in_half = [s in half for s in subject_of]
     pools = {name: pool for name, pool in pools.items() if name in args.pools.split(",")}
     result = {"model": loaded.model_id, "layers": hp.layers, "lam": hp.lam, "mu": args.mu, "facts": len(facts),
-              "neighbour_prompts": len(pairs), "pools": pools, "rows": {}}
-    print("| pool | ν | efficacy | paraphrase | same-relation kept top-1 | drift KL | realised |\n|---|---|---|---|---|---|---|",
+              "neighbour_prompts": len(pairs), "half_prompts": sum(in_half), "pools": pools, "rows": {}}
+    print("| pool | ν | efficacy | paraphrase | same-relation kept top-1 (half pool / other half) | drift KL | realised |"
+          "\n|---|---|---|---|---|---|---|",
           flush=True)
     original = keys_module.preserve_subjects
     runs = [("none", [], 0.0)] + [(name, pool, float(nu)) for name, pool in pools.items() for nu in args.nus.split(",")]
@@ -113,9 +123,13 @@ def main() -> None:
                 near_after = next_token_logprobs(loaded, [p for p, _ in pairs])
                 same = (near_before.logprobs.argmax(-1) == near_after.logprobs.argmax(-1)).tolist()
                 row["same_relation_kept_top1_pct"] = 100.0 * sum(same) / len(same)
+                row["kept_top1_half_pct"] = 100.0 * sum(k for k, h in zip(same, in_half) if h) / sum(in_half)
+                row["kept_top1_other_half_pct"] = (100.0 * sum(k for k, h in zip(same, in_half) if not h)
+                                                   / (len(in_half) - sum(in_half)))
                 result["rows"][label] = row
                 print(f"| {name} | {nu:g} | {row['efficacy_acc']:.1f} | {row['generalization_acc']:.1f} | "
-                      f"{row['same_relation_kept_top1_pct']:.1f} | {row['drift_mean_kl']:.4f} | {row['realised_mean']:.3f} |",
+                      f"{row['same_relation_kept_top1_pct']:.1f} ({row['kept_top1_half_pct']:.1f} / "
+                      f"{row['kept_top1_other_half_pct']:.1f}) | {row['drift_mean_kl']:.4f} | {row['realised_mean']:.3f} |",
                       flush=True)
         finally:
             keys_module.preserve_subjects = original
