@@ -22,7 +22,7 @@ weaker or stronger residual), to see whether the leak to same-relation neighbour
 
     python benchmarks/relation_locality.py --lams 1500 --json benchmarks/results/relation_locality_cpu.json
     python benchmarks/relation_locality.py --lams 1500 --nus 0,1,3,10 --json benchmarks/results/relation_nu_cpu.json
-    python benchmarks/relation_locality.py --delta-scales 1,0.75,0.5 --json benchmarks/results/relation_delta_scale_cpu.json
+    python benchmarks/relation_locality.py --delta-scales 1,0.85,0.7,0.5 --json benchmarks/results/relation_delta_scale_cpu.json
 """
 
 from __future__ import annotations

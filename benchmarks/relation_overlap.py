@@ -26,7 +26,7 @@ model's default MEMIT), this measures without editing anything twice:
 4. how much of the write at a neighbour is the write at its type's mean key: with m_r the mean of the
    relation's edited keys, the cosine of ΔW k with ΔW m_r and the ratio ‖ΔW m_r‖ / ‖ΔW k‖; and where m_r and
    the neighbours' own parts k − m_r lie in C's spectrum (the Rayleigh quotient xᵀCx / xᵀx as a percentile of
-   C's eigenvalues: MEMIT's λ tr(ΔW C ΔWᵀ) makes writing cheapest along C's small eigen-directions);
+   C's eigenvalues; a coarse view: what a write along x costs the solve goes with xᵀC⁻¹x);
 5. a third explanation, checked on the same prompts: the leaked neighbours are the ones the unedited model
    held least firmly (top-1 minus top-2 log-probability at the answer position), and what they change to
    (whether the new top-1 is the first token of an edited answer of the same relation).

@@ -117,9 +117,6 @@ def main() -> None:
     if any(m not in METHODS for m in methods) or args.batches < 1 or args.batch_size < 1:
         raise SystemExit(f"--methods takes {', '.join(METHODS)}; --batches and --batch-size must be >= 1")
     result = json.loads(args.json.read_text()) if args.json.exists() else None
-    if result is not None and result.get("overrides", []) != args.overrides:
-        raise SystemExit(f"{args.json} holds runs with --set {result.get('overrides', [])}, not {args.overrides}: "
-                         "use another --json for another setting")
     todo = [m for m in methods if result is None or m not in result["methods"]]
     if not todo:
         print(f"{args.json}: every method is done")
@@ -133,6 +130,11 @@ def main() -> None:
     loaded = load_model(args.model)
     model_type = loaded.model.config.model_type
     hp = load_hparams("memit", model_type, loaded.num_layers, None, args.overrides)
+    if result is not None:
+        recorded = (result.get("memit_lam"), result.get("memit_preserve_prompts", 0.0), result.get("memit_preserve_earlier", 1.0))
+        if recorded != (hp.lam, hp.preserve_prompts, hp.preserve_earlier):
+            raise SystemExit(f"{args.json} holds runs with MEMIT λ, μ, preserve_earlier = {recorded}, not "
+                             f"{(hp.lam, hp.preserve_prompts, hp.preserve_earlier)}: use another --json for this setting")
     ahp = load_hparams("alphaedit", model_type, loaded.num_layers, None, [])
     n = args.facts or args.batches * args.batch_size
     facts = fact_slice(args.data, n, args.heldout_after)
