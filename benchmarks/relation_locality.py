@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -115,6 +116,15 @@ def setup(model: str, n_facts: int, overrides: list[str] = ()):
     templates = templates_for(loaded, hp)
     targets = TargetCache(loaded, hp.layers[-1], hp.target, templates).get(facts)
     return facts, neighbours, loaded, hp, templates, targets, covariances(loaded, hp.layers)
+
+
+def subject_of(prompt: str, template: str) -> str:
+    """The subject a relation's ``template`` ("The capital of {} is") was filled with to make ``prompt``."""
+    head, tail = template.split("{}")
+    match = re.fullmatch(re.escape(head) + "(.+)" + re.escape(tail), prompt)
+    if match is None:
+        raise ValueError(f"{prompt!r} is not {template!r} filled in")
+    return match.group(1)
 
 
 def first_token_right(loaded, tokens, pairs: list[tuple[str, str]]) -> float:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -48,18 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedit: see benchmarks/__init__.py)
 
 from benchmarks.common import edit_variants  # noqa: E402
-from benchmarks.relation_locality import RELATIONS, setup  # noqa: E402
+from benchmarks.relation_locality import RELATIONS, setup, subject_of  # noqa: E402
 from covedit.pipeline.evaluate import evaluate_model, kl_divergence, next_token_logprobs  # noqa: E402
-from covedit.pipeline.keys import compute_keys  # noqa: E402
-
-
-def subject_of(prompt: str, template: str) -> str:
-    """The subject a relation's ``template`` ("The capital of {} is") was filled with to make ``prompt``."""
-    head, tail = template.split("{}")
-    match = re.fullmatch(re.escape(head) + "(.+)" + re.escape(tail), prompt)
-    if match is None:
-        raise ValueError(f"{prompt!r} is not {template!r} filled in")
-    return match.group(1)
+from covedit.pipeline.keys import compute_keys, target_token_ids  # noqa: E402
 
 
 def spearman(x: list[float], y: list[float]) -> float:
@@ -133,8 +123,8 @@ def main() -> None:
     top2 = near_before.logprobs.topk(2, dim=-1).values
     margin = (top2[:, 0] - top2[:, 1]).tolist()
     tokenizer = loaded.tokenizer
-    first_token = lambda text: tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"][0]  # noqa: E731
-    edited_first = {rel: {first_token(f.target_new) for f, r in zip(facts, relation) if r == rel} for rel in RELATIONS}
+    edited_first = {rel: {target_token_ids(tokenizer, f.target_new)[0] for f, r in zip(facts, relation) if r == rel}
+                    for rel in RELATIONS}
     top1_after = near_after.logprobs.argmax(-1).tolist()
     kl = kl_divergence(near_before.logprobs, near_after.logprobs).tolist()
     write_near = dW @ k_near.T  # (d_model, n_near)

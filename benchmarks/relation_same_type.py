@@ -43,7 +43,7 @@ import benchmarks  # noqa: E402, F401  (runs this checkout as the package covedi
 
 import covedit.pipeline.keys as keys_module  # noqa: E402
 from benchmarks.common import edit_variants  # noqa: E402
-from benchmarks.relation_locality import DATA, RELATIONS, setup  # noqa: E402
+from benchmarks.relation_locality import DATA, RELATIONS, setup, subject_of  # noqa: E402
 from covedit.pipeline.evaluate import evaluate_model, next_token_logprobs  # noqa: E402
 from covedit.pipeline.keys import compute_keys  # noqa: E402
 
@@ -97,8 +97,8 @@ def main() -> None:
     near_before = next_token_logprobs(loaded, [p for p, _ in pairs])
 
     edited = sorted({f.subject for f in facts})
-    neighbour_subjects = sorted({s for rel, (_, prompt, _) in RELATIONS.items() for p, _ in neighbours[rel]
-                                 for s in [p[len(prompt.split("{}")[0]):len(p) - len(prompt.split("{}")[1])]]})
+    pair_subjects = [subject_of(p, prompt) for rel, (_, prompt, _) in RELATIONS.items() for p, _ in neighbours[rel]]
+    neighbour_subjects = sorted(set(pair_subjects))  # pair_subjects is in the order of pairs
     pools = {"ordinary": list(keys_module.preserve_subjects())[:args.pool_size]}
     if "similar" in args.pools:
         pools["similar"] = similar_names(loaded, hp.layers[-1], covs[hp.layers[-1]], edited, corpus_titles(),
@@ -109,9 +109,7 @@ def main() -> None:
     pools["oracle"] = neighbour_subjects
     half = sorted(random.Random(0).sample(neighbour_subjects, len(neighbour_subjects) // 2))
     pools["half"] = half
-    subject_of = [p[len(prompt.split("{}")[0]):len(p) - len(prompt.split("{}")[1])]
-                  for rel, (_, prompt, _) in RELATIONS.items() for p, _ in neighbours[rel]]  # in the order of pairs
-    in_half = [s in half for s in subject_of]
+    in_half = [s in half for s in pair_subjects]
     pools = {name: pool for name, pool in pools.items() if name in args.pools.split(",")}
     result = {"model": loaded.model_id, "layers": hp.layers, "lam": hp.lam, "mu": args.mu, "facts": len(facts),
               "neighbour_prompts": len(pairs), "half_prompts": sum(in_half), "pools": pools, "rows": {}}
